@@ -1,0 +1,375 @@
+//! The model registry file (`config/models.yaml`): parsed raw with unknown
+//! fields refused, then validated in one pass (no I/O) into [`ModelSpec`]s.
+//! Every error names the file, the model and the field.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::model::{ModelKind, TaskType};
+
+/// `models.yaml` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    /// The registered models.
+    models: Vec<RawModel>,
+}
+
+/// One entry of `models:` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    /// Unique name; feature events name the model they are for.
+    name: String,
+    /// Model file, relative to the YAML file's folder (or absolute).
+    path: String,
+    /// File format: lightgbm | xgboost | onnx | pickle | torch.
+    kind: String,
+    /// Feature names, in the order the model expects them.
+    features: Vec<String>,
+    /// Name of the predicted column (documentation and output labelling).
+    target: String,
+    /// regression | classification.
+    task_type: String,
+    /// Version label; defaults to the first 12 hex digits of the SHA256.
+    #[serde(default)]
+    version: Option<String>,
+    /// Pinned SHA256 (64 hex digits); a file that differs is refused.
+    #[serde(default)]
+    sha256: Option<String>,
+    /// Load on first use instead of at start-up.
+    #[serde(default)]
+    lazy: bool,
+    /// Another model's name that serves requests when this one cannot.
+    #[serde(default)]
+    fallback: Option<String>,
+    /// Free text.
+    #[serde(default)]
+    description: Option<String>,
+    /// ONNX only: which graph input and outputs to use, when ambiguous.
+    #[serde(default)]
+    onnx: Option<OnnxOptions>,
+}
+
+/// ONNX input/output selection. By default the single float input is used,
+/// `probabilities` is the float output of shape `[N, classes]` (or a ZipMap
+/// sequence of maps) and the prediction is the remaining output.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OnnxOptions {
+    /// Name of the graph input that takes the feature matrix.
+    #[serde(default)]
+    pub input: Option<String>,
+    /// Name of the output holding the prediction (value or label).
+    #[serde(default)]
+    pub prediction: Option<String>,
+    /// Name of the output holding class probabilities.
+    #[serde(default)]
+    pub probabilities: Option<String>,
+}
+
+/// A validated registry entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    pub name: String,
+    /// Resolved against the registry file's folder.
+    pub path: PathBuf,
+    pub kind: ModelKind,
+    pub features: Vec<String>,
+    pub target: String,
+    pub task_type: TaskType,
+    pub version: Option<String>,
+    /// Lower-case hex.
+    pub sha256: Option<String>,
+    pub lazy: bool,
+    pub fallback: Option<String>,
+    pub description: Option<String>,
+    pub onnx: OnnxOptions,
+}
+
+/// A registry file problem, with the file, the model and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: invalid YAML: {message}")]
+    Yaml { file: PathBuf, message: String },
+    #[error("{file}: model '{model}': field '{field}': {message}")]
+    Field {
+        file: PathBuf,
+        model: String,
+        field: &'static str,
+        message: String,
+    },
+    #[error("{file}: {message}")]
+    File { file: PathBuf, message: String },
+}
+
+/// Reads and validates a registry file.
+pub fn load_registry_file(file: &Path) -> Result<Vec<ModelSpec>, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        file: file.to_path_buf(),
+        source,
+    })?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    parse_registry(&text, file, base)
+}
+
+/// Parses and validates registry YAML; `base` resolves relative model paths.
+pub fn parse_registry(text: &str, file: &Path, base: &Path) -> Result<Vec<ModelSpec>, ConfigError> {
+    let raw: RawRegistry = serde_norway::from_str(text).map_err(|e| ConfigError::Yaml {
+        file: file.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    validate(raw, file, base)
+}
+
+fn validate(raw: RawRegistry, file: &Path, base: &Path) -> Result<Vec<ModelSpec>, ConfigError> {
+    if raw.models.is_empty() {
+        return Err(ConfigError::File {
+            file: file.to_path_buf(),
+            message: "'models' is empty: register at least one model".into(),
+        });
+    }
+    let mut seen = HashSet::new();
+    let mut specs = Vec::with_capacity(raw.models.len());
+    for (i, m) in raw.models.into_iter().enumerate() {
+        let model = if m.name.trim().is_empty() {
+            format!("#{}", i + 1)
+        } else {
+            m.name.clone()
+        };
+        let field = |field: &'static str, message: String| ConfigError::Field {
+            file: file.to_path_buf(),
+            model: model.clone(),
+            field,
+            message,
+        };
+        if m.name.trim().is_empty()
+            || m.name.trim() != m.name
+            || m.name.chars().any(char::is_control)
+        {
+            return Err(field(
+                "name",
+                "must be non-empty, without surrounding spaces or control characters".into(),
+            ));
+        }
+        if !seen.insert(m.name.clone()) {
+            return Err(field("name", "duplicate model name".into()));
+        }
+        if m.path.trim().is_empty() {
+            return Err(field("path", "must not be empty".into()));
+        }
+        let kind = match m.kind.as_str() {
+            "lightgbm" => ModelKind::Lightgbm,
+            "xgboost" => ModelKind::Xgboost,
+            "onnx" => ModelKind::Onnx,
+            "pickle" => ModelKind::Pickle,
+            "torch" => ModelKind::Torch,
+            other => return Err(field(
+                "kind",
+                format!(
+                    "unknown kind '{other}' (expected lightgbm, xgboost, onnx, pickle or torch)"
+                ),
+            )),
+        };
+        let task_type = match m.task_type.as_str() {
+            "regression" => TaskType::Regression,
+            "classification" => TaskType::Classification,
+            other => {
+                return Err(field(
+                    "task_type",
+                    format!("unknown task_type '{other}' (expected regression or classification)"),
+                ))
+            }
+        };
+        if m.features.is_empty() {
+            return Err(field("features", "must list at least one feature".into()));
+        }
+        let mut fseen = HashSet::new();
+        for f in &m.features {
+            if f.trim().is_empty() {
+                return Err(field("features", "a feature name is empty".into()));
+            }
+            if !fseen.insert(f.as_str()) {
+                return Err(field("features", format!("feature '{f}' is listed twice")));
+            }
+        }
+        if m.target.trim().is_empty() {
+            return Err(field("target", "must not be empty".into()));
+        }
+        let sha256 = match m.sha256 {
+            Some(s) => {
+                let s = s.trim().to_ascii_lowercase();
+                if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(field("sha256", format!("'{s}' is not 64 hex digits")));
+                }
+                Some(s)
+            }
+            None => None,
+        };
+        if let Some(v) = &m.version {
+            if v.trim().is_empty() {
+                return Err(field("version", "must not be empty when given".into()));
+            }
+        }
+        if m.onnx.is_some() && kind != ModelKind::Onnx {
+            return Err(field(
+                "onnx",
+                format!("only applies to kind onnx, this model is {kind}"),
+            ));
+        }
+        let path = Path::new(&m.path);
+        let path = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            base.join(path)
+        };
+        specs.push(ModelSpec {
+            name: m.name,
+            path,
+            kind,
+            features: m.features,
+            target: m.target,
+            task_type,
+            version: m.version,
+            sha256,
+            lazy: m.lazy,
+            fallback: m.fallback,
+            description: m.description,
+            onnx: m.onnx.unwrap_or_default(),
+        });
+    }
+    check_fallbacks(&specs, file)?;
+    Ok(specs)
+}
+
+/// Every fallback names another registered model, and following fallbacks
+/// never comes back to where it started.
+fn check_fallbacks(specs: &[ModelSpec], file: &Path) -> Result<(), ConfigError> {
+    let by_name: HashMap<&str, &ModelSpec> = specs.iter().map(|s| (s.name.as_str(), s)).collect();
+    for s in specs {
+        let Some(fb) = &s.fallback else { continue };
+        let err = |message: String| ConfigError::Field {
+            file: file.to_path_buf(),
+            model: s.name.clone(),
+            field: "fallback",
+            message,
+        };
+        if !by_name.contains_key(fb.as_str()) {
+            return Err(err(format!("'{fb}' is not a registered model")));
+        }
+        let mut chain = vec![s.name.as_str()];
+        let mut at = fb.as_str();
+        loop {
+            if chain.contains(&at) {
+                chain.push(at);
+                return Err(err(format!(
+                    "fallbacks form a cycle: {}",
+                    chain.join(" -> ")
+                )));
+            }
+            chain.push(at);
+            match by_name.get(at).and_then(|m| m.fallback.as_deref()) {
+                Some(next) => at = next,
+                None => break,
+            }
+        }
+        let fallback = by_name[fb.as_str()];
+        if fallback.task_type != s.task_type {
+            return Err(err(format!(
+                "'{fb}' is a {} model, this one is {}",
+                fallback.task_type, s.task_type
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OK: &str = r#"
+models:
+  - name: "a"
+    path: "models/a.txt"
+    kind: "lightgbm"
+    features: ["x", "y"]
+    target: "t"
+    task_type: "regression"
+  - name: "b"
+    path: "/abs/b.json"
+    kind: "xgboost"
+    features: ["x", "y"]
+    target: "t"
+    task_type: "regression"
+    fallback: "a"
+    lazy: true
+    sha256: "ABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABAB"
+"#;
+
+    fn parse(text: &str) -> Result<Vec<ModelSpec>, ConfigError> {
+        parse_registry(text, Path::new("config/models.yaml"), Path::new("config"))
+    }
+
+    #[test]
+    fn parses_and_resolves_paths() {
+        let specs = parse(OK).unwrap();
+        assert_eq!(specs[0].path, Path::new("config/models/a.txt"));
+        assert_eq!(specs[1].path, Path::new("/abs/b.json"));
+        assert_eq!(specs[1].sha256.as_deref(), Some(&"ab".repeat(32)[..]));
+        assert!(specs[1].lazy);
+    }
+
+    fn err_of(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_file_model_and_field() {
+        let e = err_of(&OK.replace("kind: \"xgboost\"", "kind: \"sklearn\""));
+        assert!(
+            e.contains("config/models.yaml") && e.contains("model 'b'") && e.contains("'kind'"),
+            "{e}"
+        );
+        let e = err_of(&OK.replace("name: \"b\"", "name: \"a\""));
+        assert!(e.contains("duplicate"), "{e}");
+        let e = err_of(&OK.replace("lazy: true", "lazy: true\n    colour: red"));
+        assert!(e.contains("unknown field") && e.contains("colour"), "{e}");
+        let e = err_of(&OK.replace("fallback: \"a\"", "fallback: \"zz\""));
+        assert!(e.contains("'fallback'") && e.contains("zz"), "{e}");
+        let e = err_of(&OK.replace(
+            "task_type: \"regression\"\n  - name",
+            "task_type: \"ranking\"\n  - name",
+        ));
+        assert!(e.contains("model 'a'") && e.contains("task_type"), "{e}");
+        let e = err_of(&OK.replace(
+            "\"x\", \"y\"]\n    target: \"t\"\n    task_type: \"regression\"\n    fallback",
+            "\"x\", \"x\"]\n    target: \"t\"\n    task_type: \"regression\"\n    fallback",
+        ));
+        assert!(e.contains("listed twice"), "{e}");
+    }
+
+    #[test]
+    fn fallback_cycles_are_refused() {
+        let text = OK.replace(
+            "task_type: \"regression\"\n  - name",
+            "task_type: \"regression\"\n    fallback: \"b\"\n  - name",
+        );
+        let e = err_of(&text);
+        assert!(e.contains("cycle"), "{e}");
+    }
+
+    #[test]
+    fn bad_yaml_is_reported_with_the_file() {
+        let e = err_of("models: [");
+        assert!(e.contains("config/models.yaml: invalid YAML"), "{e}");
+    }
+}

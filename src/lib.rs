@@ -1,0 +1,25 @@
+//! ml-worker: trained models on a Kafka stream.
+//!
+//! Layout (one concern per module):
+//!
+//! - [`config`]: `models.yaml`, parsed with unknown fields refused and
+//!   validated into [`config::ModelSpec`]s; errors name file, model and field.
+//! - [`registry`]: loads and caches models by SHA256, refuses pinned-checksum
+//!   mismatches, defers `lazy` models, serves `fallback`s.
+//! - [`checksum`]: streamed SHA256 of model files.
+//! - [`audit`]: append-only, hash-chained SQLite log of model lifecycle events.
+//! - [`model`]: the one [`model::Model`] trait and one file per format:
+//!   native LightGBM/XGBoost tree evaluation ([`model::tree`]) and ONNX
+//!   Runtime ([`model::onnx`]).
+//! - [`input`]: CSV and JSON-lines feature files for the offline `predict` CLI.
+//!
+//! Inference is synchronous and batch-shaped: rows in, one output per row out.
+//! The streaming worker (Kafka in, predictions and signals out) drives the
+//! registry from dedicated inference threads.
+
+pub mod audit;
+pub mod checksum;
+pub mod config;
+pub mod input;
+pub mod model;
+pub mod registry;

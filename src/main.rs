@@ -1,0 +1,378 @@
+//! The `ml-worker` command line.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use ml_worker::audit::{default_worker_id, AuditStore};
+use ml_worker::checksum::sha256_file;
+use ml_worker::input::read_rows;
+use ml_worker::model::{onnx, Batch, TaskType};
+use ml_worker::registry::{Registry, RegistryOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "ml-worker",
+    version,
+    about = "Serve trained ML models on a Kafka stream"
+)]
+struct Cli {
+    /// ONNX Runtime shared library (overrides the default search; ORT_DYLIB_PATH overrides this).
+    #[arg(long, global = true, value_name = "PATH")]
+    onnxruntime: Option<PathBuf>,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect and verify the registered models.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+    /// Predict offline from a CSV or JSON-lines feature file; prints JSON lines.
+    Predict {
+        /// Registered model name.
+        #[arg(long)]
+        model: String,
+        /// CSV with a header of feature names, or JSON lines (.jsonl) of {"feature": value}.
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long, default_value = "config/models.yaml")]
+        registry: PathBuf,
+        /// Audit store the load is recorded in.
+        #[arg(long, default_value = "data/audit.db", env = "ML_WORKER_AUDIT_DB")]
+        audit_db: PathBuf,
+    },
+    /// Inspect and verify the audit store.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// One line per model: name, version, kind, sha256, status (loads nothing).
+    List {
+        #[arg(long, default_value = "config/models.yaml")]
+        registry: PathBuf,
+    },
+    /// Load and verify every model (lazy ones too); exit non-zero if any fails.
+    Verify {
+        #[arg(long, default_value = "config/models.yaml")]
+        registry: PathBuf,
+        #[arg(long, default_value = "data/audit.db", env = "ML_WORKER_AUDIT_DB")]
+        audit_db: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Print audit rows, oldest first.
+    Show {
+        #[arg(long, default_value = "data/audit.db", env = "ML_WORKER_AUDIT_DB")]
+        db: PathBuf,
+        /// Only this model's rows.
+        #[arg(long)]
+        model: Option<String>,
+        /// Only the newest N rows.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-check the hash chain; exit non-zero if any row was edited or removed.
+    Verify {
+        #[arg(long, default_value = "data/audit.db", env = "ML_WORKER_AUDIT_DB")]
+        db: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ML_WORKER_LOG")
+        .unwrap_or_else(|_| "warn".into());
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let onnx = onnx::RuntimeConfig {
+        library: cli.onnxruntime.clone(),
+    };
+    match cli.command {
+        Command::Models {
+            command: ModelsCommand::List { registry },
+        } => models_list(&registry, onnx),
+        Command::Models {
+            command: ModelsCommand::Verify { registry, audit_db },
+        } => models_verify(&registry, &audit_db, onnx),
+        Command::Predict {
+            model,
+            input,
+            registry,
+            audit_db,
+        } => predict(&model, &input, &registry, &audit_db, onnx),
+        Command::Audit {
+            command:
+                AuditCommand::Show {
+                    db,
+                    model,
+                    limit,
+                    json,
+                },
+        } => audit_show(&db, model.as_deref(), limit, json),
+        Command::Audit {
+            command: AuditCommand::Verify { db },
+        } => audit_verify(&db),
+    }
+}
+
+fn open_audit(path: &Path) -> Result<Arc<AuditStore>> {
+    Ok(Arc::new(AuditStore::open(path, &default_worker_id())?))
+}
+
+fn models_list(registry: &Path, onnx: onnx::RuntimeConfig) -> Result<ExitCode> {
+    let reg = Registry::open(
+        registry,
+        None,
+        RegistryOptions {
+            load_none: true,
+            onnx,
+            ..Default::default()
+        },
+    )?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<24} {:<14} {:<9} {:<64} STATUS",
+        "NAME", "VERSION", "KIND", "SHA256"
+    )?;
+    for name in reg.names() {
+        let spec = reg.spec(name).context("registry lost a model")?;
+        let (sha, status) = match sha256_file(&spec.path) {
+            Ok(sha) => {
+                let status = match &spec.sha256 {
+                    Some(p) if *p != sha => "checksum mismatch".to_string(),
+                    Some(_) => "pinned".to_string(),
+                    None => "unpinned".to_string(),
+                };
+                (sha, status)
+            }
+            Err(e) => (String::from("-"), format!("unreadable: {e}")),
+        };
+        let version = spec
+            .version
+            .clone()
+            .unwrap_or_else(|| sha.chars().take(12).collect());
+        let lazy = if spec.lazy { ", lazy" } else { "" };
+        writeln!(
+            out,
+            "{:<24} {:<14} {:<9} {:<64} {status}{lazy}",
+            name,
+            version,
+            spec.kind.to_string(),
+            sha
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn models_verify(registry: &Path, audit_db: &Path, onnx: onnx::RuntimeConfig) -> Result<ExitCode> {
+    let audit = open_audit(audit_db)?;
+    let mut reg = Registry::open(
+        registry,
+        Some(audit),
+        RegistryOptions {
+            load_all: true,
+            onnx,
+            ..Default::default()
+        },
+    )?;
+    let mut failed = 0;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<24} {:<14} {:<9} {:<64} STATUS",
+        "NAME", "VERSION", "KIND", "SHA256"
+    )?;
+    for name in reg.names().to_vec() {
+        let spec = reg.spec(&name).context("registry lost a model")?.clone();
+        match reg.loaded(&name) {
+            Some(m) => {
+                let i = m.info();
+                writeln!(
+                    out,
+                    "{:<24} {:<14} {:<9} {:<64} ok: {}",
+                    name,
+                    i.version,
+                    i.kind.to_string(),
+                    i.sha256,
+                    i.detail
+                )?;
+            }
+            None => {
+                failed += 1;
+                let reason = match reg.get(&name) {
+                    Err(e) => e.to_string(),
+                    Ok(s) => format!("not loaded (served by fallback '{}')", s.model.info().name),
+                };
+                writeln!(
+                    out,
+                    "{:<24} {:<14} {:<9} {:<64} FAILED: {reason}",
+                    name,
+                    "-",
+                    spec.kind.to_string(),
+                    "-"
+                )?;
+            }
+        }
+    }
+    reg.unload_all();
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn predict(
+    model: &str,
+    input: &Path,
+    registry: &Path,
+    audit_db: &Path,
+    onnx: onnx::RuntimeConfig,
+) -> Result<ExitCode> {
+    let audit = open_audit(audit_db)?;
+    let mut reg = Registry::open(
+        registry,
+        Some(audit),
+        RegistryOptions {
+            load_none: true,
+            onnx,
+            ..Default::default()
+        },
+    )?;
+    let served = reg.get(model)?;
+    let m = served.model;
+    let info = m.info();
+    if let Some(orig) = &served.fallback_for {
+        eprintln!(
+            "warning: model '{orig}' is unavailable; predicting with its fallback '{}'",
+            info.name
+        );
+    }
+    let rows = read_rows(input, &info.features)?;
+    let batch = Batch::new(&rows.data, rows.n_features)?;
+    let pred = m
+        .predict_full(batch)
+        .with_context(|| format!("model '{}'", info.name))?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for i in 0..batch.n_rows() {
+        let values = pred.values.row(i);
+        let prediction = match (info.task_type, values) {
+            (TaskType::Classification, [c]) => serde_json::json!(*c as i64),
+            (_, [v]) => json_number(*v),
+            (_, vs) => serde_json::Value::Array(vs.iter().map(|v| json_number(*v)).collect()),
+        };
+        let mut line = serde_json::json!({"row": i, "prediction": prediction});
+        if let Some(p) = &pred.probabilities {
+            line["probabilities"] =
+                serde_json::Value::Array(p.row(i).iter().map(|v| json_number(*v)).collect());
+        }
+        writeln!(out, "{line}")?;
+    }
+    out.flush()?;
+    drop(out);
+    reg.unload_all();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A JSON number, or null for NaN/infinity (which JSON cannot carry).
+fn json_number(v: f64) -> serde_json::Value {
+    serde_json::Number::from_f64(v)
+        .map(serde_json::Value::Number)
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn audit_show(
+    db: &Path,
+    model: Option<&str>,
+    limit: Option<usize>,
+    json: bool,
+) -> Result<ExitCode> {
+    if !db.exists() {
+        bail!("audit store {} does not exist", db.display());
+    }
+    let store = AuditStore::open(db, &default_worker_id())?;
+    let mut out = std::io::stdout().lock();
+    for r in store.rows(model, limit)? {
+        if json {
+            writeln!(out, "{}", serde_json::to_string(&r)?)?;
+        } else {
+            writeln!(
+                out,
+                "{:>5} {} {:<8} {:<20} {:<14} {:<9} {} {} {}",
+                r.id,
+                r.ts,
+                r.event,
+                r.model,
+                r.version,
+                r.kind,
+                r.sha256.chars().take(16).collect::<String>(),
+                r.worker_id,
+                r.detail
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn audit_verify(db: &Path) -> Result<ExitCode> {
+    if !db.exists() {
+        bail!("audit store {} does not exist", db.display());
+    }
+    let store = AuditStore::open(db, &default_worker_id())?;
+    let report = store.verify()?;
+    if report.ok() {
+        println!("ok: {} rows, hash chain intact", report.rows);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!(
+            "FAILED: {} rows checked, {} problem(s):",
+            report.rows,
+            report.problems.len()
+        );
+        for p in &report.problems {
+            println!("  {p}");
+        }
+        Ok(ExitCode::from(1))
+    }
+}

@@ -1,0 +1,480 @@
+//! The model registry: loads the models of `models.yaml`, verifies their
+//! SHA256, records every lifecycle event in the audit store, caches loaded
+//! models by checksum, defers `lazy` models to first use and serves a model's
+//! `fallback` when it cannot be loaded.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use crate::audit::{AuditEntry, AuditEvent, AuditStore};
+use crate::checksum::sha256_file;
+use crate::config::{load_registry_file, ConfigError, ModelSpec};
+use crate::model::tree::{ParsedTrees, TreeModel};
+use crate::model::{
+    lightgbm, onnx, xgboost, Aliased, Model, ModelError, ModelInfo, ModelKind, TaskType,
+};
+
+/// Why a model could not be served.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RegistryError {
+    #[error("unknown model '{0}'")]
+    UnknownModel(String),
+    #[error("model '{model}': {path}: checksum mismatch: expected sha256 {expected}, actual {actual}; model refused")]
+    ChecksumMismatch {
+        model: String,
+        path: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("model '{model}': {message}")]
+    Load { model: String, message: String },
+}
+
+/// A model as served: the model itself and whether a fallback stands in.
+#[derive(Clone)]
+pub struct Served {
+    pub model: Arc<dyn Model>,
+    /// The name of the model that was asked for, when a fallback serves it.
+    pub fallback_for: Option<String>,
+}
+
+/// The load state of one entry.
+struct Entry {
+    spec: ModelSpec,
+    loaded: OnceLock<Arc<dyn Model>>,
+    /// A failure is remembered (a refused file stays refused until reload).
+    failed: Mutex<Option<RegistryError>>,
+    /// Serialises loading so a lazy model is loaded once.
+    loading: Mutex<()>,
+    fallback_audited: OnceLock<()>,
+}
+
+/// Options for how models are loaded.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOptions {
+    /// Load every model now, including `lazy` ones (used by `models verify`).
+    pub load_all: bool,
+    /// Load nothing now (used by `models list`).
+    pub load_none: bool,
+    /// Where to find the ONNX Runtime library (see [`onnx::RuntimeConfig`]).
+    pub onnx: onnx::RuntimeConfig,
+}
+
+pub struct Registry {
+    order: Vec<String>,
+    entries: HashMap<String, Entry>,
+    /// Loaded models by file checksum and kind.
+    by_checksum: Mutex<HashMap<(String, ModelKind), Arc<dyn Model>>>,
+    audit: Option<Arc<AuditStore>>,
+    options: RegistryOptions,
+}
+
+impl Registry {
+    /// Reads `models.yaml` and loads the eager models. A model that fails to
+    /// load does not fail the registry: it is refused (and audited), and
+    /// [`Registry::get`] reports why or serves its fallback.
+    pub fn open(
+        file: &Path,
+        audit: Option<Arc<AuditStore>>,
+        options: RegistryOptions,
+    ) -> Result<Registry, ConfigError> {
+        let specs = load_registry_file(file)?;
+        for s in &specs {
+            if !s.path.is_file() {
+                return Err(ConfigError::Field {
+                    file: file.to_path_buf(),
+                    model: s.name.clone(),
+                    field: "path",
+                    message: format!("model file {} does not exist", s.path.display()),
+                });
+            }
+        }
+        Ok(Self::from_specs(specs, audit, options))
+    }
+
+    pub fn from_specs(
+        specs: Vec<ModelSpec>,
+        audit: Option<Arc<AuditStore>>,
+        options: RegistryOptions,
+    ) -> Registry {
+        let order = specs.iter().map(|s| s.name.clone()).collect();
+        let entries = specs
+            .into_iter()
+            .map(|spec| {
+                (
+                    spec.name.clone(),
+                    Entry {
+                        spec,
+                        loaded: OnceLock::new(),
+                        failed: Mutex::new(None),
+                        loading: Mutex::new(()),
+                        fallback_audited: OnceLock::new(),
+                    },
+                )
+            })
+            .collect();
+        let reg = Registry {
+            order,
+            entries,
+            by_checksum: Mutex::new(HashMap::new()),
+            audit,
+            options,
+        };
+        if !reg.options.load_none {
+            for name in &reg.order {
+                let e = &reg.entries[name];
+                if reg.options.load_all || !e.spec.lazy {
+                    if let Err(err) = reg.load(e) {
+                        tracing::warn!(model = %name, error = %err, "model not loaded");
+                    }
+                }
+            }
+        }
+        reg
+    }
+
+    /// Model names in registry order.
+    pub fn names(&self) -> &[String] {
+        &self.order
+    }
+
+    pub fn spec(&self, name: &str) -> Option<&ModelSpec> {
+        self.entries.get(name).map(|e| &e.spec)
+    }
+
+    /// The loaded model, if it is loaded (never loads).
+    pub fn loaded(&self, name: &str) -> Option<Arc<dyn Model>> {
+        self.entries.get(name).and_then(|e| e.loaded.get().cloned())
+    }
+
+    /// The model for `name`, loading it if lazy; when it cannot be loaded and
+    /// has a fallback, the fallback serves (audited once per model).
+    pub fn get(&self, name: &str) -> Result<Served, RegistryError> {
+        let entry = self
+            .entries
+            .get(name)
+            .ok_or_else(|| RegistryError::UnknownModel(name.to_string()))?;
+        match self.load(entry) {
+            Ok(model) => Ok(Served {
+                model,
+                fallback_for: None,
+            }),
+            Err(err) => {
+                let Some(fb) = &entry.spec.fallback else {
+                    return Err(err);
+                };
+                let served = self.get(fb)?;
+                if entry.fallback_audited.set(()).is_ok() {
+                    tracing::warn!(model = %name, fallback = %fb, reason = %err, "serving through fallback");
+                    self.audit(
+                        AuditEvent::Fallback,
+                        &entry.spec,
+                        None,
+                        "",
+                        format!("served by '{fb}': {err}"),
+                    );
+                }
+                Ok(Served {
+                    model: served.model,
+                    fallback_for: Some(name.to_string()),
+                })
+            }
+        }
+    }
+
+    /// Unloads every loaded model (audited). The registry serves nothing after.
+    pub fn unload_all(&mut self) {
+        for name in &self.order {
+            let Some(entry) = self.entries.get_mut(name) else {
+                continue;
+            };
+            if let Some(m) = entry.loaded.take() {
+                let info = m.info();
+                self.audit.as_ref().map(|a| {
+                    a.record(AuditEvent::Unload, &entry_for(info, String::new()))
+                        .map_err(|e| tracing::error!(error = %e, "audit write failed"))
+                });
+            }
+        }
+        self.by_checksum
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    fn load(&self, entry: &Entry) -> Result<Arc<dyn Model>, RegistryError> {
+        if let Some(m) = entry.loaded.get() {
+            return Ok(m.clone());
+        }
+        let _guard = entry.loading.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = entry.loaded.get() {
+            return Ok(m.clone());
+        }
+        if let Some(err) = entry
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
+            return Err(err);
+        }
+        match self.load_spec(&entry.spec) {
+            Ok(m) => {
+                let _ = entry.loaded.set(m.clone());
+                Ok(m)
+            }
+            Err(err) => {
+                *entry.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(err.clone());
+                Err(err)
+            }
+        }
+    }
+
+    fn load_spec(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>, RegistryError> {
+        let started = Instant::now();
+        let fail = |message: String| RegistryError::Load {
+            model: spec.name.clone(),
+            message,
+        };
+        let sha = match sha256_file(&spec.path) {
+            Ok(s) => s,
+            Err(e) => {
+                let err = fail(format!("{}: {e}", spec.path.display()));
+                self.audit(AuditEvent::Refuse, spec, None, "", err.to_string());
+                return Err(err);
+            }
+        };
+        if let Some(expected) = &spec.sha256 {
+            if *expected != sha {
+                let err = RegistryError::ChecksumMismatch {
+                    model: spec.name.clone(),
+                    path: spec.path.display().to_string(),
+                    expected: expected.clone(),
+                    actual: sha.clone(),
+                };
+                self.audit(AuditEvent::Refuse, spec, None, &sha, err.to_string());
+                return Err(err);
+            }
+        }
+        let version = spec
+            .version
+            .clone()
+            .unwrap_or_else(|| sha[..12].to_string());
+        let pinned = if spec.sha256.is_some() {
+            "pinned checksum matches"
+        } else {
+            "checksum computed (not pinned)"
+        };
+        self.audit(
+            AuditEvent::Verify,
+            spec,
+            Some(&version),
+            &sha,
+            pinned.to_string(),
+        );
+
+        let mut info = ModelInfo {
+            name: spec.name.clone(),
+            version,
+            kind: spec.kind,
+            sha256: sha.clone(),
+            path: spec.path.clone(),
+            features: spec.features.clone(),
+            target: spec.target.clone(),
+            task_type: spec.task_type,
+            n_outputs: 1,
+            n_classes: None,
+            detail: String::new(),
+            load_time: Default::default(),
+        };
+        let key = (sha.clone(), spec.kind);
+        let cached = self
+            .by_checksum
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        let result = match cached {
+            Some(inner) => check_shared(&inner, &info).map(|()| {
+                let src = inner.info();
+                info.n_outputs = src.n_outputs;
+                info.n_classes = src.n_classes;
+                info.detail = format!("{} (shared with '{}')", src.detail, src.name);
+                info.load_time = started.elapsed();
+                Arc::new(Aliased { info, inner }) as Arc<dyn Model>
+            }),
+            None => load_file(spec, info, started, &self.options.onnx),
+        };
+        match result {
+            Ok(model) => {
+                self.by_checksum
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(key)
+                    .or_insert_with(|| model.clone());
+                let i = model.info();
+                tracing::info!(model = %i.name, version = %i.version, kind = %i.kind, sha256 = %i.sha256, detail = %i.detail, "model loaded");
+                self.audit(
+                    AuditEvent::Load,
+                    spec,
+                    Some(&i.version),
+                    &sha,
+                    i.detail.clone(),
+                );
+                Ok(model)
+            }
+            Err(e) => {
+                let err = fail(e.to_string());
+                self.audit(AuditEvent::Refuse, spec, None, &sha, err.to_string());
+                Err(err)
+            }
+        }
+    }
+
+    fn audit(
+        &self,
+        event: AuditEvent,
+        spec: &ModelSpec,
+        version: Option<&str>,
+        sha: &str,
+        detail: String,
+    ) {
+        let Some(store) = &self.audit else { return };
+        let entry = AuditEntry {
+            model: spec.name.clone(),
+            version: version
+                .map(str::to_string)
+                .or_else(|| spec.version.clone())
+                .unwrap_or_default(),
+            kind: spec.kind.to_string(),
+            path: spec.path.display().to_string(),
+            sha256: sha.to_string(),
+            detail,
+        };
+        if let Err(e) = store.record(event, &entry) {
+            tracing::error!(model = %spec.name, event = event.as_str(), error = %e, "audit write failed");
+        }
+    }
+}
+
+fn entry_for(info: &ModelInfo, detail: String) -> AuditEntry {
+    AuditEntry {
+        model: info.name.clone(),
+        version: info.version.clone(),
+        kind: info.kind.to_string(),
+        path: info.path.display().to_string(),
+        sha256: info.sha256.clone(),
+        detail,
+    }
+}
+
+/// A second registry entry may share a loaded file only if it asks the same
+/// of it.
+fn check_shared(inner: &Arc<dyn Model>, info: &ModelInfo) -> Result<(), ModelError> {
+    let src = inner.info();
+    if src.features.len() != info.features.len() || src.task_type != info.task_type {
+        return Err(ModelError::Input(format!(
+            "same file as '{}' but a different feature count or task_type",
+            src.name
+        )));
+    }
+    Ok(())
+}
+
+/// Parses a model file by kind and checks it against the registry entry.
+fn load_file(
+    spec: &ModelSpec,
+    info: ModelInfo,
+    started: Instant,
+    onnx_rt: &onnx::RuntimeConfig,
+) -> Result<Arc<dyn Model>, ModelError> {
+    let read = || {
+        std::fs::read(&spec.path).map_err(|source| ModelError::Io {
+            path: spec.path.clone(),
+            source,
+        })
+    };
+    let elapsed = || started.elapsed();
+    Ok(match spec.kind {
+        ModelKind::Lightgbm => {
+            let bytes = read()?;
+            let text = std::str::from_utf8(&bytes).map_err(|_| ModelError::Format {
+                path: spec.path.clone(),
+                format: "LightGBM",
+                reason: "not UTF-8 text (is this a binary or pickled model?)".into(),
+            })?;
+            let mut m = tree_model(lightgbm::parse(text, &spec.path)?, info)?;
+            m.info.load_time = elapsed();
+            Arc::new(m)
+        }
+        ModelKind::Xgboost => {
+            let mut m = tree_model(xgboost::parse(&read()?, &spec.path)?, info)?;
+            m.info.load_time = elapsed();
+            Arc::new(m)
+        }
+        ModelKind::Onnx => {
+            let mut m = onnx::OnnxModel::load(spec, &read()?, info, onnx_rt)?;
+            m.info.load_time = elapsed();
+            Arc::new(m)
+        }
+        ModelKind::Pickle => {
+            return Err(ModelError::Unsupported(
+                "kind 'pickle' is not supported yet: convert the model to LightGBM text, XGBoost JSON/UBJ or ONNX".into(),
+            ))
+        }
+        ModelKind::Torch => {
+            return Err(ModelError::Unsupported(
+                "kind 'torch' is not supported yet: export the model to ONNX (torch.onnx.export)".into(),
+            ))
+        }
+    })
+}
+
+fn tree_model(parsed: ParsedTrees, mut info: ModelInfo) -> Result<TreeModel, ModelError> {
+    let ens = parsed.ensemble;
+    if info.features.len() != ens.n_features {
+        return Err(ModelError::Input(format!(
+            "field 'features' lists {} features but the model file has {}",
+            info.features.len(),
+            ens.n_features
+        )));
+    }
+    let generic = |n: &str| {
+        n.starts_with("Column_")
+            || (n.starts_with('f') && n[1..].parse::<u32>().is_ok())
+            || n.is_empty()
+    };
+    if parsed
+        .feature_names
+        .iter()
+        .zip(&info.features)
+        .any(|(a, b)| a != b && !generic(a))
+    {
+        tracing::warn!(model = %info.name, file_features = ?parsed.feature_names, "feature names in the model file differ from 'features' (order is taken from 'features')");
+    }
+    match (info.task_type, parsed.n_classes) {
+        (TaskType::Classification, None) => {
+            return Err(ModelError::Input(format!(
+                "field 'task_type' is classification but objective '{}' is not a classification objective",
+                parsed.objective
+            )))
+        }
+        (TaskType::Classification, Some(k)) => {
+            info.n_classes = Some(k);
+            info.n_outputs = 1;
+        }
+        (TaskType::Regression, _) => info.n_outputs = ens.n_groups,
+    }
+    info.detail = format!(
+        "{} {}, {} trees",
+        info.kind,
+        parsed.objective,
+        ens.n_trees()
+    );
+    Ok(TreeModel {
+        info,
+        ensemble: ens,
+    })
+}
