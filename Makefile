@@ -1,0 +1,52 @@
+# Every target does its own set-up; nothing needs to be installed by hand
+# beyond the Rust toolchain, Python 3 and make.
+.PHONY: demo test setup onnxruntime sqlite3 lint build fixtures bench-models clean
+
+CARGO ?= cargo
+BIN := target/release/ml-worker
+
+## The README's first command: the model runtime on the shipped models.
+demo: onnxruntime build
+	@echo "== registered models (config/models.yaml)"
+	$(BIN) models list
+	@echo "== load and verify every model (SHA256, audit store data/audit.db)"
+	$(BIN) models verify
+	@echo "== predictions (first 5 rows of each sample file)"
+	$(BIN) predict --model diabetes_lgbm --input tests/fixtures/lgb_regression.inputs.csv | head -n 5
+	$(BIN) predict --model breast_cancer_xgb --input tests/fixtures/lgb_binary.inputs.csv | head -n 5
+	$(BIN) predict --model wine_rf --input tests/fixtures/xgb_multiclass.inputs.csv | head -n 5
+	@echo "== audit trail"
+	$(BIN) audit show --limit 12
+	$(BIN) audit verify
+
+## The README's second command: everything CI runs.
+test: setup lint
+	$(CARGO) test --all-targets
+
+setup: onnxruntime sqlite3
+
+onnxruntime:
+	bash scripts/fetch-onnxruntime.sh
+
+# the audit tamper test edits the store through the real sqlite3 shell
+sqlite3:
+	@command -v sqlite3 >/dev/null || (apt-get update -qq && apt-get install -y -qq sqlite3 >/dev/null)
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+build:
+	$(CARGO) build --release
+
+## Regenerate tests/fixtures and models/ with the reference libraries.
+fixtures:
+	bash scripts/setup-python.sh
+	.cache/venv/bin/python tools/make_fixtures.py
+
+## Native LightGBM evaluator vs LightGBM's Booster.predict, same run.
+bench-models:
+	bash scripts/bench-models.sh
+
+clean:
+	$(CARGO) clean

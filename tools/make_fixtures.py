@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""Golden fixtures from the reference libraries.
+
+Trains small models with LightGBM, XGBoost and scikit-learn on datasets that
+ship with scikit-learn (no download), writes them in every supported format
+under tests/fixtures/ together with inputs (including NaNs) and the libraries'
+own predictions, and writes the shipped example models under models/.
+Deterministic and rerunnable: `make fixtures` (or
+`.cache/venv/bin/python tools/make_fixtures.py`).
+
+Golden file format (tests/fixtures/<case>.golden.json):
+  case, kind (lightgbm|xgboost|onnx), model_files (relative to tests/fixtures),
+  task_type, features, n_classes, library, inputs (NaN as null),
+  prediction (value, or class index), probabilities (null for regression).
+"""
+import json
+import math
+import re
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import onnxruntime as ort
+import sklearn
+import xgboost as xgb
+from sklearn.datasets import load_breast_cancer, load_diabetes, load_wine
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.neural_network import MLPRegressor
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = ROOT / "tests" / "fixtures"
+MODELS = ROOT / "models"
+SEED = 42
+
+
+def clean(name):
+    return re.sub(r"[^a-z0-9_]+", "_", name.lower()).strip("_")
+
+
+def dataset(loader):
+    d = loader()
+    return d.data.astype(np.float64), d.target, [clean(f) for f in d.feature_names]
+
+
+def with_nan(x, frac, rng):
+    x = x.copy()
+    x[rng.random(x.shape) < frac] = np.nan
+    return x
+
+
+def test_rows(x, rng, nan=True, n=120):
+    """Held-out rows with ~10% NaN cells, an all-NaN row, an all-zero row and extremes."""
+    x = x[:n].copy()
+    if nan:
+        x = with_nan(x, 0.10, rng)
+        x[0, :] = np.nan
+    x[1, :] = 0.0
+    x[2, :] = 1e6
+    x[3, :] = -1e6
+    return x
+
+
+def jnum(v):
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
+def write_golden(case, kind, files, task, features, x, pred, probs, library, n_classes=None, csv=False):
+    doc = {
+        "case": case,
+        "kind": kind,
+        "model_files": files,
+        "task_type": task,
+        "features": features,
+        "n_classes": n_classes,
+        "library": library,
+        "inputs": [[jnum(v) for v in row] for row in x],
+        "prediction": [float(p) for p in pred],
+        "probabilities": None if probs is None else [[float(p) for p in row] for row in probs],
+    }
+    (FIX / f"{case}.golden.json").write_text(json.dumps(doc) + "\n")
+    if csv:
+        lines = [",".join(features)]
+        for row in x:
+            lines.append(",".join("" if math.isnan(v) else repr(float(v)) for v in row))
+        (FIX / f"{case}.inputs.csv").write_text("\n".join(lines) + "\n")
+    print(f"{case:28s} rows={len(x):4d} files={files}")
+
+
+LGB_VER = f"lightgbm {lgb.__version__}"
+XGB_VER = f"xgboost {xgb.__version__}"
+ORT_VER = f"onnxruntime {ort.__version__}"
+
+
+def lgb_case(case, x_tr, y_tr, x_te, features, params, rounds, task, csv=False, cat=None):
+    p = {"verbose": -1, "num_threads": 1, "seed": SEED, "deterministic": True, "num_leaves": 15}
+    p.update(params)
+    ds = lgb.Dataset(x_tr, y_tr, feature_name=features, categorical_feature=cat or "auto", free_raw_data=False)
+    booster = lgb.train(p, ds, num_boost_round=rounds)
+    path = FIX / f"{case}.txt"
+    booster.save_model(str(path))
+    out = booster.predict(x_te, num_threads=1)
+    if task == "classification":
+        probs = np.column_stack([1 - out, out]) if out.ndim == 1 else out
+        write_golden(case, "lightgbm", [path.name], task, features, x_te, probs.argmax(1), probs, LGB_VER,
+                     n_classes=probs.shape[1], csv=csv)
+    else:
+        write_golden(case, "lightgbm", [path.name], task, features, x_te, out, None, LGB_VER, csv=csv)
+    return booster
+
+
+def xgb_case(case, x_tr, y_tr, x_te, features, params, rounds, task, csv=False, feature_types=None):
+    p = {"nthread": 1, "seed": SEED, "max_depth": 4, "eta": 0.3, "tree_method": "hist"}
+    p.update(params)
+    kw = {}
+    if feature_types:
+        kw = {"feature_types": feature_types, "enable_categorical": True}
+    dtr = xgb.DMatrix(x_tr, y_tr, feature_names=features, **kw)
+    booster = xgb.train(p, dtr, num_boost_round=rounds)
+    files = [f"{case}.json", f"{case}.ubj"]
+    for f in files:
+        booster.save_model(str(FIX / f))
+    out = booster.predict(xgb.DMatrix(x_te, feature_names=features, **kw))
+    if task == "classification":
+        probs = np.column_stack([1 - out, out]) if out.ndim == 1 else out
+        write_golden(case, "xgboost", files, task, features, x_te, probs.argmax(1), probs, XGB_VER,
+                     n_classes=probs.shape[1], csv=csv)
+    else:
+        write_golden(case, "xgboost", files, task, features, x_te, out, None, XGB_VER, csv=csv)
+    return booster
+
+
+def onnx_run(path, x):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return sess.run(None, {name: x.astype(np.float32)})
+
+
+def categorical_data(rng, n):
+    """4 numeric features + 2 integer categorical features with strong effects."""
+    num = rng.normal(size=(n, 4))
+    c1 = rng.integers(0, 16, n)
+    c2 = rng.integers(0, 41, n)
+    eff1 = rng.normal(scale=3.0, size=16)
+    eff2 = rng.normal(scale=2.0, size=41)
+    y = num[:, 0] * 1.5 - num[:, 1] + eff1[c1] + eff2[c2] + rng.normal(scale=0.1, size=n)
+    x = np.column_stack([num, c1, c2]).astype(np.float64)
+    return x, y
+
+
+def main():
+    FIX.mkdir(parents=True, exist_ok=True)
+    MODELS.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(SEED)
+
+    xd, yd, fd = dataset(load_diabetes)
+    xb, yb, fb = dataset(load_breast_cancer)
+    xw, yw, fw = dataset(load_wine)
+    xd_tr, xd_te, yd_tr, _ = train_test_split(xd, yd, test_size=0.3, random_state=SEED)
+    xb_tr, xb_te, yb_tr, _ = train_test_split(xb, yb, test_size=0.3, random_state=SEED)
+    xw_tr, xw_te, yw_tr, _ = train_test_split(xw, yw, test_size=0.3, random_state=SEED)
+    xd_trn = with_nan(xd_tr, 0.05, rng)
+    xb_trn = with_nan(xb_tr, 0.05, rng)
+    xd_t = test_rows(xd_te, rng)
+    xb_t = test_rows(xb_te, rng)
+    xw_t = test_rows(np.vstack([xw_te, xw_te * 1.1]), rng)
+    xd_t_clean = test_rows(xd_te, rng, nan=False)
+    xb_t_clean = test_rows(xb_te, rng, nan=False)
+
+    # ---- LightGBM
+    lgb_reg = lgb_case("lgb_regression", xd_trn, yd_tr, xd_t, fd, {"objective": "regression"}, 60, "regression", csv=True)
+    lgb_case("lgb_regression_zero", xd_trn, yd_tr, xd_t, fd, {"objective": "regression", "zero_as_missing": True}, 30,
+             "regression")
+    lgb_case("lgb_poisson", xd_trn, yd_tr, xd_t, fd, {"objective": "poisson"}, 30, "regression")
+    lgb_case("lgb_binary", xb_trn, yb_tr, xb_t, fb, {"objective": "binary"}, 50, "classification", csv=True)
+    lgb_case("lgb_multiclass", xw_tr, yw_tr, xw_t, fw, {"objective": "multiclass", "num_class": 3}, 30, "classification")
+    lgb_case("lgb_multiclassova", xw_tr, yw_tr, xw_t, fw, {"objective": "multiclassova", "num_class": 3}, 20,
+             "classification")
+    lgb_case("lgb_rf", xd_trn, yd_tr, xd_t, fd,
+             {"objective": "regression", "boosting": "rf", "bagging_fraction": 0.7, "bagging_freq": 1}, 20, "regression")
+    xc, yc = categorical_data(rng, 3000)
+    xc_te, _ = categorical_data(np.random.default_rng(SEED + 1), 120)
+    xc_te = with_nan(xc_te, 0.08, rng)
+    xc_te[4:10, 4] = [-1, 99, 16, 3.7, -0.5, 1e9]
+    xc_te[10:16, 5] = [-3, 41, 400, 2.2, np.nan, 17]
+    fc = ["num0", "num1", "num2", "num3", "cat_a", "cat_b"]
+    lgb_case("lgb_categorical", xc, yc, xc_te, fc,
+             {"objective": "regression", "min_data_per_group": 5, "cat_smooth": 1.0, "max_cat_to_onehot": 4}, 40,
+             "regression", cat=[4, 5])
+    assert re.search(r"num_cat=[1-9]", (FIX / "lgb_categorical.txt").read_text()), "no categorical split"
+
+    # ---- XGBoost
+    xgb_case("xgb_regression", xd_trn, yd_tr, xd_t, fd, {"objective": "reg:squarederror"}, 60, "regression")
+    xgb_case("xgb_binary", xb_trn, yb_tr, xb_t, fb, {"objective": "binary:logistic"}, 50, "classification")
+    xgb_case("xgb_multiclass", xw_tr, yw_tr, xw_t, fw, {"objective": "multi:softprob", "num_class": 3}, 30,
+             "classification", csv=True)
+    xgb_case("xgb_poisson", xd_trn, yd_tr, xd_t, fd, {"objective": "count:poisson"}, 30, "regression")
+    xgb_case("xgb_categorical", xc, yc, np.where(np.isnan(xc_te) | (xc_te >= 0), xc_te, np.nan), fc,
+             {"objective": "reg:squarederror", "max_cat_to_onehot": 1}, 40, "regression",
+             feature_types=["q", "q", "q", "q", "c", "c"])
+
+    # ---- ONNX
+    from onnxmltools import convert_lightgbm
+    from onnxmltools.convert.common.data_types import FloatTensorType as MLFloat
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    onx = convert_lightgbm(lgb_reg, initial_types=[("input", MLFloat([None, len(fd)]))], target_opset=15)
+    (FIX / "onnx_lgb_regression.onnx").write_bytes(onx.SerializeToString())
+    out = onnx_run(FIX / "onnx_lgb_regression.onnx", xd_t)
+    write_golden("onnx_lgb_regression", "onnx", ["onnx_lgb_regression.onnx"], "regression", fd, xd_t,
+                 out[0].reshape(-1), None, ORT_VER)
+
+    pipe = Pipeline([("scale", StandardScaler()), ("logreg", LogisticRegression(max_iter=2000))]).fit(xb_tr, yb_tr)
+    onx = convert_sklearn(pipe, initial_types=[("input", FloatTensorType([None, len(fb)]))],
+                          options={id(pipe): {"zipmap": False}})
+    (FIX / "onnx_skl_logreg.onnx").write_bytes(onx.SerializeToString())
+    label, probs = onnx_run(FIX / "onnx_skl_logreg.onnx", xb_t_clean)
+    write_golden("onnx_skl_logreg", "onnx", ["onnx_skl_logreg.onnx"], "classification", fb, xb_t_clean, label, probs,
+                 ORT_VER, n_classes=2)
+
+    rf = RandomForestClassifier(n_estimators=20, max_depth=6, random_state=SEED, n_jobs=1).fit(xw_tr, yw_tr)
+    onx = convert_sklearn(rf, initial_types=[("input", FloatTensorType([None, len(fw)]))],
+                          options={id(rf): {"zipmap": False}})
+    (FIX / "onnx_rf_classifier.onnx").write_bytes(onx.SerializeToString())
+    (MODELS / "wine_rf.onnx").write_bytes(onx.SerializeToString())
+    xw_clean = test_rows(np.vstack([xw_te, xw_te * 1.1]), rng, nan=False)
+    label, probs = onnx_run(FIX / "onnx_rf_classifier.onnx", xw_clean)
+    write_golden("onnx_rf_classifier", "onnx", ["onnx_rf_classifier.onnx"], "classification", fw, xw_clean, label,
+                 probs, ORT_VER, n_classes=3)
+
+    onx = convert_sklearn(rf, initial_types=[("input", FloatTensorType([None, len(fw)]))])
+    (FIX / "onnx_rf_classifier_zipmap.onnx").write_bytes(onx.SerializeToString())
+    label, maps = onnx_run(FIX / "onnx_rf_classifier_zipmap.onnx", xw_clean)
+    probs = [[m[k] for k in sorted(m)] for m in maps]
+    write_golden("onnx_rf_classifier_zipmap", "onnx", ["onnx_rf_classifier_zipmap.onnx"], "classification", fw,
+                 xw_clean, label, probs, ORT_VER, n_classes=3)
+
+    mlp = Pipeline([("scale", StandardScaler()),
+                    ("mlp", MLPRegressor(hidden_layer_sizes=(32, 16), max_iter=3000, random_state=SEED))])
+    mlp.fit(xd_tr, yd_tr)
+    onx = convert_sklearn(mlp, initial_types=[("input", FloatTensorType([None, len(fd)]))])
+    (FIX / "onnx_mlp.onnx").write_bytes(onx.SerializeToString())
+    out = onnx_run(FIX / "onnx_mlp.onnx", xd_t_clean)
+    write_golden("onnx_mlp", "onnx", ["onnx_mlp.onnx"], "regression", fd, xd_t_clean, out[0].reshape(-1), None,
+                 ORT_VER)
+
+    # ---- shipped example models
+    booster = lgb.train({"objective": "regression", "num_leaves": 31, "learning_rate": 0.05, "verbose": -1,
+                         "num_threads": 1, "seed": SEED, "deterministic": True},
+                        lgb.Dataset(xd_trn, yd_tr, feature_name=fd), num_boost_round=150)
+    booster.save_model(str(MODELS / "diabetes_lgbm.txt"))
+    bx = xgb.train({"objective": "binary:logistic", "max_depth": 4, "eta": 0.1, "nthread": 1, "seed": SEED},
+                   xgb.DMatrix(xb_trn, yb_tr, feature_names=fb), num_boost_round=100)
+    bx.save_model(str(MODELS / "breast_cancer_xgb.json"))
+
+    print(f"\nsklearn {sklearn.__version__}, {LGB_VER}, {XGB_VER}, {ORT_VER}")
+    for name, feats in [("diabetes_lgbm", fd), ("breast_cancer_xgb", fb), ("wine_rf", fw)]:
+        print(f"{name}: {json.dumps(feats)}")
+    total = sum(p.stat().st_size for p in list(FIX.iterdir()) + list(MODELS.iterdir()) if p.is_file())
+    print(f"total fixture + model bytes: {total:,}")
+
+
+if __name__ == "__main__":
+    main()
