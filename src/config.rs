@@ -172,12 +172,14 @@ fn validate(raw: RawRegistry, file: &Path, base: &Path) -> Result<Vec<ModelSpec>
             "onnx" => ModelKind::Onnx,
             "pickle" => ModelKind::Pickle,
             "torch" => ModelKind::Torch,
-            other => return Err(field(
-                "kind",
-                format!(
+            other => {
+                return Err(field(
+                    "kind",
+                    format!(
                     "unknown kind '{other}' (expected lightgbm, xgboost, onnx, pickle or torch)"
                 ),
-            )),
+                ))
+            }
         };
         let task_type = match m.task_type.as_str() {
             "regression" => TaskType::Regression,

@@ -23,11 +23,16 @@ fn ml_worker(dir: &Path, args: &[&str]) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn golden(case: &str) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(fixture(&format!("{case}.golden.json"))).unwrap()).unwrap()
+    serde_json::from_slice(&std::fs::read(fixture(&format!("{case}.golden.json"))).unwrap())
+        .unwrap()
 }
 
 /// A registry in a temp dir with one model copied from the fixtures.
@@ -73,19 +78,32 @@ fn predict_from_csv_matches_the_reference() {
         let csv = fixture(&format!("{case}.inputs.csv"));
         let o = ml_worker(
             dir.path(),
-            &["predict", "--model", case, "--input", csv.to_str().unwrap(), "--registry", reg.to_str().unwrap()],
+            &[
+                "predict",
+                "--model",
+                case,
+                "--input",
+                csv.to_str().unwrap(),
+                "--registry",
+                reg.to_str().unwrap(),
+            ],
         );
         assert!(o.status.success(), "{case}: {}", text(&o));
         let g = golden(case);
         let want = g["prediction"].as_array().unwrap();
-        let lines: Vec<serde_json::Value> =
-            String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len(), want.len(), "{case}");
         let tol = if kind == "xgboost" { 1e-6 } else { 1e-9 };
         for (i, (line, w)) in lines.iter().zip(want).enumerate() {
             assert_eq!(line["row"], i);
             let (got, w) = (line["prediction"].as_f64().unwrap(), w.as_f64().unwrap());
-            assert!((got - w).abs() <= tol * w.abs().max(1e-3), "{case} row {i}: {got} vs {w}");
+            assert!(
+                (got - w).abs() <= tol * w.abs().max(1e-3),
+                "{case} row {i}: {got} vs {w}"
+            );
             if g["task_type"] == "classification" {
                 let probs = line["probabilities"].as_array().unwrap();
                 let want_p = g["probabilities"][i].as_array().unwrap();
@@ -103,9 +121,20 @@ fn predict_from_csv_matches_the_reference() {
 #[test]
 fn predict_from_json_lines_treats_absent_features_as_missing() {
     let dir = tempfile::tempdir().unwrap();
-    let reg = registry_with(dir.path(), "lgb_regression", "lgb_regression.txt", "lightgbm", "");
+    let reg = registry_with(
+        dir.path(),
+        "lgb_regression",
+        "lgb_regression.txt",
+        "lightgbm",
+        "",
+    );
     let g = golden("lgb_regression");
-    let features: Vec<String> = g["features"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_string()).collect();
+    let features: Vec<String> = g["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_string())
+        .collect();
     let mut jsonl = String::new();
     for row in g["inputs"].as_array().unwrap() {
         let mut obj = serde_json::Map::new();
@@ -121,7 +150,15 @@ fn predict_from_json_lines_treats_absent_features_as_missing() {
     std::fs::write(&input, jsonl).unwrap();
     let o = ml_worker(
         dir.path(),
-        &["predict", "--model", "lgb_regression", "--input", input.to_str().unwrap(), "--registry", reg.to_str().unwrap()],
+        &[
+            "predict",
+            "--model",
+            "lgb_regression",
+            "--input",
+            input.to_str().unwrap(),
+            "--registry",
+            reg.to_str().unwrap(),
+        ],
     );
     assert!(o.status.success(), "{}", text(&o));
     let want = g["prediction"].as_array().unwrap();
@@ -136,28 +173,59 @@ fn predict_from_json_lines_treats_absent_features_as_missing() {
 fn checksum_mismatch_is_refused_and_audited() {
     let dir = tempfile::tempdir().unwrap();
     let pin = format!("    sha256: \"{}\"\n", "0".repeat(64));
-    let reg = registry_with(dir.path(), "lgb_regression", "lgb_regression.txt", "lightgbm", &pin);
-    let o = ml_worker(dir.path(), &["models", "verify", "--registry", reg.to_str().unwrap()]);
+    let reg = registry_with(
+        dir.path(),
+        "lgb_regression",
+        "lgb_regression.txt",
+        "lightgbm",
+        &pin,
+    );
+    let o = ml_worker(
+        dir.path(),
+        &["models", "verify", "--registry", reg.to_str().unwrap()],
+    );
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let out = text(&o);
-    assert!(out.contains("checksum mismatch") && out.contains(&"0".repeat(64)), "{out}");
+    assert!(
+        out.contains("checksum mismatch") && out.contains(&"0".repeat(64)),
+        "{out}"
+    );
     let actual = ml_worker::checksum::sha256_file(&dir.path().join("lgb_regression.txt")).unwrap();
-    assert!(out.contains(&actual), "error shows the actual checksum: {out}");
+    assert!(
+        out.contains(&actual),
+        "error shows the actual checksum: {out}"
+    );
 
     let o = ml_worker(dir.path(), &["audit", "show", "--json"]);
     assert!(o.status.success(), "{}", text(&o));
-    let rows: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let refusal = rows.iter().find(|r| r["event"] == "refuse").expect("a refuse row");
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let refusal = rows
+        .iter()
+        .find(|r| r["event"] == "refuse")
+        .expect("a refuse row");
     assert_eq!(refusal["model"], "lgb_regression");
     assert_eq!(refusal["sha256"], actual.as_str());
-    assert!(!rows.iter().any(|r| r["event"] == "load"), "a refused model must not be loaded");
+    assert!(
+        !rows.iter().any(|r| r["event"] == "load"),
+        "a refused model must not be loaded"
+    );
 
     // predicting with it fails too, naming the reason
     let csv = fixture("lgb_regression.inputs.csv");
     let o = ml_worker(
         dir.path(),
-        &["predict", "--model", "lgb_regression", "--input", csv.to_str().unwrap(), "--registry", reg.to_str().unwrap()],
+        &[
+            "predict",
+            "--model",
+            "lgb_regression",
+            "--input",
+            csv.to_str().unwrap(),
+            "--registry",
+            reg.to_str().unwrap(),
+        ],
     );
     assert!(!o.status.success());
     assert!(text(&o).contains("checksum mismatch"), "{}", text(&o));
@@ -173,15 +241,34 @@ fn fallback_serves_when_the_primary_is_refused() {
     let entry = |name: &str, file: &str, extra: &str| {
         format!("  - name: \"{name}\"\n    path: \"{file}\"\n    kind: \"lightgbm\"\n    features: {features}\n    target: \"y\"\n    task_type: \"regression\"\n{extra}")
     };
-    let yaml = format!("models:\n{}{}", entry("primary", "bad.txt", "    fallback: \"backup\"\n"), entry("backup", "good.txt", ""));
+    let yaml = format!(
+        "models:\n{}{}",
+        entry("primary", "bad.txt", "    fallback: \"backup\"\n"),
+        entry("backup", "good.txt", "")
+    );
     std::fs::write(dir.path().join("models.yaml"), yaml).unwrap();
     let csv = fixture("lgb_regression.inputs.csv");
-    let o = ml_worker(dir.path(), &["predict", "--model", "primary", "--input", csv.to_str().unwrap(), "--registry", "models.yaml"]);
+    let o = ml_worker(
+        dir.path(),
+        &[
+            "predict",
+            "--model",
+            "primary",
+            "--input",
+            csv.to_str().unwrap(),
+            "--registry",
+            "models.yaml",
+        ],
+    );
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("fallback 'backup'"), "{}", text(&o));
     let o = ml_worker(dir.path(), &["audit", "show"]);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.lines().any(|l| l.contains("fallback") && l.contains("primary")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("fallback") && l.contains("primary")),
+        "{out}"
+    );
 }
 
 #[test]
@@ -191,12 +278,37 @@ fn broken_model_files_give_clear_errors() {
     let xgb = std::fs::read(fixture("xgb_regression.json")).unwrap();
     let ubj = std::fs::read(fixture("xgb_regression.ubj")).unwrap();
     let cases: Vec<(&str, &str, Vec<u8>, &str)> = vec![
-        ("lgb_binary", "lightgbm", good[..good.len() / 2].to_vec(), "LightGBM"),
-        ("lgb_binary", "lightgbm", b"\x80\x04\x95garbage".to_vec(), "LightGBM"),
+        (
+            "lgb_binary",
+            "lightgbm",
+            good[..good.len() / 2].to_vec(),
+            "LightGBM",
+        ),
+        (
+            "lgb_binary",
+            "lightgbm",
+            b"\x80\x04\x95garbage".to_vec(),
+            "LightGBM",
+        ),
         ("lgb_binary", "lightgbm", Vec::new(), "LightGBM"),
-        ("xgb_regression", "xgboost", xgb[..xgb.len() - 100].to_vec(), "XGBoost"),
-        ("xgb_regression", "xgboost", ubj[..ubj.len() / 3].to_vec(), "XGBoost"),
-        ("xgb_regression", "xgboost", b"{\"learner\": 5}".to_vec(), "XGBoost"),
+        (
+            "xgb_regression",
+            "xgboost",
+            xgb[..xgb.len() - 100].to_vec(),
+            "XGBoost",
+        ),
+        (
+            "xgb_regression",
+            "xgboost",
+            ubj[..ubj.len() / 3].to_vec(),
+            "XGBoost",
+        ),
+        (
+            "xgb_regression",
+            "xgboost",
+            b"{\"learner\": 5}".to_vec(),
+            "XGBoost",
+        ),
     ];
     for (i, (case, kind, bytes, what)) in cases.into_iter().enumerate() {
         let file = format!("broken{i}.bin");
@@ -208,10 +320,16 @@ fn broken_model_files_give_clear_errors() {
             g["task_type"].as_str().unwrap()
         );
         std::fs::write(dir.path().join("models.yaml"), yaml).unwrap();
-        let o = ml_worker(dir.path(), &["models", "verify", "--registry", "models.yaml"]);
+        let o = ml_worker(
+            dir.path(),
+            &["models", "verify", "--registry", "models.yaml"],
+        );
         let out = text(&o);
         assert_eq!(o.status.code(), Some(1), "case {i}: {out}");
-        assert!(out.contains("FAILED") && out.contains(what) && out.contains(&file), "case {i}: {out}");
+        assert!(
+            out.contains("FAILED") && out.contains(what) && out.contains(&file),
+            "case {i}: {out}"
+        );
         assert!(!out.contains("panicked"), "case {i}: {out}");
     }
 }
@@ -226,12 +344,24 @@ fn feature_count_mismatch_and_unsupported_kinds_are_named() {
     std::fs::copy(fixture("lgb_regression.txt"), dir.path().join("m.txt")).unwrap();
     let yaml = "models:\n  - name: \"short\"\n    path: \"m.txt\"\n    kind: \"lightgbm\"\n    features: [\"a\", \"b\"]\n    target: \"y\"\n    task_type: \"regression\"\n  - name: \"pk\"\n    path: \"m.txt\"\n    kind: \"pickle\"\n    features: [\"a\"]\n    target: \"y\"\n    task_type: \"regression\"\n  - name: \"pt\"\n    path: \"m.txt\"\n    kind: \"torch\"\n    features: [\"a\"]\n    target: \"y\"\n    task_type: \"regression\"\n";
     std::fs::write(dir.path().join("models.yaml"), yaml).unwrap();
-    let o = ml_worker(dir.path(), &["models", "verify", "--registry", "models.yaml"]);
+    let o = ml_worker(
+        dir.path(),
+        &["models", "verify", "--registry", "models.yaml"],
+    );
     let out = text(&o);
     assert_eq!(o.status.code(), Some(1), "{out}");
-    assert!(out.contains("model 'short'") && out.contains("'features' lists 2 features"), "{out}");
-    assert!(out.contains("model 'pk'") && out.contains("'pickle' is not supported yet"), "{out}");
-    assert!(out.contains("model 'pt'") && out.contains("'torch' is not supported yet"), "{out}");
+    assert!(
+        out.contains("model 'short'") && out.contains("'features' lists 2 features"),
+        "{out}"
+    );
+    assert!(
+        out.contains("model 'pk'") && out.contains("'pickle' is not supported yet"),
+        "{out}"
+    );
+    assert!(
+        out.contains("model 'pt'") && out.contains("'torch' is not supported yet"),
+        "{out}"
+    );
     assert!(!out.contains("panicked"), "{out}");
 }
 
@@ -241,11 +371,26 @@ fn bad_registry_files_name_file_model_and_field() {
     std::fs::copy(fixture("lgb_regression.txt"), dir.path().join("m.txt")).unwrap();
     let base = "models:\n  - name: \"a\"\n    path: \"m.txt\"\n    kind: \"lightgbm\"\n    features: [\"age\"]\n    target: \"y\"\n    task_type: \"regression\"\n";
     for (yaml, needles) in [
-        ("models: [\n".to_string(), vec!["models.yaml", "invalid YAML"]),
-        (base.replace("lightgbm", "catboost"), vec!["model 'a'", "'kind'", "catboost"]),
-        (base.replace("m.txt", "missing.txt"), vec!["model 'a'", "'path'", "missing.txt", "does not exist"]),
-        (format!("{base}    bogus: 1\n"), vec!["unknown field", "bogus"]),
-        (format!("{base}{}", base.replace("models:\n", "")), vec!["model 'a'", "duplicate"]),
+        (
+            "models: [\n".to_string(),
+            vec!["models.yaml", "invalid YAML"],
+        ),
+        (
+            base.replace("lightgbm", "catboost"),
+            vec!["model 'a'", "'kind'", "catboost"],
+        ),
+        (
+            base.replace("m.txt", "missing.txt"),
+            vec!["model 'a'", "'path'", "missing.txt", "does not exist"],
+        ),
+        (
+            format!("{base}    bogus: 1\n"),
+            vec!["unknown field", "bogus"],
+        ),
+        (
+            format!("{base}{}", base.replace("models:\n", "")),
+            vec!["model 'a'", "duplicate"],
+        ),
     ] {
         std::fs::write(dir.path().join("models.yaml"), &yaml).unwrap();
         let o = ml_worker(dir.path(), &["models", "list", "--registry", "models.yaml"]);
@@ -261,19 +406,44 @@ fn bad_registry_files_name_file_model_and_field() {
 #[test]
 fn wrong_csv_header_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let reg = registry_with(dir.path(), "lgb_regression", "lgb_regression.txt", "lightgbm", "");
+    let reg = registry_with(
+        dir.path(),
+        "lgb_regression",
+        "lgb_regression.txt",
+        "lightgbm",
+        "",
+    );
     let csv = dir.path().join("bad.csv");
     std::fs::write(&csv, "age,sex,colour\n1,2,3\n").unwrap();
     let o = ml_worker(
         dir.path(),
-        &["predict", "--model", "lgb_regression", "--input", csv.to_str().unwrap(), "--registry", reg.to_str().unwrap()],
+        &[
+            "predict",
+            "--model",
+            "lgb_regression",
+            "--input",
+            csv.to_str().unwrap(),
+            "--registry",
+            reg.to_str().unwrap(),
+        ],
     );
     let out = text(&o);
     assert_eq!(o.status.code(), Some(2), "{out}");
-    assert!(out.contains("bad.csv") && out.contains("lacks feature column") && out.contains("bmi"), "{out}");
+    assert!(
+        out.contains("bad.csv") && out.contains("lacks feature column") && out.contains("bmi"),
+        "{out}"
+    );
     let o = ml_worker(
         dir.path(),
-        &["predict", "--model", "nope", "--input", csv.to_str().unwrap(), "--registry", reg.to_str().unwrap()],
+        &[
+            "predict",
+            "--model",
+            "nope",
+            "--input",
+            csv.to_str().unwrap(),
+            "--registry",
+            reg.to_str().unwrap(),
+        ],
     );
     assert!(text(&o).contains("unknown model 'nope'"), "{}", text(&o));
 }
@@ -281,20 +451,45 @@ fn wrong_csv_header_is_a_clear_error() {
 #[test]
 fn audit_verify_detects_a_row_edited_in_the_sqlite3_shell() {
     let dir = tempfile::tempdir().unwrap();
-    let reg = registry_with(dir.path(), "lgb_regression", "lgb_regression.txt", "lightgbm", "");
-    let o = ml_worker(dir.path(), &["models", "verify", "--registry", reg.to_str().unwrap()]);
+    let reg = registry_with(
+        dir.path(),
+        "lgb_regression",
+        "lgb_regression.txt",
+        "lightgbm",
+        "",
+    );
+    let o = ml_worker(
+        dir.path(),
+        &["models", "verify", "--registry", reg.to_str().unwrap()],
+    );
     assert!(o.status.success(), "{}", text(&o));
     let o = ml_worker(dir.path(), &["audit", "verify"]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("ok: 3 rows"), "verify, load, unload: {}", text(&o));
+    assert!(
+        text(&o).contains("ok: 3 rows"),
+        "verify, load, unload: {}",
+        text(&o)
+    );
 
     let db = dir.path().join("audit.db");
-    let sqlite3 = |sql: &str| Command::new("sqlite3").arg(&db).arg(sql).output().expect("the sqlite3 shell is installed (.ci/run installs it)");
+    let sqlite3 = |sql: &str| {
+        Command::new("sqlite3")
+            .arg(&db)
+            .arg(sql)
+            .output()
+            .expect("the sqlite3 shell is installed (.ci/run installs it)")
+    };
     // the database itself refuses the edit
     let o = sqlite3("UPDATE audit_log SET sha256 = 'forged' WHERE id = 1;");
-    assert!(String::from_utf8_lossy(&o.stderr).contains("append-only"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("append-only"),
+        "{}",
+        text(&o)
+    );
     // someone who drops the trigger can edit, but verify notices
-    let o = sqlite3("DROP TRIGGER audit_log_no_update; UPDATE audit_log SET sha256 = 'forged' WHERE id = 1;");
+    let o = sqlite3(
+        "DROP TRIGGER audit_log_no_update; UPDATE audit_log SET sha256 = 'forged' WHERE id = 1;",
+    );
     assert!(o.status.success(), "{}", text(&o));
     let o = ml_worker(dir.path(), &["audit", "verify"]);
     let out = text(&o);

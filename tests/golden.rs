@@ -55,7 +55,10 @@ fn close(a: f64, b: f64, rel: f64, abs: f64) -> bool {
 /// Returns the number of (file, row) pairs checked.
 fn check_kind(kind: &str, rel: f64, abs: f64) -> usize {
     let cases = goldens(kind);
-    assert!(!cases.is_empty(), "no {kind} fixtures: run tools/make_fixtures.py");
+    assert!(
+        !cases.is_empty(),
+        "no {kind} fixtures: run tools/make_fixtures.py"
+    );
     let mut checked = 0;
     for g in &cases {
         for file in &g.model_files {
@@ -83,36 +86,74 @@ fn check_kind(kind: &str, rel: f64, abs: f64) -> usize {
                 onnx: OnnxOptions::default(),
             };
             let reg = Registry::from_specs(vec![spec], None, RegistryOptions::default());
-            let model = reg.get(&name).unwrap_or_else(|e| panic!("{name}: {e}")).model;
+            let model = reg
+                .get(&name)
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+                .model;
             let nf = g.features.len();
-            let data: Vec<f64> = g.inputs.iter().flatten().map(|v| v.unwrap_or(f64::NAN)).collect();
+            let data: Vec<f64> = g
+                .inputs
+                .iter()
+                .flatten()
+                .map(|v| v.unwrap_or(f64::NAN))
+                .collect();
             // whole batch, and row by row (batch of 1) must agree
             let pred = model.predict_full(Batch::new(&data, nf).unwrap()).unwrap();
             assert_eq!(pred.values.n_rows(), g.inputs.len(), "{name}");
+            let mut worst = 0f64;
+            let mut track = |a: f64, b: f64| {
+                worst = worst.max((a - b).abs() / a.abs().max(b.abs()).max(1e-300))
+            };
             for (i, want) in g.prediction.iter().enumerate() {
                 let got = pred.values.row(i)[0];
                 if g.task_type == "classification" {
                     assert_eq!(got, *want, "{name} row {i}: class");
                 } else {
-                    assert!(close(got, *want, rel, abs), "{name} row {i}: got {got}, reference {want}");
+                    assert!(
+                        close(got, *want, rel, abs),
+                        "{name} row {i}: got {got}, reference {want}"
+                    );
+                    track(got, *want);
                 }
-                let single = model.predict_full(Batch::new(&data[i * nf..(i + 1) * nf], nf).unwrap()).unwrap();
-                assert_eq!(single.values.row(0), pred.values.row(i), "{name} row {i}: batch of 1 differs");
+                let single = model
+                    .predict_full(Batch::new(&data[i * nf..(i + 1) * nf], nf).unwrap())
+                    .unwrap();
+                assert_eq!(
+                    single.values.row(0),
+                    pred.values.row(i),
+                    "{name} row {i}: batch of 1 differs"
+                );
                 checked += 1;
             }
             match (&g.probabilities, &pred.probabilities) {
                 (Some(want), Some(got)) => {
-                    assert_eq!(got.width, g.n_classes.unwrap_or(want[0].len()), "{name}: classes");
+                    assert_eq!(
+                        got.width,
+                        g.n_classes.unwrap_or(want[0].len()),
+                        "{name}: classes"
+                    );
                     for (i, row) in want.iter().enumerate() {
                         for (j, w) in row.iter().enumerate() {
                             let v = got.row(i)[j];
-                            assert!(close(v, *w, rel, abs), "{name} row {i} class {j}: got {v}, reference {w}");
+                            assert!(
+                                close(v, *w, rel, abs),
+                                "{name} row {i} class {j}: got {v}, reference {w}"
+                            );
+                            track(v, *w);
                         }
                     }
                 }
                 (None, None) => {}
-                (w, g2) => panic!("{name}: probabilities expected {} got {}", w.is_some(), g2.is_some()),
+                (w, g2) => panic!(
+                    "{name}: probabilities expected {} got {}",
+                    w.is_some(),
+                    g2.is_some()
+                ),
             }
+            eprintln!(
+                "{name:48} rows {:4}  max relative difference {worst:.3e}",
+                g.inputs.len()
+            );
         }
     }
     checked
@@ -140,24 +181,42 @@ fn onnx_matches_onnxruntime_within_1e5_relative() {
 fn fixtures_cover_missing_values_in_every_native_case() {
     for kind in ["lightgbm", "xgboost"] {
         for g in goldens(kind) {
-            let nan_rows = g.inputs.iter().filter(|r| r.iter().any(Option::is_none)).count();
-            assert!(nan_rows >= 5, "{}: only {nan_rows} rows with missing values", g.case);
+            let nan_rows = g
+                .inputs
+                .iter()
+                .filter(|r| r.iter().any(Option::is_none))
+                .count();
+            assert!(
+                nan_rows >= 5,
+                "{}: only {nan_rows} rows with missing values",
+                g.case
+            );
         }
     }
 }
 
 #[test]
 fn tree_models_report_split_and_gain_importance() {
-    let g = goldens("lightgbm").into_iter().find(|g| g.case == "lgb_binary").expect("lgb_binary fixture");
+    let g = goldens("lightgbm")
+        .into_iter()
+        .find(|g| g.case == "lgb_binary")
+        .expect("lgb_binary fixture");
     let text = std::fs::read_to_string(fixtures().join(&g.model_files[0])).unwrap();
     let parsed = ml_worker::model::lightgbm::parse(&text, Path::new("lgb_binary.txt")).unwrap();
     let split = parsed.ensemble.importance(ImportanceType::Split);
     // LightGBM writes its split-count importance at the end of the file
-    let section = text.split("feature_importances:").nth(1).expect("feature_importances section");
+    let section = text
+        .split("feature_importances:")
+        .nth(1)
+        .expect("feature_importances section");
     for line in section.lines().skip(1).take_while(|l| l.contains('=')) {
         let (name, count) = line.split_once('=').unwrap();
         let idx = parsed.feature_names.iter().position(|f| f == name).unwrap();
-        assert_eq!(split[idx], count.parse::<f64>().unwrap(), "split importance of {name}");
+        assert_eq!(
+            split[idx],
+            count.parse::<f64>().unwrap(),
+            "split importance of {name}"
+        );
     }
     let gain = parsed.ensemble.importance(ImportanceType::Gain);
     assert!(gain.iter().sum::<f64>() > 0.0);

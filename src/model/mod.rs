@@ -147,11 +147,7 @@ pub struct Output {
 
 impl Output {
     pub fn n_rows(&self) -> usize {
-        if self.width == 0 {
-            0
-        } else {
-            self.values.len() / self.width
-        }
+        self.values.len().checked_div(self.width).unwrap_or(0)
     }
 
     pub fn row(&self, i: usize) -> &[f64] {

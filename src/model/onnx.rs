@@ -97,6 +97,9 @@ fn environment(cfg: &RuntimeConfig) -> Result<&'static Environment, ModelError> 
         .map_err(|e| ModelError::Unsupported(e.clone()))
 }
 
+/// An output's kind and its fixed width, if known.
+type Shape = (OutKind, Option<usize>);
+
 /// How an output is read.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum OutKind {
@@ -126,7 +129,7 @@ pub struct OnnxModel {
     probabilities: Option<OutSel>,
 }
 
-fn classify(ty: &ValueType) -> Option<(OutKind, Option<usize>)> {
+fn classify(ty: &ValueType) -> Option<Shape> {
     match ty {
         ValueType::Tensor { ty, shape, .. } => {
             let width = if shape.len() >= 2 {
@@ -200,44 +203,45 @@ impl OnnxModel {
                 )))
             }
         };
-        let input_f64 =
-            match input.dtype() {
-                ValueType::Tensor { ty, shape, .. } => {
-                    if shape.len() != 2 {
+        let input_f64 = match input.dtype() {
+            ValueType::Tensor { ty, shape, .. } => {
+                if shape.len() != 2 {
+                    return Err(format_err(format!(
+                        "input '{}' has shape {:?}; expected [batch, features]",
+                        input.name(),
+                        &shape[..]
+                    )));
+                }
+                if shape[1] > 0 && shape[1] as usize != spec.features.len() {
+                    return Err(ModelError::Input(format!(
+                        "field 'features' lists {} features but ONNX input '{}' takes {}",
+                        spec.features.len(),
+                        input.name(),
+                        shape[1]
+                    )));
+                }
+                match ty {
+                    TensorElementType::Float32 => false,
+                    TensorElementType::Float64 => true,
+                    other => {
                         return Err(format_err(format!(
-                            "input '{}' has shape {:?}; expected [batch, features]",
-                            input.name(),
-                            &shape[..]
-                        )));
-                    }
-                    if shape[1] > 0 && shape[1] as usize != spec.features.len() {
-                        return Err(ModelError::Input(format!(
-                            "field 'features' lists {} features but ONNX input '{}' takes {}",
-                            spec.features.len(),
-                            input.name(),
-                            shape[1]
-                        )));
-                    }
-                    match ty {
-                        TensorElementType::Float32 => false,
-                        TensorElementType::Float64 => true,
-                        other => return Err(format_err(format!(
                             "input '{}' is {other:?}; only float32/float64 inputs are supported",
                             input.name()
-                        ))),
+                        )))
                     }
                 }
-                other => {
-                    return Err(format_err(format!(
-                        "input '{}' is {other:?}, not a tensor",
-                        input.name()
-                    )))
-                }
-            };
+            }
+            other => {
+                return Err(format_err(format!(
+                    "input '{}' is {other:?}, not a tensor",
+                    input.name()
+                )))
+            }
+        };
         let input_name = input.name().to_string();
 
         // outputs
-        let outs: Vec<(String, Option<(OutKind, Option<usize>)>)> = session
+        let outs: Vec<(String, Option<Shape>)> = session
             .outputs()
             .iter()
             .map(|o| (o.name().to_string(), classify(o.dtype())))
@@ -408,7 +412,7 @@ fn extract(v: &DynValue, kind: OutKind, n: usize) -> Result<Output, String> {
         if shape.first().copied() != Some(n as i64) && !(n == 1 && shape.is_empty()) {
             return Err(format!("shape {shape:?} does not have {n} rows"));
         }
-        let width = if n == 0 { 1 } else { values.len() / n };
+        let width = values.len().checked_div(n).unwrap_or(1);
         Ok(Output { values, width })
     };
     match kind {

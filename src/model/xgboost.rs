@@ -286,7 +286,7 @@ fn read_tree(tree: &Value, n_features: usize) -> Result<LocalTree, String> {
     };
     // categorical splits: node -> category list
     let mut cats: Vec<Option<Vec<u32>>> = vec![None; n];
-    if split_type.iter().any(|t| *t == 1) {
+    if split_type.contains(&1) {
         let nodes = ints(tree, "categories_nodes", usize::MAX)?;
         let segs = ints(tree, "categories_segments", nodes.len())?;
         let sizes = ints(tree, "categories_sizes", nodes.len())?;
