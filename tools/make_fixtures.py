@@ -134,6 +134,13 @@ def xgb_case(case, x_tr, y_tr, x_te, features, params, rounds, task, csv=False, 
     return booster
 
 
+def save_onnx(onx, *paths):
+    """Converters name the graph with a random UUID; a fixed name keeps the bytes (and SHA256) reproducible."""
+    onx.graph.name = paths[0].stem
+    for p in paths:
+        p.write_bytes(onx.SerializeToString())
+
+
 def onnx_run(path, x):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
@@ -212,7 +219,7 @@ def main():
     from skl2onnx.common.data_types import FloatTensorType
 
     onx = convert_lightgbm(lgb_reg, initial_types=[("input", MLFloat([None, len(fd)]))], target_opset=15)
-    (FIX / "onnx_lgb_regression.onnx").write_bytes(onx.SerializeToString())
+    save_onnx(onx, FIX / "onnx_lgb_regression.onnx")
     out = onnx_run(FIX / "onnx_lgb_regression.onnx", xd_t)
     write_golden("onnx_lgb_regression", "onnx", ["onnx_lgb_regression.onnx"], "regression", fd, xd_t,
                  out[0].reshape(-1), None, ORT_VER)
@@ -220,7 +227,7 @@ def main():
     pipe = Pipeline([("scale", StandardScaler()), ("logreg", LogisticRegression(max_iter=2000))]).fit(xb_tr, yb_tr)
     onx = convert_sklearn(pipe, initial_types=[("input", FloatTensorType([None, len(fb)]))],
                           options={id(pipe): {"zipmap": False}})
-    (FIX / "onnx_skl_logreg.onnx").write_bytes(onx.SerializeToString())
+    save_onnx(onx, FIX / "onnx_skl_logreg.onnx")
     label, probs = onnx_run(FIX / "onnx_skl_logreg.onnx", xb_t_clean)
     write_golden("onnx_skl_logreg", "onnx", ["onnx_skl_logreg.onnx"], "classification", fb, xb_t_clean, label, probs,
                  ORT_VER, n_classes=2)
@@ -228,15 +235,14 @@ def main():
     rf = RandomForestClassifier(n_estimators=20, max_depth=6, random_state=SEED, n_jobs=1).fit(xw_tr, yw_tr)
     onx = convert_sklearn(rf, initial_types=[("input", FloatTensorType([None, len(fw)]))],
                           options={id(rf): {"zipmap": False}})
-    (FIX / "onnx_rf_classifier.onnx").write_bytes(onx.SerializeToString())
-    (MODELS / "wine_rf.onnx").write_bytes(onx.SerializeToString())
+    save_onnx(onx, FIX / "onnx_rf_classifier.onnx", MODELS / "wine_rf.onnx")
     xw_clean = test_rows(np.vstack([xw_te, xw_te * 1.1]), rng, nan=False)
     label, probs = onnx_run(FIX / "onnx_rf_classifier.onnx", xw_clean)
     write_golden("onnx_rf_classifier", "onnx", ["onnx_rf_classifier.onnx"], "classification", fw, xw_clean, label,
                  probs, ORT_VER, n_classes=3)
 
     onx = convert_sklearn(rf, initial_types=[("input", FloatTensorType([None, len(fw)]))])
-    (FIX / "onnx_rf_classifier_zipmap.onnx").write_bytes(onx.SerializeToString())
+    save_onnx(onx, FIX / "onnx_rf_classifier_zipmap.onnx")
     label, maps = onnx_run(FIX / "onnx_rf_classifier_zipmap.onnx", xw_clean)
     probs = [[m[k] for k in sorted(m)] for m in maps]
     write_golden("onnx_rf_classifier_zipmap", "onnx", ["onnx_rf_classifier_zipmap.onnx"], "classification", fw,
@@ -246,7 +252,7 @@ def main():
                     ("mlp", MLPRegressor(hidden_layer_sizes=(32, 16), max_iter=3000, random_state=SEED))])
     mlp.fit(xd_tr, yd_tr)
     onx = convert_sklearn(mlp, initial_types=[("input", FloatTensorType([None, len(fd)]))])
-    (FIX / "onnx_mlp.onnx").write_bytes(onx.SerializeToString())
+    save_onnx(onx, FIX / "onnx_mlp.onnx")
     out = onnx_run(FIX / "onnx_mlp.onnx", xd_t_clean)
     write_golden("onnx_mlp", "onnx", ["onnx_mlp.onnx"], "regression", fd, xd_t_clean, out[0].reshape(-1), None,
                  ORT_VER)
