@@ -1,11 +1,17 @@
 //! Native evaluator for gradient-boosted tree ensembles (LightGBM, XGBoost).
 //!
-//! All trees live in flat arrays: one `Vec<Node>` of internal nodes, one
-//! `Vec<f64>` of leaf values, one `Vec<u32>` of categorical bitsets. A child
-//! reference is an `i32`: `>= 0` is an internal node index, `< 0` is leaf
-//! `!child`. Evaluation walks blocks of rows tree by tree, so one tree's nodes
-//! stay in cache while a block of rows goes through it, and allocates nothing
-//! per row or per node.
+//! All trees live in one flat `Vec<Node>`; leaves are nodes too, whose
+//! children are themselves and whose `value` is the leaf value. Each tree is
+//! laid out depth-first (a split's left child follows it).
+//!
+//! Evaluation is branch-free and interleaved: a block of *lanes* (row, tree)
+//! pairs advances in lock step, one level per step, for as many steps as the
+//! deepest tree of the block; a lane that reached its leaf stays there. The
+//! lanes are independent, so the CPU overlaps their node loads instead of
+//! waiting on one data-dependent path (and guessing its branches). Big
+//! batches use 64 rows x 1 tree per block, a single row 1 row x 64 trees.
+//! Nothing is allocated per row or per node; leaf values are added per row
+//! in tree order, as the libraries do.
 //!
 //! The two libraries differ in how a split decides and in arithmetic, so the
 //! walk is generic over a [`Flavor`] and monomorphised for each:
@@ -66,22 +72,37 @@ const MISSING_MASK: u8 = 3 << 2;
 /// LightGBM's `kZeroThreshold`.
 const ZERO_THRESHOLD: f64 = 1e-35;
 
-/// An internal (split) node.
+/// `Node::kind`: a leaf (children are the node itself).
+pub const LEAF: u8 = 0;
+/// `Node::kind`: a numerical split decided by `x <= value` (LightGBM) or
+/// `x < value` (XGBoost), NaN going to `nan_left`.
+pub const FAST: u8 = 1;
+/// `Node::kind`: any other split (categorical, LightGBM zero-as-missing),
+/// decided from `flags` on a slower path.
+pub const SLOW: u8 = 2;
+
+/// A split or a leaf.
 #[derive(Debug, Clone, Copy)]
 pub struct Node {
-    /// Numerical: the split threshold. Categorical: index into `cat_ranges`.
-    pub threshold: f64,
+    /// Split: the threshold (or, categorical, the index into `cat_ranges`). Leaf: its value.
+    pub value: f64,
     pub feature: u32,
-    pub left: i32,
-    pub right: i32,
+    pub left: u32,
+    pub right: u32,
+    pub kind: u8,
+    /// Where NaN goes on the fast path (LightGBM missing-type None sends NaN
+    /// where 0.0 goes).
+    pub nan_left: bool,
+    /// The file's decision flags (`CATEGORICAL`, `DEFAULT_LEFT`, missing type).
     pub flags: u8,
 }
 
-/// One tree: where its root is and which output group it adds to.
+/// One tree: its root node, its depth and which output group it adds to.
 #[derive(Debug, Clone, Copy)]
 pub struct TreeRoot {
-    /// Internal node index (`>= 0`) or `!leaf` (`< 0`) for a single-leaf tree.
-    pub root: i32,
+    pub root: u32,
+    /// Longest root-to-leaf path (number of splits).
+    pub depth: u32,
     pub group: u32,
 }
 
@@ -116,12 +137,11 @@ pub enum Transform {
 pub struct TreeEnsemble {
     pub flavor: FlavorKind,
     pub nodes: Vec<Node>,
-    pub leaves: Vec<f64>,
     pub trees: Vec<TreeRoot>,
     /// `(start, len)` into `cat_bits`, one per categorical split.
     pub cat_ranges: Vec<(u32, u32)>,
     pub cat_bits: Vec<u32>,
-    /// Split gain of each internal node (for feature importance).
+    /// Split gain of each node (0 for leaves; for feature importance).
     pub gains: Vec<f64>,
     pub n_features: usize,
     /// Raw outputs per row (number of classes for multiclass, else 1).
@@ -133,37 +153,33 @@ pub struct TreeEnsemble {
     pub transform: Transform,
 }
 
-/// Rows per evaluation block: the block's accumulators stay in L1.
-const BLOCK: usize = 64;
+/// Lanes (row, tree pairs) advanced together.
+const LANES: usize = 64;
 
 impl TreeEnsemble {
-    /// Checks the internal consistency of the arrays so evaluation cannot index
-    /// out of bounds or loop, whatever the model file said.
+    /// Checks the internal consistency of the arrays so evaluation cannot
+    /// index out of bounds, whatever the model file said.
     pub fn validate(&self) -> Result<(), String> {
-        let n_nodes = self.nodes.len() as i64;
-        let n_leaves = self.leaves.len() as i64;
-        let check_child = |c: i32, from: usize| -> Result<(), String> {
-            if c >= 0 {
-                // children always come after their parent: no cycles
-                if (c as i64) >= n_nodes || (c as usize) <= from {
-                    return Err(format!("node {from} has invalid child {c}"));
-                }
-            } else if (!c as i64) >= n_leaves {
-                return Err(format!("node {from} refers to missing leaf {}", !c));
-            }
-            Ok(())
-        };
-        for (i, n) in self.nodes.iter().enumerate() {
-            if n.feature as usize >= self.n_features {
+        let n = self.nodes.len();
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.feature as usize >= self.n_features.max(1) {
                 return Err(format!(
                     "node {i} splits on feature {} but the model has {} features",
-                    n.feature, self.n_features
+                    node.feature, self.n_features
                 ));
             }
-            check_child(n.left, i)?;
-            check_child(n.right, i)?;
-            if n.flags & CATEGORICAL != 0 {
-                let idx = n.threshold;
+            let (l, r) = (node.left as usize, node.right as usize);
+            match node.kind {
+                LEAF if l != i || r != i => return Err(format!("leaf {i} has children")),
+                LEAF => {}
+                FAST | SLOW if l <= i || r <= i || l >= n || r >= n => {
+                    return Err(format!("node {i} has invalid children {l}, {r}"))
+                }
+                FAST | SLOW => {}
+                k => return Err(format!("node {i} has unknown kind {k}")),
+            }
+            if node.kind == SLOW && node.flags & CATEGORICAL != 0 {
+                let idx = node.value;
                 if !(idx >= 0.0 && (idx as usize) < self.cat_ranges.len()) {
                     return Err(format!(
                         "categorical node {i} has invalid category index {idx}"
@@ -183,11 +199,8 @@ impl TreeEnsemble {
                     tree.group, self.n_groups
                 ));
             }
-            if tree.root >= 0 && tree.root as i64 >= n_nodes {
+            if tree.root as usize >= n {
                 return Err(format!("tree {t} has invalid root"));
-            }
-            if tree.root < 0 && (!tree.root as i64) >= n_leaves {
-                return Err(format!("tree {t} has invalid root leaf"));
             }
         }
         if self.base_margin.len() != self.n_groups {
@@ -207,46 +220,61 @@ impl TreeEnsemble {
     fn walk<F: Flavor>(&self, data: &[f64], n_rows: usize) -> Vec<f64> {
         let nf = self.n_features;
         let ng = self.n_groups;
-        let mut out = vec![0f64; n_rows * ng];
-        let mut acc = [F::Acc::default(); BLOCK];
-        let mut leaf_of = [0usize; BLOCK];
-        for block_start in (0..n_rows).step_by(BLOCK) {
-            let rows = (n_rows - block_start).min(BLOCK);
-            let block = &data[block_start * nf..(block_start + rows) * nf];
-            for g in 0..ng {
-                acc[..rows].fill(F::from_f64(self.base_margin[g]));
-                for tree in self.trees.iter().filter(|t| t.group as usize == g) {
-                    for (r, slot) in leaf_of[..rows].iter_mut().enumerate() {
-                        *slot = self.leaf::<F>(tree.root, &block[r * nf..(r + 1) * nf]);
-                    }
+        let mut acc: Vec<F::Acc> = Vec::with_capacity(n_rows * ng);
+        for _ in 0..n_rows {
+            acc.extend(self.base_margin.iter().map(|b| F::from_f64(*b)));
+        }
+        let mut at = [0u32; LANES];
+        let mut row_of = [0usize; LANES];
+        let mut start = 0;
+        while start < n_rows {
+            let rows = (n_rows - start).min(LANES);
+            let trees_per_block = (LANES / rows).max(1);
+            for trees in self.trees.chunks(trees_per_block) {
+                let lanes = rows * trees.len();
+                let mut depth = 0;
+                for (t, tree) in trees.iter().enumerate() {
+                    depth = depth.max(tree.depth);
                     for r in 0..rows {
-                        F::add(&mut acc[r], self.leaves[leaf_of[r]]);
+                        at[r * trees.len() + t] = tree.root;
+                        row_of[r * trees.len() + t] = (start + r) * nf;
                     }
                 }
+                for _ in 0..depth {
+                    for (a, &off) in at[..lanes].iter_mut().zip(&row_of[..lanes]) {
+                        *a = self.step::<F>(*a, &data[off..off + nf]);
+                    }
+                }
+                // add in tree order per row (lanes are row-major)
                 for r in 0..rows {
-                    out[(block_start + r) * ng + g] = F::to_f64(acc[r]);
+                    for (t, tree) in trees.iter().enumerate() {
+                        let leaf = self.nodes[at[r * trees.len() + t] as usize].value;
+                        F::add(&mut acc[(start + r) * ng + tree.group as usize], leaf);
+                    }
                 }
             }
+            start += rows;
         }
-        out
+        acc.into_iter().map(F::to_f64).collect()
     }
 
+    /// One level down from node `at` for `row` (a leaf stays where it is).
     #[inline(always)]
-    fn leaf<F: Flavor>(&self, root: i32, row: &[f64]) -> usize {
-        let mut at = root;
-        while at >= 0 {
-            // SAFETY-free: `validate` guarantees indices are in range; the
-            // bounds checks stay and are cheap next to the data-dependent branch.
-            let node = &self.nodes[at as usize];
-            let x = row[node.feature as usize];
-            let left = if node.flags & CATEGORICAL != 0 {
-                F::categorical_left(self, node, x)
-            } else {
-                F::numerical_left(node, x)
-            };
-            at = if left { node.left } else { node.right };
+    fn step<F: Flavor>(&self, at: u32, row: &[f64]) -> u32 {
+        // `validate` guarantees every index is in range; the bounds checks
+        // stay and are predictable.
+        let node = &self.nodes[at as usize];
+        let x = row[node.feature as usize];
+        let left = if node.kind == SLOW {
+            F::slow_left(self, node, x)
+        } else {
+            F::fast_left(node, x)
+        };
+        if left {
+            node.left
+        } else {
+            node.right
         }
-        !at as usize
     }
 
     /// Scores after averaging and the objective's transform, `n_rows * n_groups`.
@@ -267,7 +295,12 @@ impl TreeEnsemble {
     /// Split counts or total gains per feature.
     pub fn importance(&self, kind: ImportanceType) -> Vec<f64> {
         let mut imp = vec![0.0; self.n_features];
-        for (i, n) in self.nodes.iter().enumerate() {
+        for (i, n) in self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.kind != LEAF)
+        {
             imp[n.feature as usize] += match kind {
                 ImportanceType::Split => 1.0,
                 ImportanceType::Gain => self.gains.get(i).copied().unwrap_or(0.0),
@@ -388,17 +421,19 @@ fn apply_transform_f32(t: Transform, s: &mut [f64], groups: usize) {
 
 /// Split rules and arithmetic of one library.
 trait Flavor {
-    type Acc: Copy + Default;
+    type Acc: Copy;
     fn from_f64(v: f64) -> Self::Acc;
     fn to_f64(a: Self::Acc) -> f64;
     fn add(a: &mut Self::Acc, leaf: f64);
-    fn numerical_left(node: &Node, x: f64) -> bool;
-    fn categorical_left(ens: &TreeEnsemble, node: &Node, x: f64) -> bool;
+    /// A `FAST` node (or a leaf, whose answer does not matter).
+    fn fast_left(node: &Node, x: f64) -> bool;
+    /// A `SLOW` node.
+    fn slow_left(ens: &TreeEnsemble, node: &Node, x: f64) -> bool;
 }
 
 #[inline(always)]
 fn in_bitset(ens: &TreeEnsemble, node: &Node, cat: u32) -> bool {
-    let (start, len) = ens.cat_ranges[node.threshold as usize];
+    let (start, len) = ens.cat_ranges[node.value as usize];
     let word = (cat / 32) as usize;
     word < len as usize && (ens.cat_bits[start as usize + word] >> (cat % 32)) & 1 == 1
 }
@@ -418,9 +453,23 @@ impl Flavor for LightGbm {
         *a += leaf;
     }
 
-    /// LightGBM `Tree::NumericalDecision`.
     #[inline(always)]
-    fn numerical_left(node: &Node, x: f64) -> bool {
+    fn fast_left(node: &Node, x: f64) -> bool {
+        (x <= node.value) | (x.is_nan() & node.nan_left)
+    }
+
+    /// LightGBM `Tree::NumericalDecision` (zero-as-missing) and
+    /// `Tree::CategoricalDecision` (NaN and negatives go right, categories in
+    /// the bitset go left).
+    #[inline(never)]
+    fn slow_left(ens: &TreeEnsemble, node: &Node, x: f64) -> bool {
+        if node.flags & CATEGORICAL != 0 {
+            if x.is_nan() {
+                return false;
+            }
+            let c = x as i32; // C++ static_cast<int>: truncation toward zero
+            return c >= 0 && in_bitset(ens, node, c as u32);
+        }
         let missing = node.flags & MISSING_MASK;
         let mut x = x;
         if x.is_nan() && missing != MISSING_NAN {
@@ -431,21 +480,7 @@ impl Flavor for LightGbm {
         {
             return node.flags & DEFAULT_LEFT != 0;
         }
-        x <= node.threshold
-    }
-
-    /// LightGBM `Tree::CategoricalDecision`: NaN and negatives go right,
-    /// categories in the bitset go left.
-    #[inline(always)]
-    fn categorical_left(ens: &TreeEnsemble, node: &Node, x: f64) -> bool {
-        if x.is_nan() {
-            return false;
-        }
-        let c = x as i32; // C++ static_cast<int>: truncation toward zero
-        if c < 0 {
-            return false;
-        }
-        in_bitset(ens, node, c as u32)
+        x <= node.value
     }
 }
 
@@ -464,18 +499,18 @@ impl Flavor for XgBoost {
         *a += leaf as f32;
     }
 
+    /// XGBoost compares the feature as f32 against an f32 threshold (stored
+    /// exactly in the f64).
     #[inline(always)]
-    fn numerical_left(node: &Node, x: f64) -> bool {
-        if x.is_nan() {
-            return node.flags & DEFAULT_LEFT != 0;
-        }
-        (x as f32) < node.threshold as f32
+    fn fast_left(node: &Node, x: f64) -> bool {
+        (((x as f32) as f64) < node.value) | (x.is_nan() & node.nan_left)
     }
 
-    /// XGBoost `common::Decision`: categories in the set go right; invalid
-    /// (negative, non-representable) or unseen categories go left.
-    #[inline(always)]
-    fn categorical_left(ens: &TreeEnsemble, node: &Node, x: f64) -> bool {
+    /// XGBoost `common::Decision`: NaN takes the default direction;
+    /// categories in the set go right; invalid (negative, not representable)
+    /// or unseen categories go left.
+    #[inline(never)]
+    fn slow_left(ens: &TreeEnsemble, node: &Node, x: f64) -> bool {
         if x.is_nan() {
             return node.flags & DEFAULT_LEFT != 0;
         }
@@ -516,7 +551,6 @@ impl TreeEnsemble {
         TreeEnsemble {
             flavor,
             nodes: Vec::new(),
-            leaves: Vec::new(),
             trees: Vec::new(),
             cat_ranges: Vec::new(),
             cat_bits: Vec::new(),
@@ -529,79 +563,98 @@ impl TreeEnsemble {
         }
     }
 
-    /// Appends a tree, renumbering its splits depth-first (so a child always
-    /// follows its parent and the left path is contiguous in memory).
-    /// Fails on out-of-range references, shared subtrees and cycles.
+    /// Appends a tree, laid out depth-first (a split's left child follows
+    /// it). Fails on out-of-range references, shared subtrees and cycles.
     pub fn push_tree(&mut self, tree: LocalTree, group: u32) -> Result<(), String> {
-        let leaf_base = self.leaves.len() as i64;
-        let n_leaves = tree.leaves.len() as i64;
-        let map_leaf = |c: i32| -> Result<i32, String> {
-            let l = !c as i64;
-            if l >= n_leaves {
-                return Err(format!("reference to leaf {l}, the tree has {n_leaves}"));
+        if tree.leaves.is_empty() {
+            return Err("tree has no leaves".into());
+        }
+        let mut split_seen = vec![false; tree.splits.len()];
+        let mut leaf_seen = vec![false; tree.leaves.len()];
+        let root = u32::try_from(self.nodes.len()).map_err(|_| "too many nodes".to_string())?;
+        let mut depth = 0u32;
+        // (local reference, parent node and side to patch, depth of this node)
+        let first = if tree.splits.is_empty() { -1 } else { 0 };
+        let mut stack: Vec<(i32, Option<(usize, bool)>, u32)> = vec![(first, None, 0)];
+        while let Some((local, parent, d)) = stack.pop() {
+            let at = self.nodes.len();
+            let index = u32::try_from(at).map_err(|_| "too many nodes".to_string())?;
+            match parent {
+                Some((p, true)) => self.nodes[p].left = index,
+                Some((p, false)) => self.nodes[p].right = index,
+                None => {}
             }
-            i32::try_from(leaf_base + l)
-                .map(|g| !g)
-                .map_err(|_| "too many leaves".to_string())
-        };
-        let root = if tree.splits.is_empty() {
-            if tree.leaves.is_empty() {
-                return Err("tree has neither splits nor leaves".into());
-            }
-            map_leaf(-1)?
-        } else {
-            let mut seen = vec![false; tree.splits.len()];
-            // (local split, slot in self.nodes of the parent's child field to patch)
-            let mut stack: Vec<(usize, Option<(usize, bool)>)> = vec![(0, None)];
-            let mut root = 0;
-            while let Some((local, parent)) = stack.pop() {
-                if std::mem::replace(&mut seen[local], true) {
+            depth = depth.max(d);
+            if local < 0 {
+                let leaf = !local as usize;
+                if leaf >= tree.leaves.len() {
                     return Err(format!(
-                        "split {local} is reached twice (cycle or shared subtree)"
+                        "reference to leaf {leaf}, the tree has {}",
+                        tree.leaves.len()
                     ));
                 }
-                let s = &tree.splits[local];
-                let at = self.nodes.len();
-                let global = i32::try_from(at).map_err(|_| "too many nodes".to_string())?;
-                match parent {
-                    None => root = global,
-                    Some((p, true)) => self.nodes[p].left = global,
-                    Some((p, false)) => self.nodes[p].right = global,
+                if std::mem::replace(&mut leaf_seen[leaf], true) {
+                    return Err(format!("leaf {leaf} is reached twice"));
                 }
-                let mut threshold = s.threshold;
-                if s.flags & CATEGORICAL != 0 {
-                    let bits = s.categories.as_deref().unwrap_or(&[]);
-                    threshold = self.cat_ranges.len() as f64;
-                    self.cat_ranges
-                        .push((self.cat_bits.len() as u32, bits.len() as u32));
-                    self.cat_bits.extend_from_slice(bits);
-                }
-                let mut node = Node {
-                    threshold,
-                    feature: s.feature,
-                    left: 0,
-                    right: 0,
-                    flags: s.flags,
-                };
-                for (child, is_left) in [(s.right, false), (s.left, true)] {
-                    if child >= 0 {
-                        if child as usize >= tree.splits.len() {
-                            return Err(format!("split {local} refers to missing split {child}"));
-                        }
-                        stack.push((child as usize, Some((at, is_left))));
-                    } else if is_left {
-                        node.left = map_leaf(child)?;
-                    } else {
-                        node.right = map_leaf(child)?;
-                    }
-                }
-                self.nodes.push(node);
-                self.gains.push(s.gain);
+                self.nodes.push(Node {
+                    value: tree.leaves[leaf],
+                    feature: 0,
+                    left: index,
+                    right: index,
+                    kind: LEAF,
+                    nan_left: false,
+                    flags: 0,
+                });
+                self.gains.push(0.0);
+                continue;
             }
-            root
-        };
-        self.leaves.extend_from_slice(&tree.leaves);
-        self.trees.push(TreeRoot { root, group });
+            let split = local as usize;
+            if split >= tree.splits.len() {
+                return Err(format!(
+                    "reference to split {split}, the tree has {}",
+                    tree.splits.len()
+                ));
+            }
+            if std::mem::replace(&mut split_seen[split], true) {
+                return Err(format!(
+                    "split {split} is reached twice (cycle or shared subtree)"
+                ));
+            }
+            if d >= 4096 {
+                return Err("tree deeper than 4096 levels".into());
+            }
+            let s = &tree.splits[split];
+            let default_left = s.flags & DEFAULT_LEFT != 0;
+            let (kind, value, nan_left) = if s.flags & CATEGORICAL != 0 {
+                let bits = s.categories.as_deref().unwrap_or(&[]);
+                let idx = self.cat_ranges.len() as f64;
+                self.cat_ranges
+                    .push((self.cat_bits.len() as u32, bits.len() as u32));
+                self.cat_bits.extend_from_slice(bits);
+                (SLOW, idx, false)
+            } else {
+                match (self.flavor, s.flags & MISSING_MASK) {
+                    (FlavorKind::XgBoost, _) => (FAST, s.threshold, default_left),
+                    (FlavorKind::LightGbm, MISSING_NAN) => (FAST, s.threshold, default_left),
+                    // NaN is read as 0.0
+                    (FlavorKind::LightGbm, MISSING_NONE) => (FAST, s.threshold, 0.0 <= s.threshold),
+                    (FlavorKind::LightGbm, _) => (SLOW, s.threshold, false),
+                }
+            };
+            self.nodes.push(Node {
+                value,
+                feature: s.feature,
+                left: 0,
+                right: 0,
+                kind,
+                nan_left,
+                flags: s.flags,
+            });
+            self.gains.push(s.gain);
+            stack.push((s.right, Some((at, false)), d + 1));
+            stack.push((s.left, Some((at, true)), d + 1));
+        }
+        self.trees.push(TreeRoot { root, depth, group });
         Ok(())
     }
 }
@@ -625,35 +678,29 @@ mod tests {
 
     /// x0 <= 0.5 ? (x1 <= 1.0 ? 1 : 2) : 3
     fn stump() -> TreeEnsemble {
-        TreeEnsemble {
-            flavor: FlavorKind::LightGbm,
-            nodes: vec![
-                Node {
-                    threshold: 0.5,
-                    feature: 0,
-                    left: 1,
-                    right: !2,
-                    flags: MISSING_NAN | DEFAULT_LEFT,
-                },
-                Node {
-                    threshold: 1.0,
-                    feature: 1,
-                    left: !0,
-                    right: !1,
-                    flags: MISSING_NONE,
-                },
-            ],
-            leaves: vec![1.0, 2.0, 3.0],
-            trees: vec![TreeRoot { root: 0, group: 0 }],
-            cat_ranges: vec![],
-            cat_bits: vec![],
-            gains: vec![10.0, 5.0],
-            n_features: 2,
-            n_groups: 1,
-            base_margin: vec![0.0],
-            average_over: None,
-            transform: Transform::Identity,
-        }
+        let mut e = TreeEnsemble::empty(FlavorKind::LightGbm, 2, 1);
+        let split = |feature, threshold, flags, left, right, gain| LocalSplit {
+            feature,
+            threshold,
+            flags,
+            left,
+            right,
+            gain,
+            categories: None,
+        };
+        e.push_tree(
+            LocalTree {
+                splits: vec![
+                    split(0, 0.5, MISSING_NAN | DEFAULT_LEFT, 1, !2, 10.0),
+                    split(1, 1.0, MISSING_NONE, !0, !1, 5.0),
+                ],
+                leaves: vec![1.0, 2.0, 3.0],
+            },
+            0,
+        )
+        .unwrap();
+        e.validate().unwrap();
+        e
     }
 
     #[test]
@@ -672,7 +719,75 @@ mod tests {
         let mut e = stump();
         e.nodes[0].feature = 7;
         assert!(e.validate().unwrap_err().contains("feature 7"));
-        assert!(stump().validate().is_ok());
+    }
+
+    #[test]
+    fn push_tree_rejects_shared_subtrees_and_bad_references() {
+        let mut e = TreeEnsemble::empty(FlavorKind::LightGbm, 1, 1);
+        let s = |left, right| LocalSplit {
+            feature: 0,
+            threshold: 0.0,
+            flags: 0,
+            left,
+            right,
+            gain: 0.0,
+            categories: None,
+        };
+        let cyclic = LocalTree {
+            splits: vec![s(1, !0), s(0, !1)],
+            leaves: vec![1.0, 2.0],
+        };
+        assert!(e.push_tree(cyclic, 0).unwrap_err().contains("twice"));
+        let shared = LocalTree {
+            splits: vec![s(!0, !0)],
+            leaves: vec![1.0],
+        };
+        assert!(e.push_tree(shared, 0).unwrap_err().contains("twice"));
+        let dangling = LocalTree {
+            splits: vec![s(!0, !5)],
+            leaves: vec![1.0, 2.0],
+        };
+        assert!(e.push_tree(dangling, 0).unwrap_err().contains("leaf 5"));
+    }
+
+    #[test]
+    fn single_rows_and_blocks_agree_on_a_many_tree_ensemble() {
+        let mut e = TreeEnsemble::empty(FlavorKind::LightGbm, 2, 1);
+        for t in 0..100 {
+            let th = (t as f64) / 50.0 - 1.0;
+            let sp = |feature, threshold, left, right| LocalSplit {
+                feature,
+                threshold,
+                flags: MISSING_NAN | if t % 2 == 0 { DEFAULT_LEFT } else { 0 },
+                left,
+                right,
+                gain: 1.0,
+                categories: None,
+            };
+            let tree = LocalTree {
+                splits: vec![sp(t % 2, th, 1, !2), sp((t + 1) % 2, -th, !0, !1)],
+                leaves: vec![t as f64, 0.5, -(t as f64) / 3.0],
+            };
+            e.push_tree(tree, 0).unwrap();
+        }
+        e.validate().unwrap();
+        let data: Vec<f64> = (0..300)
+            .map(|i| {
+                if i % 7 == 0 {
+                    f64::NAN
+                } else {
+                    ((i * 37) % 200) as f64 / 100.0 - 1.0
+                }
+            })
+            .collect();
+        let all = e.raw_scores(&data, 150);
+        for r in 0..150 {
+            assert_eq!(
+                e.raw_scores(&data[r * 2..r * 2 + 2], 1)[0],
+                all[r],
+                "row {r}"
+            );
+        }
     }
 
     #[test]

@@ -277,7 +277,12 @@ fn read_tree(tree: &Value, n_features: usize) -> Result<LocalTree, String> {
     let left = ints(tree, "left_children", n)?;
     let right = ints(tree, "right_children", n)?;
     let feature = ints(tree, "split_indices", n)?;
-    let cond = floats(tree, "split_conditions", n)?;
+    // XGBoost stores f32; JSON prints the shortest decimal, so round back to
+    // the exact f32 the library compares against
+    let cond: Vec<f64> = floats(tree, "split_conditions", n)?
+        .into_iter()
+        .map(|c| c as f32 as f64)
+        .collect();
     let default_left = ints(tree, "default_left", n)?;
     let gain = floats(tree, "loss_changes", n).unwrap_or_else(|_| vec![0.0; n]);
     let split_type = match tree.get("split_type") {
