@@ -9,7 +9,7 @@
 //! deepest tree of the block; a lane that reached its leaf stays there. The
 //! lanes are independent, so the CPU overlaps their node loads instead of
 //! waiting on one data-dependent path (and guessing its branches). Big
-//! batches use 64 rows x 1 tree per block, a single row 1 row x 64 trees.
+//! batches use 32 rows x 1 tree per block, a single row 1 row x 32 trees.
 //! Nothing is allocated per row or per node; leaf values are added per row
 //! in tree order, as the libraries do.
 //!
@@ -154,7 +154,7 @@ pub struct TreeEnsemble {
 }
 
 /// Lanes (row, tree pairs) advanced together.
-const LANES: usize = 64;
+const LANES: usize = 32;
 
 impl TreeEnsemble {
     /// Checks the internal consistency of the arrays so evaluation cannot
@@ -242,7 +242,7 @@ impl TreeEnsemble {
                 }
                 for _ in 0..depth {
                     for (a, &off) in at[..lanes].iter_mut().zip(&row_of[..lanes]) {
-                        *a = self.step::<F>(*a, &data[off..off + nf]);
+                        *a = self.step::<F>(*a, data, off);
                     }
                 }
                 // add in tree order per row (lanes are row-major)
@@ -258,13 +258,14 @@ impl TreeEnsemble {
         acc.into_iter().map(F::to_f64).collect()
     }
 
-    /// One level down from node `at` for `row` (a leaf stays where it is).
+    /// One level down from node `at` for the row starting at `data[row]`
+    /// (a leaf stays where it is).
     #[inline(always)]
-    fn step<F: Flavor>(&self, at: u32, row: &[f64]) -> u32 {
+    fn step<F: Flavor>(&self, at: u32, data: &[f64], row: usize) -> u32 {
         // `validate` guarantees every index is in range; the bounds checks
         // stay and are predictable.
         let node = &self.nodes[at as usize];
-        let x = row[node.feature as usize];
+        let x = data[row + node.feature as usize];
         let left = if node.kind == SLOW {
             F::slow_left(self, node, x)
         } else {
