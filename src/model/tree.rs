@@ -151,6 +151,8 @@ pub struct TreeEnsemble {
     /// Divide raw scores by this before the transform (LightGBM random forest).
     pub average_over: Option<f64>,
     pub transform: Transform,
+    /// Whether any node needs the slow path (set by `push_tree`).
+    pub has_slow_nodes: bool,
 }
 
 /// Lanes (row, tree pairs) advanced together.
@@ -211,13 +213,17 @@ impl TreeEnsemble {
 
     /// Raw scores (margins), `n_rows * n_groups`, before averaging and transform.
     pub fn raw_scores(&self, data: &[f64], n_rows: usize) -> Vec<f64> {
-        match self.flavor {
-            FlavorKind::LightGbm => self.walk::<LightGbm>(data, n_rows),
-            FlavorKind::XgBoost => self.walk::<XgBoost>(data, n_rows),
+        // models without categorical or zero-as-missing splits skip the
+        // slow-path test in the inner loop
+        match (self.flavor, self.has_slow_nodes) {
+            (FlavorKind::LightGbm, false) => self.walk::<LightGbm, false>(data, n_rows),
+            (FlavorKind::LightGbm, true) => self.walk::<LightGbm, true>(data, n_rows),
+            (FlavorKind::XgBoost, false) => self.walk::<XgBoost, false>(data, n_rows),
+            (FlavorKind::XgBoost, true) => self.walk::<XgBoost, true>(data, n_rows),
         }
     }
 
-    fn walk<F: Flavor>(&self, data: &[f64], n_rows: usize) -> Vec<f64> {
+    fn walk<F: Flavor, const SLOW_NODES: bool>(&self, data: &[f64], n_rows: usize) -> Vec<f64> {
         let nf = self.n_features;
         let ng = self.n_groups;
         let mut acc: Vec<F::Acc> = Vec::with_capacity(n_rows * ng);
@@ -242,7 +248,7 @@ impl TreeEnsemble {
                 }
                 for _ in 0..depth {
                     for (a, &off) in at[..lanes].iter_mut().zip(&row_of[..lanes]) {
-                        *a = self.step::<F>(*a, data, off);
+                        *a = self.step::<F, SLOW_NODES>(*a, data, off);
                     }
                 }
                 // add in tree order per row (lanes are row-major)
@@ -261,12 +267,12 @@ impl TreeEnsemble {
     /// One level down from node `at` for the row starting at `data[row]`
     /// (a leaf stays where it is).
     #[inline(always)]
-    fn step<F: Flavor>(&self, at: u32, data: &[f64], row: usize) -> u32 {
+    fn step<F: Flavor, const SLOW_NODES: bool>(&self, at: u32, data: &[f64], row: usize) -> u32 {
         // `validate` guarantees every index is in range; the bounds checks
         // stay and are predictable.
         let node = &self.nodes[at as usize];
         let x = data[row + node.feature as usize];
-        let left = if node.kind == SLOW {
+        let left = if SLOW_NODES && node.kind == SLOW {
             F::slow_left(self, node, x)
         } else {
             F::fast_left(node, x)
@@ -561,6 +567,7 @@ impl TreeEnsemble {
             base_margin: vec![0.0; n_groups],
             average_over: None,
             transform: Transform::Identity,
+            has_slow_nodes: false,
         }
     }
 
@@ -642,6 +649,7 @@ impl TreeEnsemble {
                     (FlavorKind::LightGbm, _) => (SLOW, s.threshold, false),
                 }
             };
+            self.has_slow_nodes |= kind == SLOW;
             self.nodes.push(Node {
                 value,
                 feature: s.feature,
