@@ -582,8 +582,9 @@ impl TreeEnsemble {
         let root = u32::try_from(self.nodes.len()).map_err(|_| "too many nodes".to_string())?;
         let mut depth = 0u32;
         // (local reference, parent node and side to patch, depth of this node)
+        type Pending = (i32, Option<(usize, bool)>, u32);
         let first = if tree.splits.is_empty() { -1 } else { 0 };
-        let mut stack: Vec<(i32, Option<(usize, bool)>, u32)> = vec![(first, None, 0)];
+        let mut stack: Vec<Pending> = vec![(first, None, 0)];
         while let Some((local, parent, d)) = stack.pop() {
             let at = self.nodes.len();
             let index = u32::try_from(at).map_err(|_| "too many nodes".to_string())?;
