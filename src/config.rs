@@ -56,7 +56,7 @@ struct RawModel {
 /// ONNX input/output selection. By default the single float input is used,
 /// `probabilities` is the float output of shape `[N, classes]` (or a ZipMap
 /// sequence of maps) and the prediction is the remaining output.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq, Hash)]
 #[serde(deny_unknown_fields)]
 pub struct OnnxOptions {
     /// Name of the graph input that takes the feature matrix.

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use crate::audit::{AuditEntry, AuditEvent, AuditStore};
 use crate::checksum::sha256_file;
-use crate::config::{load_registry_file, ConfigError, ModelSpec};
+use crate::config::{load_registry_file, ConfigError, ModelSpec, OnnxOptions};
 use crate::model::tree::{ParsedTrees, TreeModel};
 use crate::model::{
     lightgbm, onnx, xgboost, Aliased, Model, ModelError, ModelInfo, ModelKind, TaskType,
@@ -40,6 +40,17 @@ pub struct Served {
     pub fallback_for: Option<String>,
 }
 
+/// Two entries share a loaded model only if the file and the way it is
+/// read are the same.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CacheKey {
+    sha256: String,
+    kind: ModelKind,
+    task_type: TaskType,
+    n_features: usize,
+    onnx: OnnxOptions,
+}
+
 /// The load state of one entry.
 struct Entry {
     spec: ModelSpec,
@@ -65,8 +76,8 @@ pub struct RegistryOptions {
 pub struct Registry {
     order: Vec<String>,
     entries: HashMap<String, Entry>,
-    /// Loaded models by file checksum and kind.
-    by_checksum: Mutex<HashMap<(String, ModelKind), Arc<dyn Model>>>,
+    /// Loaded models by file checksum and everything that shapes loading.
+    by_checksum: Mutex<HashMap<CacheKey, Arc<dyn Model>>>,
     audit: Option<Arc<AuditStore>>,
     options: RegistryOptions,
 }
@@ -275,7 +286,7 @@ impl Registry {
             pinned.to_string(),
         );
 
-        let mut info = ModelInfo {
+        let info = ModelInfo {
             name: spec.name.clone(),
             version,
             kind: spec.kind,
@@ -289,7 +300,13 @@ impl Registry {
             detail: String::new(),
             load_time: Default::default(),
         };
-        let key = (sha.clone(), spec.kind);
+        let key = CacheKey {
+            sha256: sha.clone(),
+            kind: spec.kind,
+            task_type: spec.task_type,
+            n_features: spec.features.len(),
+            onnx: spec.onnx.clone(),
+        };
         let cached = self
             .by_checksum
             .lock()
@@ -297,14 +314,7 @@ impl Registry {
             .get(&key)
             .cloned();
         let result = match cached {
-            Some(inner) => check_shared(&inner, &info).map(|()| {
-                let src = inner.info();
-                info.n_outputs = src.n_outputs;
-                info.n_classes = src.n_classes;
-                info.detail = format!("{} (shared with '{}')", src.detail, src.name);
-                info.load_time = started.elapsed();
-                Arc::new(Aliased { info, inner }) as Arc<dyn Model>
-            }),
+            Some(inner) => Ok(shared(inner, info, started)),
             None => load_file(spec, info, started, &self.options.onnx),
         };
         match result {
@@ -370,17 +380,14 @@ fn entry_for(info: &ModelInfo, detail: String) -> AuditEntry {
     }
 }
 
-/// A second registry entry may share a loaded file only if it asks the same
-/// of it.
-fn check_shared(inner: &Arc<dyn Model>, info: &ModelInfo) -> Result<(), ModelError> {
+/// Serves an already loaded model under another entry's name and version.
+fn shared(inner: Arc<dyn Model>, mut info: ModelInfo, started: Instant) -> Arc<dyn Model> {
     let src = inner.info();
-    if src.features.len() != info.features.len() || src.task_type != info.task_type {
-        return Err(ModelError::Input(format!(
-            "same file as '{}' but a different feature count or task_type",
-            src.name
-        )));
-    }
-    Ok(())
+    info.n_outputs = src.n_outputs;
+    info.n_classes = src.n_classes;
+    info.detail = format!("{} (shared with '{}')", src.detail, src.name);
+    info.load_time = started.elapsed();
+    Arc::new(Aliased { info, inner })
 }
 
 /// Parses a model file by kind and checks it against the registry entry.

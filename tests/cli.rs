@@ -496,3 +496,33 @@ fn audit_verify_detects_a_row_edited_in_the_sqlite3_shell() {
     assert_eq!(o.status.code(), Some(1), "{out}");
     assert!(out.contains("row 1") && out.contains("edited"), "{out}");
 }
+
+#[test]
+fn without_onnx_runtime_onnx_models_fail_with_a_fix_and_others_still_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = root().join("config/models.yaml");
+    let o = Command::new(env!("CARGO_BIN_EXE_ml-worker"))
+        .args(["models", "verify", "--registry", reg.to_str().unwrap()])
+        .current_dir(dir.path())
+        .env("ML_WORKER_AUDIT_DB", dir.path().join("audit.db"))
+        .env(
+            "ORT_DYLIB_PATH",
+            dir.path().join("no-such-libonnxruntime.so"),
+        )
+        .output()
+        .unwrap();
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    let onnx_line = out
+        .lines()
+        .find(|l| l.starts_with("wine_rf"))
+        .expect("wine_rf line");
+    assert!(
+        onnx_line.contains("FAILED") && onnx_line.contains("make onnxruntime"),
+        "{onnx_line}"
+    );
+    for name in ["diabetes_lgbm", "breast_cancer_xgb"] {
+        let line = out.lines().find(|l| l.starts_with(name)).unwrap();
+        assert!(line.contains(" ok: "), "{line}");
+    }
+}

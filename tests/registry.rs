@@ -1,0 +1,128 @@
+//! Registry behaviour: lazy loading, sharing a loaded file by checksum,
+//! ONNX output selection by name, and the audit rows each step writes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ml_worker::audit::AuditStore;
+use ml_worker::config::parse_registry;
+use ml_worker::model::Batch;
+use ml_worker::registry::{Registry, RegistryOptions};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+const DIABETES: &str = r#"["age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6"]"#;
+
+fn registry(yaml: &str, audit: Option<Arc<AuditStore>>) -> Registry {
+    let specs = parse_registry(yaml, Path::new("test.yaml"), &fixtures()).unwrap();
+    Registry::from_specs(specs, audit, RegistryOptions::default())
+}
+
+#[test]
+fn lazy_models_load_on_first_use_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = Arc::new(AuditStore::open(&dir.path().join("a.db"), "w").unwrap());
+    let yaml = format!(
+        "models:\n  - name: eager\n    path: lgb_regression.txt\n    kind: lightgbm\n    features: {DIABETES}\n    target: y\n    task_type: regression\n  - name: later\n    path: lgb_poisson.txt\n    kind: lightgbm\n    features: {DIABETES}\n    target: y\n    task_type: regression\n    lazy: true\n"
+    );
+    let reg = registry(&yaml, Some(audit.clone()));
+    assert!(reg.loaded("eager").is_some());
+    assert!(reg.loaded("later").is_none());
+    assert!(audit.rows(Some("later"), None).unwrap().is_empty());
+    let m = reg.get("later").unwrap().model;
+    assert_eq!(m.info().name, "later");
+    assert!(reg.loaded("later").is_some());
+    let events: Vec<String> = audit
+        .rows(Some("later"), None)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event)
+        .collect();
+    assert_eq!(events, vec!["verify", "load"]);
+    // a second get does not load again
+    reg.get("later").unwrap();
+    assert_eq!(audit.rows(Some("later"), None).unwrap().len(), 2);
+}
+
+#[test]
+fn two_entries_for_one_file_share_the_loaded_model() {
+    let yaml = format!(
+        "models:\n  - name: a\n    path: lgb_regression.txt\n    kind: lightgbm\n    features: {DIABETES}\n    target: y\n    task_type: regression\n  - name: b\n    path: lgb_regression.txt\n    kind: lightgbm\n    features: {DIABETES}\n    target: y\n    task_type: regression\n    version: v2\n"
+    );
+    let reg = registry(&yaml, None);
+    let a = reg.get("a").unwrap().model;
+    let b = reg.get("b").unwrap().model;
+    assert_eq!(b.info().name, "b");
+    assert_eq!(b.info().version, "v2");
+    assert_eq!(a.info().sha256, b.info().sha256);
+    assert!(
+        b.info().detail.contains("shared with 'a'"),
+        "{}",
+        b.info().detail
+    );
+    let row = vec![0.01; 10];
+    let batch = Batch::new(&row, 10).unwrap();
+    assert_eq!(a.predict(batch).unwrap(), b.predict(batch).unwrap());
+}
+
+#[test]
+fn version_defaults_to_the_short_checksum() {
+    let yaml = format!(
+        "models:\n  - name: a\n    path: lgb_regression.txt\n    kind: lightgbm\n    features: {DIABETES}\n    target: y\n    task_type: regression\n"
+    );
+    let reg = registry(&yaml, None);
+    let m = reg.get("a").unwrap().model;
+    let sha = ml_worker::checksum::sha256_file(&fixtures().join("lgb_regression.txt")).unwrap();
+    assert_eq!(m.info().sha256, sha);
+    assert_eq!(m.info().version, sha[..12]);
+}
+
+#[test]
+fn onnx_outputs_can_be_named_and_a_wrong_name_is_an_error() {
+    let wine = r#"["alcohol", "malic_acid", "ash", "alcalinity_of_ash", "magnesium", "total_phenols", "flavanoids", "nonflavanoid_phenols", "proanthocyanins", "color_intensity", "hue", "od280_od315_of_diluted_wines", "proline"]"#;
+    let entry = |name: &str, onnx: &str| {
+        format!("  - name: {name}\n    path: onnx_rf_classifier_zipmap.onnx\n    kind: onnx\n    features: {wine}\n    target: y\n    task_type: classification\n    onnx: {onnx}\n")
+    };
+    let yaml = format!(
+        "models:\n{}{}",
+        entry(
+            "named",
+            "{input: input, prediction: output_label, probabilities: output_probability}"
+        ),
+        entry("wrong", "{probabilities: nope}")
+    );
+    let reg = registry(&yaml, None);
+    let m = reg.get("named").unwrap().model;
+    assert_eq!(m.info().n_classes, Some(3));
+    let e = reg
+        .get("wrong")
+        .err()
+        .expect("a wrong output name fails")
+        .to_string();
+    assert!(
+        e.contains("onnx.probabilities") && e.contains("nope") && e.contains("output_probability"),
+        "{e}"
+    );
+}
+
+#[test]
+fn regression_model_has_no_probabilities() {
+    let yaml = format!(
+        "models:\n  - name: a\n    path: xgb_regression.ubj\n    kind: xgboost\n    features: {DIABETES}\n    target: y\n    task_type: regression\n"
+    );
+    let reg = registry(&yaml, None);
+    let m = reg.get("a").unwrap().model;
+    let row = vec![0.0; 10];
+    let e = m
+        .predict_proba(Batch::new(&row, 10).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no class probabilities"), "{e}");
+    let e = m
+        .predict(Batch::new(&row[..9], 9).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("expects 10 features"), "{e}");
+}
