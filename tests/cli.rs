@@ -277,6 +277,7 @@ fn broken_model_files_give_clear_errors() {
     let good = std::fs::read(fixture("lgb_binary.txt")).unwrap();
     let xgb = std::fs::read(fixture("xgb_regression.json")).unwrap();
     let ubj = std::fs::read(fixture("xgb_regression.ubj")).unwrap();
+    let onnx = std::fs::read(fixture("onnx_mlp.onnx")).unwrap();
     let cases: Vec<(&str, &str, Vec<u8>, &str)> = vec![
         (
             "lgb_binary",
@@ -309,6 +310,11 @@ fn broken_model_files_give_clear_errors() {
             b"{\"learner\": 5}".to_vec(),
             "XGBoost",
         ),
+        // the right bytes under the wrong kind
+        ("xgb_regression", "lightgbm", xgb.clone(), "LightGBM"),
+        ("lgb_binary", "xgboost", good.clone(), "XGBoost"),
+        ("onnx_mlp", "onnx", onnx[..onnx.len() / 2].to_vec(), "ONNX"),
+        ("onnx_mlp", "onnx", good.clone(), "ONNX"),
     ];
     for (i, (case, kind, bytes, what)) in cases.into_iter().enumerate() {
         let file = format!("broken{i}.bin");

@@ -298,15 +298,13 @@ fn read_tree(tree: &Value, n_features: usize) -> Result<LocalTree, String> {
         let values = ints(tree, "categories", usize::MAX)?;
         for k in 0..nodes.len() {
             let (node, seg, size) = (nodes[k], segs[k], sizes[k]);
-            if node < 0
-                || node as usize >= n
-                || seg < 0
-                || size < 0
-                || (seg + size) as usize > values.len()
-            {
+            let end = seg
+                .checked_add(size)
+                .filter(|e| seg >= 0 && size >= 0 && *e as u64 <= values.len() as u64);
+            let (Some(end), true) = (end, node >= 0 && (node as u64) < n as u64) else {
                 return Err(format!("categorical split {k} is out of range"));
-            }
-            let list = &values[seg as usize..(seg + size) as usize];
+            };
+            let list = &values[seg as usize..end as usize];
             if list.iter().any(|c| *c < 0 || *c >= 1 << 24) {
                 return Err(format!("categorical split {k} has an invalid category"));
             }
