@@ -13,9 +13,8 @@
 //!   Runtime ([`model::onnx`]).
 //! - [`input`]: CSV and JSON-lines feature files for the offline `predict` CLI.
 //!
-//! Inference is synchronous and batch-shaped: rows in, one output per row out.
-//! The streaming worker (Kafka in, predictions and signals out) drives the
-//! registry from dedicated inference threads.
+//! Inference is synchronous and batch-shaped: rows in, one output per row out,
+//! so callers on an async runtime run it on dedicated threads.
 
 pub mod audit;
 pub mod checksum;

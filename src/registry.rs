@@ -201,12 +201,11 @@ impl Registry {
             let Some(entry) = self.entries.get_mut(name) else {
                 continue;
             };
-            if let Some(m) = entry.loaded.take() {
-                let info = m.info();
-                self.audit.as_ref().map(|a| {
-                    a.record(AuditEvent::Unload, &entry_for(info, String::new()))
-                        .map_err(|e| tracing::error!(error = %e, "audit write failed"))
-                });
+            let (Some(m), Some(audit)) = (entry.loaded.take(), &self.audit) else {
+                continue;
+            };
+            if let Err(e) = audit.record(AuditEvent::Unload, &entry_for(m.info())) {
+                tracing::error!(model = %name, error = %e, "audit write failed");
             }
         }
         self.by_checksum
@@ -369,14 +368,14 @@ impl Registry {
     }
 }
 
-fn entry_for(info: &ModelInfo, detail: String) -> AuditEntry {
+fn entry_for(info: &ModelInfo) -> AuditEntry {
     AuditEntry {
         model: info.name.clone(),
         version: info.version.clone(),
         kind: info.kind.to_string(),
         path: info.path.display().to_string(),
         sha256: info.sha256.clone(),
-        detail,
+        detail: String::new(),
     }
 }
 

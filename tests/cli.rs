@@ -22,6 +22,22 @@ fn ml_worker(dir: &Path, args: &[&str]) -> Output {
         .expect("run ml-worker")
 }
 
+/// `ml-worker predict --model M --input I --registry R` in `dir`.
+fn predict(dir: &Path, model: &str, input: &str, registry: &str) -> Output {
+    ml_worker(
+        dir,
+        &[
+            "predict",
+            "--model",
+            model,
+            "--input",
+            input,
+            "--registry",
+            registry,
+        ],
+    )
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -76,17 +92,11 @@ fn predict_from_csv_matches_the_reference() {
     ] {
         let reg = registry_with(dir.path(), case, file, kind, "");
         let csv = fixture(&format!("{case}.inputs.csv"));
-        let o = ml_worker(
+        let o = predict(
             dir.path(),
-            &[
-                "predict",
-                "--model",
-                case,
-                "--input",
-                csv.to_str().unwrap(),
-                "--registry",
-                reg.to_str().unwrap(),
-            ],
+            case,
+            csv.to_str().unwrap(),
+            reg.to_str().unwrap(),
         );
         assert!(o.status.success(), "{case}: {}", text(&o));
         let g = golden(case);
@@ -148,17 +158,11 @@ fn predict_from_json_lines_treats_absent_features_as_missing() {
     }
     let input = dir.path().join("rows.jsonl");
     std::fs::write(&input, jsonl).unwrap();
-    let o = ml_worker(
+    let o = predict(
         dir.path(),
-        &[
-            "predict",
-            "--model",
-            "lgb_regression",
-            "--input",
-            input.to_str().unwrap(),
-            "--registry",
-            reg.to_str().unwrap(),
-        ],
+        "lgb_regression",
+        input.to_str().unwrap(),
+        reg.to_str().unwrap(),
     );
     assert!(o.status.success(), "{}", text(&o));
     let want = g["prediction"].as_array().unwrap();
@@ -215,17 +219,11 @@ fn checksum_mismatch_is_refused_and_audited() {
 
     // predicting with it fails too, naming the reason
     let csv = fixture("lgb_regression.inputs.csv");
-    let o = ml_worker(
+    let o = predict(
         dir.path(),
-        &[
-            "predict",
-            "--model",
-            "lgb_regression",
-            "--input",
-            csv.to_str().unwrap(),
-            "--registry",
-            reg.to_str().unwrap(),
-        ],
+        "lgb_regression",
+        csv.to_str().unwrap(),
+        reg.to_str().unwrap(),
     );
     assert!(!o.status.success());
     assert!(text(&o).contains("checksum mismatch"), "{}", text(&o));
@@ -248,18 +246,7 @@ fn fallback_serves_when_the_primary_is_refused() {
     );
     std::fs::write(dir.path().join("models.yaml"), yaml).unwrap();
     let csv = fixture("lgb_regression.inputs.csv");
-    let o = ml_worker(
-        dir.path(),
-        &[
-            "predict",
-            "--model",
-            "primary",
-            "--input",
-            csv.to_str().unwrap(),
-            "--registry",
-            "models.yaml",
-        ],
-    );
+    let o = predict(dir.path(), "primary", csv.to_str().unwrap(), "models.yaml");
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("fallback 'backup'"), "{}", text(&o));
     let o = ml_worker(dir.path(), &["audit", "show"]);
@@ -421,17 +408,11 @@ fn wrong_csv_header_is_a_clear_error() {
     );
     let csv = dir.path().join("bad.csv");
     std::fs::write(&csv, "age,sex,colour\n1,2,3\n").unwrap();
-    let o = ml_worker(
+    let o = predict(
         dir.path(),
-        &[
-            "predict",
-            "--model",
-            "lgb_regression",
-            "--input",
-            csv.to_str().unwrap(),
-            "--registry",
-            reg.to_str().unwrap(),
-        ],
+        "lgb_regression",
+        csv.to_str().unwrap(),
+        reg.to_str().unwrap(),
     );
     let out = text(&o);
     assert_eq!(o.status.code(), Some(2), "{out}");
@@ -439,17 +420,11 @@ fn wrong_csv_header_is_a_clear_error() {
         out.contains("bad.csv") && out.contains("lacks feature column") && out.contains("bmi"),
         "{out}"
     );
-    let o = ml_worker(
+    let o = predict(
         dir.path(),
-        &[
-            "predict",
-            "--model",
-            "nope",
-            "--input",
-            csv.to_str().unwrap(),
-            "--registry",
-            reg.to_str().unwrap(),
-        ],
+        "nope",
+        csv.to_str().unwrap(),
+        reg.to_str().unwrap(),
     );
     assert!(text(&o).contains("unknown model 'nope'"), "{}", text(&o));
 }

@@ -5,7 +5,8 @@
 
 use std::path::Path;
 
-use ml_worker::model::{lightgbm, xgboost};
+use ml_worker::model::tree::{ParsedTrees, TreeEnsemble};
+use ml_worker::model::{lightgbm, xgboost, ModelError};
 
 /// xorshift64*: deterministic, no dependency.
 struct Rng(u64);
@@ -69,7 +70,7 @@ fn mutate(rng: &mut Rng, bytes: &[u8]) -> Vec<u8> {
     b
 }
 
-fn exercise(ens: &ml_worker::model::tree::TreeEnsemble) {
+fn exercise(ens: &TreeEnsemble) {
     let nf = ens.n_features.min(1000);
     if nf != ens.n_features {
         return;
@@ -81,22 +82,20 @@ fn exercise(ens: &ml_worker::model::tree::TreeEnsemble) {
     assert_eq!(out.len(), 4 * ens.n_groups);
 }
 
-#[test]
-fn damaged_lightgbm_files_never_panic() {
-    let mut rng = Rng(0x1234_5678_9abc_def1);
+/// Mutates each file 400 times; every result must parse into a model that
+/// evaluates, or fail with an error naming the file.
+fn survive(
+    seed: u64,
+    names: &[&str],
+    parse: impl Fn(&[u8], &Path) -> Result<ParsedTrees, ModelError>,
+) {
+    let mut rng = Rng(seed);
     let (mut ok, mut refused) = (0, 0);
-    for name in [
-        "lgb_binary.txt",
-        "lgb_categorical.txt",
-        "lgb_multiclass.txt",
-    ] {
+    for name in names {
         let original = fixture(name);
         for _ in 0..400 {
             let bytes = mutate(&mut rng, &original);
-            let Ok(text) = std::str::from_utf8(&bytes) else {
-                continue;
-            };
-            match lightgbm::parse(text, Path::new(name)) {
+            match parse(&bytes, Path::new(name)) {
                 Ok(p) => {
                     exercise(&p.ensemble);
                     ok += 1;
@@ -112,29 +111,32 @@ fn damaged_lightgbm_files_never_panic() {
 }
 
 #[test]
+fn damaged_lightgbm_files_never_panic() {
+    survive(
+        0x1234_5678_9abc_def1,
+        &[
+            "lgb_binary.txt",
+            "lgb_categorical.txt",
+            "lgb_multiclass.txt",
+        ],
+        |b, p| {
+            let text = std::str::from_utf8(b)
+                .map_err(|e| ModelError::Input(format!("{}: {e}", p.display())))?;
+            lightgbm::parse(text, p)
+        },
+    );
+}
+
+#[test]
 fn damaged_xgboost_files_never_panic() {
-    let mut rng = Rng(0x0fed_cba9_8765_4321);
-    let (mut ok, mut refused) = (0, 0);
-    for name in [
-        "xgb_multiclass.json",
-        "xgb_categorical.ubj",
-        "xgb_binary.ubj",
-        "xgb_categorical.json",
-    ] {
-        let original = fixture(name);
-        for _ in 0..400 {
-            let bytes = mutate(&mut rng, &original);
-            match xgboost::parse(&bytes, Path::new(name)) {
-                Ok(p) => {
-                    exercise(&p.ensemble);
-                    ok += 1;
-                }
-                Err(e) => {
-                    assert!(e.to_string().contains(name), "{e}");
-                    refused += 1;
-                }
-            }
-        }
-    }
-    assert!(refused > 100 && ok > 10, "ok {ok}, refused {refused}");
+    survive(
+        0x0fed_cba9_8765_4321,
+        &[
+            "xgb_multiclass.json",
+            "xgb_categorical.ubj",
+            "xgb_binary.ubj",
+            "xgb_categorical.json",
+        ],
+        xgboost::parse,
+    );
 }
