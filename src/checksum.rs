@@ -21,6 +21,30 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// Reads a whole file, hashing it chunk by chunk as it is read, so the bytes
+/// that are verified are exactly the bytes that are then parsed (a file
+/// replaced between a hash and a second read cannot slip through).
+pub fn read_and_hash(path: &Path) -> io::Result<(Vec<u8>, String)> {
+    let mut f = File::open(path)?;
+    let mut h = Sha256::new();
+    let mut bytes = Vec::with_capacity(
+        f.metadata()
+            .map(|m| m.len() as usize)
+            .unwrap_or(0)
+            .min(1 << 30),
+    );
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        bytes.extend_from_slice(&buf[..n]);
+    }
+    Ok((bytes, hex::encode(h.finalize())))
+}
+
 /// Hex SHA256 of bytes.
 pub fn sha256_bytes(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -38,5 +62,9 @@ mod tests {
         let want = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
         assert_eq!(sha256_file(&p).unwrap(), want);
         assert_eq!(sha256_bytes(b"abc"), want);
+        assert_eq!(
+            read_and_hash(&p).unwrap(),
+            (b"abc".to_vec(), want.to_string())
+        );
     }
 }

@@ -87,11 +87,16 @@ pub fn read_csv<R: std::io::Read>(
         .iter()
         .map(|h| h.trim().to_string())
         .collect();
-    let pos: HashMap<&str, usize> = header
-        .iter()
-        .enumerate()
-        .map(|(i, h)| (h.as_str(), i))
-        .collect();
+    let mut pos: HashMap<&str, usize> = HashMap::new();
+    for (i, h) in header.iter().enumerate() {
+        if pos.insert(h.as_str(), i).is_some() && features.contains(h) {
+            return Err(InputError::Row {
+                file: file.into(),
+                line: 1,
+                message: format!("column '{h}' appears twice in the header"),
+            });
+        }
+    }
     let missing: Vec<String> = features
         .iter()
         .filter(|f| !pos.contains_key(f.as_str()))
@@ -195,6 +200,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("\"b\"") && e.contains("t.csv"), "{e}");
+    }
+
+    #[test]
+    fn csv_duplicate_feature_column_is_an_error() {
+        let e = read_csv("a,b,a\n1,2,3\n".as_bytes(), "t.csv", &f(&["a", "b"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'a' appears twice"), "{e}");
     }
 
     #[test]

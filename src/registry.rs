@@ -8,8 +8,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use crate::audit::{AuditEntry, AuditEvent, AuditStore};
-use crate::checksum::sha256_file;
+use crate::audit::{AuditEntry, AuditError, AuditEvent, AuditStore};
+use crate::checksum::read_and_hash;
 use crate::config::{load_registry_file, ConfigError, ModelSpec, OnnxOptions};
 use crate::model::tree::{ParsedTrees, TreeModel};
 use crate::model::{
@@ -179,7 +179,8 @@ impl Registry {
                 let served = self.get(fb)?;
                 if entry.fallback_audited.set(()).is_ok() {
                     tracing::warn!(model = %name, fallback = %fb, reason = %err, "serving through fallback");
-                    self.audit(
+                    // a failed fallback row is logged; serving goes on
+                    let _ = self.audit(
                         AuditEvent::Fallback,
                         &entry.spec,
                         None,
@@ -242,17 +243,21 @@ impl Registry {
         }
     }
 
+    /// Reads the file once (hashing as it reads), checks the pin, parses
+    /// those same bytes. Verify and Load rows must reach the audit store,
+    /// or the model is not served.
     fn load_spec(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>, RegistryError> {
         let started = Instant::now();
         let fail = |message: String| RegistryError::Load {
             model: spec.name.clone(),
             message,
         };
-        let sha = match sha256_file(&spec.path) {
-            Ok(s) => s,
+        let (bytes, sha) = match read_and_hash(&spec.path) {
+            Ok(read) => read,
             Err(e) => {
                 let err = fail(format!("{}: {e}", spec.path.display()));
-                self.audit(AuditEvent::Refuse, spec, None, "", err.to_string());
+                self.audit(AuditEvent::Refuse, spec, None, "", err.to_string())
+                    .ok(); // logged inside
                 return Err(err);
             }
         };
@@ -264,7 +269,8 @@ impl Registry {
                     expected: expected.clone(),
                     actual: sha.clone(),
                 };
-                self.audit(AuditEvent::Refuse, spec, None, &sha, err.to_string());
+                self.audit(AuditEvent::Refuse, spec, None, &sha, err.to_string())
+                    .ok(); // logged inside
                 return Err(err);
             }
         }
@@ -283,7 +289,12 @@ impl Registry {
             Some(&version),
             &sha,
             pinned.to_string(),
-        );
+        )
+        .map_err(|e| {
+            fail(format!(
+                "not loaded: the audit store refused the verify row: {e}"
+            ))
+        })?;
 
         let info = ModelInfo {
             name: spec.name.clone(),
@@ -312,36 +323,42 @@ impl Registry {
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
             .cloned();
-        let result = match cached {
-            Some(inner) => Ok(shared(inner, info, started)),
-            None => load_file(spec, info, started, &self.options.onnx),
+        let model = match cached {
+            Some(inner) => shared(inner, info, started),
+            None => match load_file(spec, &bytes, info, started, &self.options.onnx) {
+                Ok(m) => m,
+                Err(e) => {
+                    let err = fail(e.to_string());
+                    self.audit(AuditEvent::Refuse, spec, None, &sha, err.to_string())
+                        .ok(); // logged inside
+                    return Err(err);
+                }
+            },
         };
-        match result {
-            Ok(model) => {
-                self.by_checksum
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .entry(key)
-                    .or_insert_with(|| model.clone());
-                let i = model.info();
-                tracing::info!(model = %i.name, version = %i.version, kind = %i.kind, sha256 = %i.sha256, detail = %i.detail, "model loaded");
-                self.audit(
-                    AuditEvent::Load,
-                    spec,
-                    Some(&i.version),
-                    &sha,
-                    i.detail.clone(),
-                );
-                Ok(model)
-            }
-            Err(e) => {
-                let err = fail(e.to_string());
-                self.audit(AuditEvent::Refuse, spec, None, &sha, err.to_string());
-                Err(err)
-            }
-        }
+        let i = model.info();
+        self.audit(
+            AuditEvent::Load,
+            spec,
+            Some(&i.version),
+            &sha,
+            i.detail.clone(),
+        )
+        .map_err(|e| {
+            fail(format!(
+                "not loaded: the audit store refused the load row: {e}"
+            ))
+        })?;
+        tracing::info!(model = %i.name, version = %i.version, kind = %i.kind, sha256 = %i.sha256, detail = %i.detail, "model loaded");
+        self.by_checksum
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_insert_with(|| model.clone());
+        Ok(model)
     }
 
+    /// Appends an audit row (no-op without a store). Failures are logged and
+    /// returned; callers decide whether the model may still be served.
     fn audit(
         &self,
         event: AuditEvent,
@@ -349,8 +366,10 @@ impl Registry {
         version: Option<&str>,
         sha: &str,
         detail: String,
-    ) {
-        let Some(store) = &self.audit else { return };
+    ) -> Result<(), AuditError> {
+        let Some(store) = &self.audit else {
+            return Ok(());
+        };
         let entry = AuditEntry {
             model: spec.name.clone(),
             version: version
@@ -362,9 +381,10 @@ impl Registry {
             sha256: sha.to_string(),
             detail,
         };
-        if let Err(e) = store.record(event, &entry) {
+        store.record(event, &entry).map(|_| ()).map_err(|e| {
             tracing::error!(model = %spec.name, event = event.as_str(), error = %e, "audit write failed");
-        }
+            e
+        })
     }
 }
 
@@ -392,21 +412,15 @@ fn shared(inner: Arc<dyn Model>, mut info: ModelInfo, started: Instant) -> Arc<d
 /// Parses a model file by kind and checks it against the registry entry.
 fn load_file(
     spec: &ModelSpec,
+    bytes: &[u8],
     info: ModelInfo,
     started: Instant,
     onnx_rt: &onnx::RuntimeConfig,
 ) -> Result<Arc<dyn Model>, ModelError> {
-    let read = || {
-        std::fs::read(&spec.path).map_err(|source| ModelError::Io {
-            path: spec.path.clone(),
-            source,
-        })
-    };
     let elapsed = || started.elapsed();
     Ok(match spec.kind {
         ModelKind::Lightgbm => {
-            let bytes = read()?;
-            let text = std::str::from_utf8(&bytes).map_err(|_| ModelError::Format {
+            let text = std::str::from_utf8(bytes).map_err(|_| ModelError::Format {
                 path: spec.path.clone(),
                 format: "LightGBM",
                 reason: "not UTF-8 text (is this a binary or pickled model?)".into(),
@@ -416,12 +430,12 @@ fn load_file(
             Arc::new(m)
         }
         ModelKind::Xgboost => {
-            let mut m = tree_model(xgboost::parse(&read()?, &spec.path)?, info)?;
+            let mut m = tree_model(xgboost::parse(bytes, &spec.path)?, info)?;
             m.info.load_time = elapsed();
             Arc::new(m)
         }
         ModelKind::Onnx => {
-            let mut m = onnx::OnnxModel::load(spec, &read()?, info, onnx_rt)?;
+            let mut m = onnx::OnnxModel::load(spec, bytes, info, onnx_rt)?;
             m.info.load_time = elapsed();
             Arc::new(m)
         }

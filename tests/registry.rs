@@ -126,3 +126,21 @@ fn regression_model_has_no_probabilities() {
         .to_string();
     assert!(e.contains("expects 10 features"), "{e}");
 }
+
+#[test]
+fn a_model_is_not_served_when_the_audit_store_refuses_its_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("a.db");
+    let audit = Arc::new(AuditStore::open(&db, "w").unwrap());
+    // break the store behind its back
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch("DROP TABLE audit_log;")
+        .unwrap();
+    let yaml = format!(
+        "models:\n  - name: a\n    path: lgb_regression.txt\n    kind: lightgbm\n    features: {DIABETES}\n    target: y\n    task_type: regression\n"
+    );
+    let reg = registry(&yaml, Some(audit));
+    let e = reg.get("a").err().expect("refused").to_string();
+    assert!(e.contains("audit store refused the verify row"), "{e}");
+}

@@ -127,10 +127,10 @@ def xgb_case(case, x_tr, y_tr, x_te, features, params, rounds, task, csv=False, 
     files = [f"{case}.json", f"{case}.ubj"]
     for f in files:
         booster.save_model(str(FIX / f))
-    # float32 from XGBoost; widened first, so a binary case's 1 - p is exact double arithmetic on that float32
-    out = booster.predict(xgb.DMatrix(x_te, feature_names=features, **kw)).astype(np.float64)
+    # float32 from XGBoost; a binary case's 1 - p in float32 too, as XGBClassifier.predict_proba computes it
+    out = booster.predict(xgb.DMatrix(x_te, feature_names=features, **kw))
     if task == "classification":
-        probs = np.column_stack([1 - out, out]) if out.ndim == 1 else out
+        probs = np.column_stack([np.float32(1) - out, out]) if out.ndim == 1 else out
         write_golden(case, "xgboost", files, task, features, x_te, probs.argmax(1), probs, XGB_VER,
                      n_classes=probs.shape[1], csv=csv)
     else:
@@ -307,6 +307,26 @@ def main():
     out = onnx_run(FIX / "onnx_mlp.onnx", xd_t_clean)
     write_golden("onnx_mlp", "onnx", ["onnx_mlp.onnx"], "regression", fd, xd_t_clean, out[0].reshape(-1), None,
                  ORT_VER)
+
+    # a hand-built network with one sigmoid column: P(class 1) of a binary classifier, [N, 1]
+    from onnx import TensorProto, helper, numpy_helper
+    scaler = StandardScaler().fit(xb_tr)
+    lr = LogisticRegression(max_iter=2000).fit(scaler.transform(xb_tr), yb_tr)
+    w = (lr.coef_[0] / scaler.scale_).astype(np.float32).reshape(-1, 1)
+    b = np.array([lr.intercept_[0] - float(np.dot(lr.coef_[0], scaler.mean_ / scaler.scale_))], dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "w"], ["z0"]), helper.make_node("Add", ["z0", "b"], ["z"]),
+         helper.make_node("Sigmoid", ["z"], ["prob"])],
+        "onnx_sigmoid_binary",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, len(fb)])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, [None, 1])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    onx = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    save_onnx(onx, FIX / "onnx_sigmoid_binary.onnx")
+    p1 = onnx_run(FIX / "onnx_sigmoid_binary.onnx", xb_t_clean)[0].reshape(-1).astype(np.float64)
+    probs = np.column_stack([1 - p1, p1])
+    write_golden("onnx_sigmoid_binary", "onnx", ["onnx_sigmoid_binary.onnx"], "classification", fb, xb_t_clean,
+                 probs.argmax(1), probs, ORT_VER, n_classes=2)
 
     # ---- shipped example models
     booster = lgb.train({"objective": "regression", "num_leaves": 31, "learning_rate": 0.05, "verbose": -1,

@@ -12,6 +12,7 @@ use std::path::Path;
 
 use super::tree::{
     FlavorKind, LocalSplit, LocalTree, ParsedTrees, Transform, TreeEnsemble, CATEGORICAL,
+    MAX_CAT_WORDS,
 };
 use super::ModelError;
 
@@ -276,6 +277,9 @@ fn parse_tree(fields: &HashMap<&str, &str>, n_features: usize) -> Result<LocalTr
         .map(|v| v.parse().map_err(|_| "bad 'num_cat'"))
         .transpose()?
         .unwrap_or(0);
+    if num_cat > n {
+        return Err(format!("num_cat={num_cat} exceeds the {n} splits"));
+    }
     let (bounds, cat_words): (Vec<usize>, Vec<u32>) = if num_cat > 0 {
         let bounds: Vec<usize> = parse_list(fields, "cat_boundaries", num_cat + 1)?;
         let total = *bounds.last().unwrap_or(&0);
@@ -288,6 +292,7 @@ fn parse_tree(fields: &HashMap<&str, &str>, n_features: usize) -> Result<LocalTr
         (vec![], vec![])
     };
     let mut splits = Vec::with_capacity(n);
+    let mut cat_total = 0usize;
     for i in 0..n {
         if feature[i] as usize >= n_features {
             return Err(format!(
@@ -306,7 +311,12 @@ fn parse_tree(fields: &HashMap<&str, &str>, n_features: usize) -> Result<LocalTr
                 ));
             }
             let c = idx as usize;
-            categories = Some(cat_words[bounds[c]..bounds[c + 1]].to_vec());
+            let set = &cat_words[bounds[c]..bounds[c + 1]];
+            cat_total += set.len();
+            if cat_total > MAX_CAT_WORDS {
+                return Err("categorical splits are too large".into());
+            }
+            categories = Some(set.to_vec());
         }
         splits.push(LocalSplit {
             feature: feature[i],

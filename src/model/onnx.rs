@@ -133,9 +133,13 @@ fn classify(ty: &ValueType) -> Option<Shape> {
     match ty {
         ValueType::Tensor { ty, shape, .. } => {
             let width = if shape.len() >= 2 {
-                shape[1..]
-                    .iter()
-                    .try_fold(1usize, |acc, d| (*d > 0).then(|| acc * *d as usize))
+                shape[1..].iter().try_fold(1usize, |acc, d| {
+                    if *d > 0 {
+                        acc.checked_mul(*d as usize)
+                    } else {
+                        None
+                    }
+                })
             } else {
                 Some(1)
             };
@@ -387,7 +391,14 @@ impl OnnxModel {
             extract(v, sel.kind, n)
                 .map_err(|e| ModelError::Runtime(format!("output '{}': {e}", sel.name)))
         };
-        let probabilities = self.probabilities.as_ref().map(get).transpose()?;
+        // one probability column is P(class 1) of a binary classifier
+        let probabilities = self.probabilities.as_ref().map(get).transpose()?.map(|p| {
+            if p.width != 1 {
+                return p;
+            }
+            let values = p.values.iter().flat_map(|q| [1.0 - q, *q]).collect();
+            Output { values, width: 2 }
+        });
         let values = match (&self.prediction, &probabilities) {
             (Some(sel), _) => get(sel)?,
             (None, Some(p)) => p.argmax(),

@@ -57,6 +57,9 @@ impl Model for TreeModel {
     }
 }
 
+/// Most `u32` bitset words all categorical splits of a model may take (64 MiB).
+pub const MAX_CAT_WORDS: usize = 1 << 24;
+
 /// Node flag: categorical split.
 pub const CATEGORICAL: u8 = 1;
 /// Node flag: a missing value goes left.
@@ -344,7 +347,11 @@ pub fn predict_trees(
     let probs = if ens.n_groups == 1 {
         let mut p = Vec::with_capacity(n_rows * 2);
         for s in scores {
-            p.push(1.0 - s);
+            // as the libraries' predict_proba: XGBoost works in f32
+            p.push(match ens.flavor {
+                FlavorKind::LightGbm => 1.0 - s,
+                FlavorKind::XgBoost => (1.0 - s as f32) as f64,
+            });
             p.push(s);
         }
         Output {
@@ -396,9 +403,10 @@ fn apply_transform_f32(t: Transform, s: &mut [f64], groups: usize) {
     let f = |x: &mut f64, g: fn(f32) -> f32| *x = g(*x as f32) as f64;
     match t {
         Transform::Identity => {}
+        // XGBoost's common::Sigmoid clamps the exponent at 88.7
         Transform::Sigmoid { .. } => s
             .iter_mut()
-            .for_each(|x| f(x, |v| 1.0 / (1.0 + (-v).exp()))),
+            .for_each(|x| f(x, |v| 1.0 / ((-v).min(88.7).exp() + 1.0))),
         Transform::Exp => s.iter_mut().for_each(|x| f(x, f32::exp)),
         Transform::SignedSquare => s.iter_mut().for_each(|x| f(x, |v| v.signum() * v * v)),
         Transform::Log1pExp => s.iter_mut().for_each(|x| f(x, |v| v.exp().ln_1p())),
@@ -636,6 +644,9 @@ impl TreeEnsemble {
             let default_left = s.flags & DEFAULT_LEFT != 0;
             let (kind, value, nan_left) = if s.flags & CATEGORICAL != 0 {
                 let bits = s.categories.as_deref().unwrap_or(&[]);
+                if self.cat_bits.len() + bits.len() > MAX_CAT_WORDS {
+                    return Err("categorical splits are too large".into());
+                }
                 let idx = self.cat_ranges.len() as f64;
                 self.cat_ranges
                     .push((self.cat_bits.len() as u32, bits.len() as u32));
@@ -805,6 +816,16 @@ mod tests {
         let e = stump();
         assert_eq!(e.importance(ImportanceType::Split), vec![1.0, 1.0]);
         assert_eq!(e.importance(ImportanceType::Gain), vec![10.0, 5.0]);
+    }
+
+    #[test]
+    fn xgboost_sigmoid_clamps_like_xgboost() {
+        let mut s = [-100.0, 0.0, 100.0];
+        apply_transform_f32(Transform::Sigmoid { alpha: 1.0 }, &mut s, 1);
+        // 1 / (expf(88.7) + 1): tiny but not zero
+        assert!(s[0] > 0.0 && s[0] < 1e-38, "{}", s[0]);
+        assert_eq!(s[1], 0.5);
+        assert_eq!(s[2], 1.0);
     }
 
     #[test]

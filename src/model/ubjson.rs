@@ -85,7 +85,11 @@ impl Reader<'_> {
     }
 
     fn value(&mut self, depth: usize) -> Result<Value, String> {
-        let m = self.byte()?;
+        let mut m = self.byte()?;
+        while m == b'N' {
+            // no-op padding
+            m = self.byte()?;
+        }
         self.typed(m, depth)
     }
 
@@ -112,7 +116,6 @@ impl Reader<'_> {
             b'S' => Value::String(self.string()?),
             b'[' => self.array(depth)?,
             b'{' => self.object(depth)?,
-            b'N' => return self.value(depth),
             m => {
                 return Err(format!(
                     "unknown type marker {:?} at byte {}",
@@ -228,6 +231,13 @@ mod tests {
             b'[', b'$', b'd', b'#', b'L', 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
         ];
         assert!(decode(&b).unwrap_err().contains("exceeds"));
+    }
+
+    #[test]
+    fn no_op_padding_is_skipped_without_recursion() {
+        let mut b = vec![b'N'; 1_000_000];
+        b.push(b'Z');
+        assert_eq!(decode(&b).unwrap(), Value::Null);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::tree::{
     bitset_from, FlavorKind, LocalSplit, LocalTree, ParsedTrees, Transform, TreeEnsemble,
-    CATEGORICAL, DEFAULT_LEFT,
+    CATEGORICAL, DEFAULT_LEFT, MAX_CAT_WORDS,
 };
 use super::{ubjson, ModelError};
 
@@ -179,6 +179,11 @@ fn from_document(doc: &Value) -> Result<ParsedTrees, String> {
         .map(|v| count(v, "num_target"))
         .transpose()?
         .unwrap_or(1);
+    if n_features > 10_000_000 || num_class > 100_000 || num_target > 100_000 {
+        return Err(format!(
+            "implausible model shape: num_feature={n_features}, num_class={num_class}, num_target={num_target}"
+        ));
+    }
     let obj_name = at(learner, &["objective", "name"])?
         .as_str()
         .ok_or("objective name is not a string")?
@@ -296,6 +301,7 @@ fn read_tree(tree: &Value, n_features: usize) -> Result<LocalTree, String> {
         let segs = ints(tree, "categories_segments", nodes.len())?;
         let sizes = ints(tree, "categories_sizes", nodes.len())?;
         let values = ints(tree, "categories", usize::MAX)?;
+        let mut cat_words = 0usize;
         for k in 0..nodes.len() {
             let (node, seg, size) = (nodes[k], segs[k], sizes[k]);
             let end = seg
@@ -307,6 +313,11 @@ fn read_tree(tree: &Value, n_features: usize) -> Result<LocalTree, String> {
             let list = &values[seg as usize..end as usize];
             if list.iter().any(|c| *c < 0 || *c >= 1 << 24) {
                 return Err(format!("categorical split {k} has an invalid category"));
+            }
+            // the bitset spans up to the largest category: bound the total
+            cat_words += list.iter().map(|c| *c as usize / 32 + 1).max().unwrap_or(0);
+            if cat_words > MAX_CAT_WORDS {
+                return Err("categorical splits are too large".into());
             }
             cats[node as usize] = Some(bitset_from(list.iter().map(|c| *c as u32)));
         }
