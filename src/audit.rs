@@ -38,11 +38,24 @@ const MIGRATIONS: &[&str] = &[
         prev_hash TEXT NOT NULL,
         row_hash TEXT NOT NULL
      );
-     CREATE INDEX audit_log_model ON audit_log(model, id);
-     CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
-       BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: UPDATE refused'); END;
-     CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
-       BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: DELETE refused'); END;",
+     CREATE INDEX audit_log_model ON audit_log(model, id);",
+    // 2: the append-only triggers (kept as constants: `verify` compares them)
+    concat!(
+        "CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: UPDATE refused'); END;",
+        "CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: DELETE refused'); END;"
+    ),
+];
+
+/// The append-only triggers exactly as migration 2 creates them.
+const TRIGGERS: [(&str, &str); 2] = [
+    (
+        "audit_log_no_update",
+        "CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: UPDATE refused'); END",
+    ),
+    (
+        "audit_log_no_delete",
+        "CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: DELETE refused'); END",
+    ),
 ];
 
 const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -290,37 +303,31 @@ impl AuditStore {
         model: Option<&str>,
         limit: Option<usize>,
     ) -> Result<Vec<AuditRow>, AuditError> {
-        let conn = self.lock();
-        let limit = limit.map(|l| l as i64).unwrap_or(-1);
-        let mut stmt = conn
-            .prepare(
-                "SELECT * FROM (SELECT id, ts, event, model, version, kind, path, sha256, host, worker_id, detail, prev_hash, row_hash
-                 FROM audit_log WHERE (?1 IS NULL OR model = ?1) ORDER BY id DESC LIMIT ?2) ORDER BY id",
-            )
-            .map_err(|e| self.wrap(e))?;
-        let rows = stmt
-            .query_map(params![model, limit], row_from_sql)
-            .map_err(|e| self.wrap(e))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| self.wrap(e))?;
-        Ok(rows)
+        query_rows(&self.lock(), model, limit).map_err(|e| self.wrap(e))
     }
 
-    /// Re-walks the whole chain: every row's hash, every link, no rows
-    /// missing at the end, and the append-only triggers still in place.
+    /// Re-walks the whole chain in one read snapshot: every row's hash,
+    /// every link, ids without gaps, no rows missing at the end, and the
+    /// append-only triggers in place and unaltered.
     pub fn verify(&self) -> Result<VerifyReport, AuditError> {
-        let rows = self.rows(None, None)?;
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(|e| self.wrap(e))?;
+        let rows = query_rows(&tx, None, None).map_err(|e| self.wrap(e))?;
         let mut problems = Vec::new();
         let mut prev = GENESIS.to_string();
+        let mut expected_id = 1;
         for r in &rows {
+            if r.id != expected_id {
+                problems.push(format!("rows {expected_id}..{} are missing", r.id - 1));
+            }
+            expected_id = r.id + 1;
             if r.prev_hash != prev {
                 problems.push(format!(
                     "row {}: chain broken (prev_hash does not match the previous row; a row before it was removed or edited)",
                     r.id
                 ));
             }
-            let want = r.content_hash(&r.prev_hash);
-            if want != r.row_hash {
+            if r.content_hash(&r.prev_hash) != r.row_hash {
                 problems.push(format!(
                     "row {}: content does not match its row_hash (the row was edited)",
                     r.id
@@ -328,8 +335,7 @@ impl AuditStore {
             }
             prev = r.row_hash.clone();
         }
-        let conn = self.lock();
-        let seq: Option<i64> = conn
+        let seq: Option<i64> = tx
             .query_row(
                 "SELECT seq FROM sqlite_sequence WHERE name = 'audit_log'",
                 [],
@@ -345,22 +351,45 @@ impl AuditStore {
                 seq.unwrap_or(0)
             ));
         }
-        let triggers: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'trigger'
-                 AND name IN ('audit_log_no_update', 'audit_log_no_delete')",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(|e| self.wrap(e))?;
-        if triggers != 2 {
-            problems.push("the append-only triggers were dropped".to_string());
+        for (name, want) in TRIGGERS {
+            let sql: Option<String> = tx
+                .query_row(
+                    "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = ?1 AND tbl_name = 'audit_log'",
+                    [name],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(|e| self.wrap(e))?;
+            match sql {
+                None => problems.push(format!("the append-only trigger {name} was dropped")),
+                Some(sql) if sql.trim().trim_end_matches(';') != want => {
+                    problems.push(format!("the append-only trigger {name} was altered"))
+                }
+                Some(_) => {}
+            }
         }
         Ok(VerifyReport {
             rows: rows.len(),
             problems,
         })
     }
+}
+
+/// Rows oldest first; the newest `limit` (all when `None`), optionally one model's.
+fn query_rows(
+    conn: &Connection,
+    model: Option<&str>,
+    limit: Option<usize>,
+) -> rusqlite::Result<Vec<AuditRow>> {
+    let limit = limit.map(|l| l as i64).unwrap_or(-1);
+    let mut stmt = conn.prepare(
+        "SELECT * FROM (SELECT id, ts, event, model, version, kind, path, sha256, host, worker_id, detail, prev_hash, row_hash
+         FROM audit_log WHERE (?1 IS NULL OR model = ?1) ORDER BY id DESC LIMIT ?2) ORDER BY id",
+    )?;
+    let rows = stmt
+        .query_map(params![model, limit], row_from_sql)?
+        .collect();
+    rows
 }
 
 fn row_from_sql(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRow> {
@@ -464,7 +493,40 @@ mod tests {
             "{report:?}"
         );
         assert!(
-            report.problems.iter().any(|p| p.contains("triggers")),
+            report
+                .problems
+                .iter()
+                .any(|p| p.contains("audit_log_no_delete was dropped")),
+            "{report:?}"
+        );
+    }
+
+    #[test]
+    fn a_neutered_trigger_and_a_gap_in_ids_are_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AuditStore::open(&dir.path().join("a.db"), "w1").unwrap();
+        for _ in 0..3 {
+            store.record(AuditEvent::Load, &entry("a")).unwrap();
+        }
+        {
+            let conn = store.lock();
+            conn.execute_batch(
+                "DROP TRIGGER audit_log_no_delete;
+                 CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log WHEN 0 BEGIN SELECT 1; END;
+                 DELETE FROM audit_log WHERE id = 2;",
+            )
+            .unwrap();
+        }
+        let report = store.verify().unwrap();
+        assert!(
+            report.problems.iter().any(|p| p.contains("was altered")),
+            "{report:?}"
+        );
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.contains("rows 2..2 are missing")),
             "{report:?}"
         );
     }
