@@ -18,6 +18,8 @@
 //! LightGBM sums leaf values in `f64` and sends `x <= threshold` left;
 //! XGBoost compares and sums in `f32` and sends `x < threshold` left.
 
+use std::hint::select_unpredictable;
+
 use super::{Batch, ImportanceType, Model, ModelError, ModelInfo, Output, Prediction};
 
 /// What a tree model file says, beyond its trees.
@@ -280,11 +282,7 @@ impl TreeEnsemble {
         } else {
             F::fast_left(node, x)
         };
-        if left {
-            node.left
-        } else {
-            node.right
-        }
+        select_unpredictable(left, node.left, node.right)
     }
 
     /// Scores after averaging and the objective's transform, `n_rows * n_groups`.
@@ -470,7 +468,10 @@ impl Flavor for LightGbm {
 
     #[inline(always)]
     fn fast_left(node: &Node, x: f64) -> bool {
-        (x <= node.value) | (x.is_nan() & node.nan_left)
+        // NaN fails both comparisons: `!(x > t)` sends it left, `x <= t`
+        // right. Missing values are common in feature data, so no branch on
+        // them: a select the compiler keeps as a conditional move.
+        select_unpredictable(node.nan_left, !(x > node.value), x <= node.value)
     }
 
     /// LightGBM `Tree::NumericalDecision` (zero-as-missing) and
@@ -518,7 +519,8 @@ impl Flavor for XgBoost {
     /// exactly in the f64).
     #[inline(always)]
     fn fast_left(node: &Node, x: f64) -> bool {
-        (((x as f32) as f64) < node.value) | (x.is_nan() & node.nan_left)
+        let x = (x as f32) as f64;
+        select_unpredictable(node.nan_left, !(x >= node.value), x < node.value)
     }
 
     /// XGBoost `common::Decision`: NaN takes the default direction;
