@@ -466,6 +466,8 @@ impl Flavor for LightGbm {
         *a += leaf;
     }
 
+    // the negated comparison is the point: it is true for NaN
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     #[inline(always)]
     fn fast_left(node: &Node, x: f64) -> bool {
         // NaN fails both comparisons: `!(x > t)` sends it left, `x <= t`
@@ -517,6 +519,8 @@ impl Flavor for XgBoost {
 
     /// XGBoost compares the feature as f32 against an f32 threshold (stored
     /// exactly in the f64).
+    // the negated comparison is the point: it is true for NaN
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     #[inline(always)]
     fn fast_left(node: &Node, x: f64) -> bool {
         let x = (x as f32) as f64;
