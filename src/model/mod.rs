@@ -100,7 +100,7 @@ pub struct Batch<'a> {
 
 impl<'a> Batch<'a> {
     pub fn new(data: &'a [f64], n_features: usize) -> Result<Self, ModelError> {
-        if n_features == 0 || data.len() % n_features != 0 {
+        if n_features == 0 || !data.len().is_multiple_of(n_features) {
             return Err(ModelError::Input(format!(
                 "batch of {} values is not a whole number of rows of {} features",
                 data.len(),
