@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use ml_worker::audit::{default_worker_id, AuditStore};
 use ml_worker::checksum::sha256_file;
 use ml_worker::input::read_rows;
-use ml_worker::model::{onnx, Batch, TaskType};
+use ml_worker::model::{onnx, Batch, Prediction, TaskType};
 use ml_worker::registry::{Registry, RegistryOptions};
 
 #[derive(Parser)]
@@ -294,10 +294,22 @@ fn predict(
     let pred = m
         .predict_full(batch)
         .with_context(|| format!("model '{}'", info.name))?;
+    let written = write_predictions(&pred, info.task_type, batch.n_rows());
+    reg.unload_all();
+    match written {
+        // a reader that stops early (`| head`) is not an error
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(e.into()),
+        Ok(()) => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// One JSON line per row on stdout.
+fn write_predictions(pred: &Prediction, task: TaskType, n_rows: usize) -> std::io::Result<()> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    for i in 0..batch.n_rows() {
+    for i in 0..n_rows {
         let values = pred.values.row(i);
-        let prediction = match (info.task_type, values) {
+        let prediction = match (task, values) {
             (TaskType::Classification, [c]) => serde_json::json!(*c as i64),
             (_, [v]) => json_number(*v),
             (_, vs) => serde_json::Value::Array(vs.iter().map(|v| json_number(*v)).collect()),
@@ -309,10 +321,7 @@ fn predict(
         }
         writeln!(out, "{line}")?;
     }
-    out.flush()?;
-    drop(out);
-    reg.unload_all();
-    Ok(ExitCode::SUCCESS)
+    out.flush()
 }
 
 /// A JSON number, or null for NaN/infinity (which JSON cannot carry).

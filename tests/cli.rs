@@ -507,3 +507,52 @@ fn without_onnx_runtime_onnx_models_fail_with_a_fix_and_others_still_work() {
         assert!(line.contains(" ok: "), "{line}");
     }
 }
+
+#[test]
+fn a_reader_that_stops_early_is_not_an_error_and_the_unload_is_audited() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let reg = registry_with(
+        dir.path(),
+        "lgb_regression",
+        "lgb_regression.txt",
+        "lightgbm",
+        "",
+    );
+    // enough rows to overflow the pipe buffer after the reader is gone
+    let mut csv = std::fs::read_to_string(fixture("lgb_regression.inputs.csv")).unwrap();
+    let body: String = csv.lines().skip(1).map(|l| format!("{l}\n")).collect();
+    for _ in 0..200 {
+        csv.push_str(&body);
+    }
+    let input = dir.path().join("many.csv");
+    std::fs::write(&input, csv).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ml-worker"))
+        .args([
+            "predict",
+            "--model",
+            "lgb_regression",
+            "--input",
+            input.to_str().unwrap(),
+        ])
+        .args(["--registry", reg.to_str().unwrap()])
+        .current_dir(dir.path())
+        .env("ML_WORKER_AUDIT_DB", dir.path().join("audit.db"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("\"row\":0"), "{first}");
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let o = ml_worker(dir.path(), &["audit", "show"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("unload"),
+        "{}",
+        text(&o)
+    );
+}
