@@ -12,6 +12,8 @@
 //!   native LightGBM/XGBoost tree evaluation ([`model::tree`]) and ONNX
 //!   Runtime ([`model::onnx`]).
 //! - [`input`]: CSV and JSON-lines feature files for the offline `predict` CLI.
+//! - [`events`]: the Avro event contract (`schemas/`) and its wire formats
+//!   (`avro` with Confluent framing, `avro-raw`, `json`).
 //!
 //! Inference is synchronous and batch-shaped: rows in, one output per row out,
 //! so callers on an async runtime run it on dedicated threads.
@@ -19,6 +21,7 @@
 pub mod audit;
 pub mod checksum;
 pub mod config;
+pub mod events;
 pub mod input;
 pub mod model;
 pub mod registry;

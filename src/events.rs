@@ -1,0 +1,500 @@
+//! The event contract (`schemas/*.avsc`, namespace `ml_worker.v1`) and its
+//! wire formats.
+//!
+//! | format     | bytes on the wire                                               |
+//! |------------|-----------------------------------------------------------------|
+//! | `avro`     | Confluent framing: magic `0`, 4-byte big-endian schema id, datum |
+//! | `avro-raw` | the bare Avro datum, written with the schema in `schemas/`      |
+//! | `json`     | one JSON object, the same field names                           |
+//!
+//! The hot path reads and writes datums of the shipped schemas with a small
+//! hand-written Avro codec (no intermediate value tree). Confluent messages
+//! whose schema id names another (evolved) writer schema are resolved
+//! against the shipped reader schema by `apache-avro`, so producers may add
+//! fields with defaults without breaking this reader. Decoding never panics:
+//! every malformed message is a [`DecodeError`] naming what was wrong.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::types::Value as AvroValue;
+use apache_avro::Schema;
+use serde::{Deserialize, Serialize};
+
+/// The shipped schemas.
+pub const FEATURE_EVENT_SCHEMA: &str = include_str!("../schemas/feature_event.avsc");
+pub const PREDICTION_EVENT_SCHEMA: &str = include_str!("../schemas/prediction_event.avsc");
+pub const SIGNAL_EVENT_SCHEMA: &str = include_str!("../schemas/signal_event.avsc");
+
+/// Confluent wire-format magic byte.
+const MAGIC: u8 = 0;
+
+/// A row of features for one model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureEvent {
+    pub event_id: String,
+    /// Registry name of the model to score it with.
+    pub model: String,
+    pub symbol: String,
+    /// Milliseconds since the Unix epoch.
+    pub event_time: i64,
+    /// Feature name to value, in message order; an absent feature is missing.
+    pub features: Vec<(String, f64)>,
+}
+
+/// One model output for one feature event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictionEvent {
+    pub event_id: String,
+    pub model: String,
+    pub model_version: String,
+    pub model_sha256: String,
+    pub symbol: String,
+    pub event_time: i64,
+    pub prediction: f64,
+    pub probabilities: Option<Vec<f64>>,
+    pub fallback: bool,
+    pub inference_latency_us: i64,
+}
+
+/// Direction of a trading signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Side {
+    Buy,
+    Sell,
+    Hold,
+}
+
+impl Side {
+    /// Index in the Avro enum's symbols.
+    fn index(self) -> i64 {
+        match self {
+            Side::Buy => 0,
+            Side::Sell => 1,
+            Side::Hold => 2,
+        }
+    }
+}
+
+/// A trading signal derived from a prediction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignalEvent {
+    pub event_id: String,
+    pub symbol: String,
+    pub model: String,
+    pub model_version: String,
+    pub event_time: i64,
+    pub side: Side,
+    pub strength: f64,
+    pub prediction: f64,
+}
+
+/// How a topic's messages are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireFormat {
+    /// Confluent Schema Registry framing around an Avro datum.
+    #[serde(rename = "avro")]
+    Avro,
+    /// The bare Avro datum.
+    #[serde(rename = "avro-raw")]
+    AvroRaw,
+    /// One JSON object per message.
+    #[serde(rename = "json")]
+    Json,
+}
+
+/// Why a message could not be decoded.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("avro: {0}")]
+    Avro(String),
+    #[error("confluent framing: message of {0} bytes is shorter than the 5-byte header")]
+    ShortFrame(usize),
+    #[error("confluent framing: magic byte is {0}, expected 0 (is the topic really 'avro'?)")]
+    BadMagic(u8),
+    #[error("confluent framing: unknown schema id {0} (not registered with this worker)")]
+    UnknownSchemaId(u32),
+    #[error("json: {0}")]
+    Json(String),
+}
+
+/// A cursor over an Avro binary datum.
+struct Cursor<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn err(&self, what: &str) -> DecodeError {
+        DecodeError::Avro(format!("{what} at byte {}", self.pos))
+    }
+
+    /// Zig-zag varint long (at most 10 bytes).
+    fn long(&mut self, field: &str) -> Result<i64, DecodeError> {
+        let mut v: u64 = 0;
+        for shift in (0..70).step_by(7) {
+            let byte = *self
+                .b
+                .get(self.pos)
+                .ok_or_else(|| self.err(&format!("'{field}': truncated")))?;
+            self.pos += 1;
+            v |= ((byte & 0x7f) as u64) << shift;
+            if byte & 0x80 == 0 {
+                return Ok((v >> 1) as i64 ^ -((v & 1) as i64));
+            }
+        }
+        Err(self.err(&format!("'{field}': varint longer than 10 bytes")))
+    }
+
+    fn take(&mut self, n: usize, field: &str) -> Result<&'a [u8], DecodeError> {
+        if self.b.len() - self.pos < n {
+            return Err(self.err(&format!("'{field}': truncated (needs {n} more bytes)")));
+        }
+        let s = &self.b[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn string(&mut self, field: &str) -> Result<String, DecodeError> {
+        let n = self.long(field)?;
+        if n < 0 {
+            return Err(self.err(&format!("'{field}': negative length {n}")));
+        }
+        let bytes = self.take(n as usize, field)?;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| self.err(&format!("'{field}': invalid UTF-8")))
+    }
+
+    fn double(&mut self, field: &str) -> Result<f64, DecodeError> {
+        let b = self.take(8, field)?;
+        Ok(f64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+    }
+
+    fn done(&self) -> Result<(), DecodeError> {
+        if self.pos != self.b.len() {
+            return Err(DecodeError::Avro(format!(
+                "{} trailing bytes after the datum (wrong schema?)",
+                self.b.len() - self.pos
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Reads a FeatureEvent datum written with the shipped schema.
+fn read_feature_datum(bytes: &[u8]) -> Result<FeatureEvent, DecodeError> {
+    let mut c = Cursor { b: bytes, pos: 0 };
+    let event_id = c.string("event_id")?;
+    let model = c.string("model")?;
+    let symbol = c.string("symbol")?;
+    let event_time = c.long("event_time")?;
+    let mut features = Vec::new();
+    loop {
+        let mut count = c.long("features")?;
+        if count == 0 {
+            break;
+        }
+        if count < 0 {
+            // a negative block count is followed by the block's size in bytes
+            count = count
+                .checked_neg()
+                .ok_or_else(|| c.err("'features': bad block count"))?;
+            c.long("features")?;
+        }
+        // each entry is at least 9 bytes: bound the count by what is left
+        if count as u64 > (bytes.len() - c.pos) as u64 / 9 {
+            return Err(c.err(&format!(
+                "'features': block of {count} entries exceeds the message"
+            )));
+        }
+        features.reserve(count as usize);
+        for _ in 0..count {
+            let k = c.string("features key")?;
+            let v = c.double("features value")?;
+            features.push((k, v));
+        }
+    }
+    c.done()?;
+    Ok(FeatureEvent {
+        event_id,
+        model,
+        symbol,
+        event_time,
+        features,
+    })
+}
+
+fn put_long(out: &mut Vec<u8>, v: i64) {
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    while z >= 0x80 {
+        out.push((z as u8) | 0x80);
+        z >>= 7;
+    }
+    out.push(z as u8);
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_long(out, s.len() as i64);
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_double(out: &mut Vec<u8>, v: f64) {
+    out.extend_from_slice(&v.to_le_bytes());
+}
+
+/// Writes a FeatureEvent datum with the shipped schema.
+pub fn write_feature_datum(e: &FeatureEvent, out: &mut Vec<u8>) {
+    put_str(out, &e.event_id);
+    put_str(out, &e.model);
+    put_str(out, &e.symbol);
+    put_long(out, e.event_time);
+    if !e.features.is_empty() {
+        put_long(out, e.features.len() as i64);
+        for (k, v) in &e.features {
+            put_str(out, k);
+            put_double(out, *v);
+        }
+    }
+    put_long(out, 0);
+}
+
+/// Writes a PredictionEvent datum with the shipped schema.
+pub fn write_prediction_datum(e: &PredictionEvent, out: &mut Vec<u8>) {
+    put_str(out, &e.event_id);
+    put_str(out, &e.model);
+    put_str(out, &e.model_version);
+    put_str(out, &e.model_sha256);
+    put_str(out, &e.symbol);
+    put_long(out, e.event_time);
+    put_double(out, e.prediction);
+    match &e.probabilities {
+        None => put_long(out, 0),
+        Some(p) => {
+            put_long(out, 1);
+            if !p.is_empty() {
+                put_long(out, p.len() as i64);
+                for v in p {
+                    put_double(out, *v);
+                }
+            }
+            put_long(out, 0);
+        }
+    }
+    out.push(e.fallback as u8);
+    put_long(out, e.inference_latency_us);
+}
+
+/// Writes a SignalEvent datum with the shipped schema.
+pub fn write_signal_datum(e: &SignalEvent, out: &mut Vec<u8>) {
+    put_str(out, &e.event_id);
+    put_str(out, &e.symbol);
+    put_str(out, &e.model);
+    put_str(out, &e.model_version);
+    put_long(out, e.event_time);
+    put_long(out, e.side.index());
+    put_double(out, e.strength);
+    put_double(out, e.prediction);
+}
+
+/// JSON form of a feature event: features may be numbers or null (missing).
+#[derive(Deserialize)]
+struct JsonFeatureEvent {
+    event_id: String,
+    model: String,
+    symbol: String,
+    event_time: i64,
+    features: HashMap<String, Option<f64>>,
+}
+
+/// Encodes and decodes events in one wire format. Confluent schema ids of
+/// the shipped schemas are given at construction; other writer schemas of
+/// feature events can be registered (e.g. fetched from a schema registry).
+pub struct Codec {
+    format: WireFormat,
+    feature_reader: Schema,
+    /// Confluent id of the shipped FeatureEvent schema (decoded by the fast path).
+    feature_id: Option<u32>,
+    prediction_id: u32,
+    signal_id: u32,
+    /// Other writer schemas for feature events, by Confluent id.
+    writers: RwLock<HashMap<u32, Schema>>,
+}
+
+/// Confluent ids of the shipped schemas (as registered in a schema registry).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SchemaIds {
+    pub feature: Option<u32>,
+    pub prediction: u32,
+    pub signal: u32,
+}
+
+impl Codec {
+    pub fn new(format: WireFormat, ids: SchemaIds) -> Codec {
+        Codec {
+            format,
+            // the shipped schema is compiled in and covered by tests
+            feature_reader: Schema::parse_str(FEATURE_EVENT_SCHEMA)
+                .expect("schemas/feature_event.avsc is valid"),
+            feature_id: ids.feature,
+            prediction_id: ids.prediction,
+            signal_id: ids.signal,
+            writers: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub fn format(&self) -> WireFormat {
+        self.format
+    }
+
+    /// Makes feature events written with `schema_json` under Confluent id
+    /// `id` decodable (resolved against the shipped reader schema).
+    pub fn register_feature_writer(&self, id: u32, schema_json: &str) -> Result<(), DecodeError> {
+        let schema = Schema::parse_str(schema_json)
+            .map_err(|e| DecodeError::Avro(format!("schema {id}: {e}")))?;
+        GenericDatumReader::builder(&schema)
+            .reader_schema(&self.feature_reader)
+            .build()
+            .map_err(|e| {
+                DecodeError::Avro(format!("schema {id} cannot be read as FeatureEvent: {e}"))
+            })?;
+        self.writers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, schema);
+        Ok(())
+    }
+
+    pub fn decode_feature(&self, bytes: &[u8]) -> Result<FeatureEvent, DecodeError> {
+        match self.format {
+            WireFormat::AvroRaw => read_feature_datum(bytes),
+            WireFormat::Avro => {
+                if bytes.len() < 5 {
+                    return Err(DecodeError::ShortFrame(bytes.len()));
+                }
+                if bytes[0] != MAGIC {
+                    return Err(DecodeError::BadMagic(bytes[0]));
+                }
+                let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+                let datum = &bytes[5..];
+                if Some(id) == self.feature_id {
+                    return read_feature_datum(datum);
+                }
+                let writers = self.writers.read().unwrap_or_else(|p| p.into_inner());
+                let writer = writers.get(&id).ok_or(DecodeError::UnknownSchemaId(id))?;
+                self.resolve_feature(writer, datum)
+            }
+            WireFormat::Json => {
+                let j: JsonFeatureEvent =
+                    serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))?;
+                Ok(FeatureEvent {
+                    event_id: j.event_id,
+                    model: j.model,
+                    symbol: j.symbol,
+                    event_time: j.event_time,
+                    features: j
+                        .features
+                        .into_iter()
+                        .map(|(k, v)| (k, v.unwrap_or(f64::NAN)))
+                        .collect(),
+                })
+            }
+        }
+    }
+
+    /// Decodes with another writer schema, resolved against the shipped one.
+    fn resolve_feature(
+        &self,
+        writer: &Schema,
+        mut datum: &[u8],
+    ) -> Result<FeatureEvent, DecodeError> {
+        let reader = GenericDatumReader::builder(writer)
+            .reader_schema(&self.feature_reader)
+            .build()
+            .map_err(|e| DecodeError::Avro(e.to_string()))?;
+        let value = reader
+            .read_value(&mut datum)
+            .map_err(|e| DecodeError::Avro(e.to_string()))?;
+        if !datum.is_empty() {
+            return Err(DecodeError::Avro(format!(
+                "{} trailing bytes after the datum",
+                datum.len()
+            )));
+        }
+        feature_from_value(value)
+    }
+
+    pub fn encode_prediction(&self, e: &PredictionEvent, out: &mut Vec<u8>) {
+        match self.format {
+            WireFormat::AvroRaw => write_prediction_datum(e, out),
+            WireFormat::Avro => {
+                frame(out, self.prediction_id);
+                write_prediction_datum(e, out)
+            }
+            WireFormat::Json => json_into(out, e),
+        }
+    }
+
+    pub fn encode_signal(&self, e: &SignalEvent, out: &mut Vec<u8>) {
+        match self.format {
+            WireFormat::AvroRaw => write_signal_datum(e, out),
+            WireFormat::Avro => {
+                frame(out, self.signal_id);
+                write_signal_datum(e, out)
+            }
+            WireFormat::Json => json_into(out, e),
+        }
+    }
+}
+
+fn frame(out: &mut Vec<u8>, id: u32) {
+    out.push(MAGIC);
+    out.extend_from_slice(&id.to_be_bytes());
+}
+
+/// JSON cannot carry NaN or infinity; serde_json writes them as `null`.
+fn json_into<T: Serialize>(out: &mut Vec<u8>, e: &T) {
+    // writing these plain structs to a Vec cannot fail
+    let _ = serde_json::to_writer(out, e);
+}
+
+/// A resolved `FeatureEvent` record value into the struct.
+fn feature_from_value(value: AvroValue) -> Result<FeatureEvent, DecodeError> {
+    let AvroValue::Record(fields) = value else {
+        return Err(DecodeError::Avro("not a record".into()));
+    };
+    let mut e = FeatureEvent {
+        event_id: String::new(),
+        model: String::new(),
+        symbol: String::new(),
+        event_time: 0,
+        features: Vec::new(),
+    };
+    for (name, v) in fields {
+        match (name.as_str(), v) {
+            ("event_id", AvroValue::String(s)) => e.event_id = s,
+            ("model", AvroValue::String(s)) => e.model = s,
+            ("symbol", AvroValue::String(s)) => e.symbol = s,
+            ("event_time", AvroValue::TimestampMillis(t) | AvroValue::Long(t)) => e.event_time = t,
+            ("features", AvroValue::Map(m)) => {
+                for (k, v) in m {
+                    match v {
+                        AvroValue::Double(d) => e.features.push((k, d)),
+                        other => {
+                            return Err(DecodeError::Avro(format!(
+                                "feature '{k}' is {other:?}, not a double"
+                            )))
+                        }
+                    }
+                }
+            }
+            (other, v) => {
+                return Err(DecodeError::Avro(format!(
+                    "unexpected field '{other}' = {v:?}"
+                )))
+            }
+        }
+    }
+    Ok(e)
+}
