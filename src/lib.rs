@@ -12,6 +12,7 @@
 //!   native LightGBM/XGBoost tree evaluation ([`model::tree`]) and ONNX
 //!   Runtime ([`model::onnx`]).
 //! - [`input`]: CSV and JSON-lines feature files for the offline `predict` CLI.
+//! - [`broker`]: the embedded Kafka broker (librdkafka's mock cluster).
 //! - [`events`]: the Avro event contract (`schemas/`) and its wire formats
 //!   (`avro` with Confluent framing, `avro-raw`, `json`).
 //!
@@ -19,6 +20,7 @@
 //! so callers on an async runtime run it on dedicated threads.
 
 pub mod audit;
+pub mod broker;
 pub mod checksum;
 pub mod config;
 pub mod events;

@@ -52,6 +52,18 @@ enum Command {
         #[arg(long, default_value = "data/audit.db", env = "ML_WORKER_AUDIT_DB")]
         audit_db: PathBuf,
     },
+    /// Run an embedded Kafka broker (librdkafka's mock cluster) until stopped.
+    Broker {
+        /// Topics to create, `name:partitions,...`.
+        #[arg(long, default_value = ml_worker::broker::DEFAULT_TOPICS)]
+        topics: String,
+        /// Number of brokers in the cluster.
+        #[arg(long, default_value_t = 1)]
+        brokers: i32,
+        /// Also write the bootstrap address to this file (for scripts).
+        #[arg(long, value_name = "PATH")]
+        address_file: Option<PathBuf>,
+    },
     /// Inspect and verify the audit store.
     Audit {
         #[command(subcommand)]
@@ -149,9 +161,52 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     json,
                 },
         } => audit_show(&db, model.as_deref(), limit, json),
+        Command::Broker {
+            topics,
+            brokers,
+            address_file,
+        } => run_broker(&topics, brokers, address_file.as_deref()),
         Command::Audit {
             command: AuditCommand::Verify { db },
         } => audit_verify(&db),
+    }
+}
+
+fn run_broker(topics: &str, brokers: i32, address_file: Option<&Path>) -> Result<ExitCode> {
+    let topics =
+        ml_worker::broker::parse_topics(topics).map_err(|e| anyhow::anyhow!("--topics: {e}"))?;
+    let broker = ml_worker::broker::EmbeddedBroker::start(brokers, &topics)?;
+    let address = broker.bootstrap_servers();
+    if let Some(path) = address_file {
+        // write-then-rename, so a reader never sees a partial address
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{address}\n"))
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let names: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+    println!(
+        "embedded broker: bootstrap.servers={address} topics={}",
+        names.join(",")
+    );
+    println!("stop with Ctrl-C or SIGTERM");
+    std::io::stdout().flush()?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(shutdown_signal())?;
+    eprintln!("embedded broker: stopping");
+    drop(broker);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r,
+        _ = term.recv() => Ok(()),
     }
 }
 
