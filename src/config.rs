@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::model::{ModelKind, TaskType};
+use crate::signal::SignalRule;
 
 /// `models.yaml` as written.
 #[derive(Debug, Deserialize)]
@@ -51,6 +52,9 @@ struct RawModel {
     /// ONNX only: which graph input and outputs to use, when ambiguous.
     #[serde(default)]
     onnx: Option<OnnxOptions>,
+    /// How predictions become trading signals (none: no signals).
+    #[serde(default)]
+    signal: Option<SignalRule>,
 }
 
 /// ONNX input/output selection. By default the single float input is used,
@@ -87,6 +91,7 @@ pub struct ModelSpec {
     pub fallback: Option<String>,
     pub description: Option<String>,
     pub onnx: OnnxOptions,
+    pub signal: Option<SignalRule>,
 }
 
 /// A registry file problem, with the file, the model and the field.
@@ -221,6 +226,18 @@ fn validate(raw: RawRegistry, file: &Path, base: &Path) -> Result<Vec<ModelSpec>
                 return Err(field("version", "must not be empty when given".into()));
             }
         }
+        if let Some(rule) = &m.signal {
+            rule.validate().map_err(|e| field("signal", e))?;
+            match (rule, task_type) {
+                (SignalRule::Threshold { .. }, TaskType::Classification) => {
+                    return Err(field("signal", "a classification model needs 'classes' (and 'min_probability'), not thresholds".into()))
+                }
+                (SignalRule::Classes { .. }, TaskType::Regression) => {
+                    return Err(field("signal", "a regression model needs 'buy_above' and 'sell_below', not classes".into()))
+                }
+                _ => {}
+            }
+        }
         if m.onnx.is_some() && kind != ModelKind::Onnx {
             return Err(field(
                 "onnx",
@@ -246,6 +263,7 @@ fn validate(raw: RawRegistry, file: &Path, base: &Path) -> Result<Vec<ModelSpec>
             fallback: m.fallback,
             description: m.description,
             onnx: m.onnx.unwrap_or_default(),
+            signal: m.signal,
         });
     }
     check_fallbacks(&specs, file)?;
@@ -357,6 +375,33 @@ models:
             "\"x\", \"x\"]\n    target: \"t\"\n    task_type: \"regression\"\n    fallback",
         ));
         assert!(e.contains("listed twice"), "{e}");
+    }
+
+    #[test]
+    fn signal_rules_must_fit_the_task_type() {
+        let ok = OK.replace(
+            "    lazy: true\n",
+            "    lazy: true\n    signal: {buy_above: 0.1, sell_below: -0.1}\n",
+        );
+        let specs = parse(&ok).unwrap();
+        assert!(matches!(
+            specs[1].signal,
+            Some(SignalRule::Threshold { .. })
+        ));
+        let bad = OK.replace(
+            "    lazy: true\n",
+            "    lazy: true\n    signal: {classes: {1: BUY}}\n",
+        );
+        let e = err_of(&bad);
+        assert!(
+            e.contains("model 'b'") && e.contains("'signal'") && e.contains("regression model"),
+            "{e}"
+        );
+        let bad = OK.replace(
+            "    lazy: true\n",
+            "    lazy: true\n    signal: {buy_above: -1, sell_below: 1}\n",
+        );
+        assert!(err_of(&bad).contains("below sell_below"));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`model`]: the one [`model::Model`] trait and one file per format:
 //!   native LightGBM/XGBoost tree evaluation ([`model::tree`]) and ONNX
 //!   Runtime ([`model::onnx`]).
+//! - [`signal`]: per-model rules turning predictions into BUY/SELL/HOLD.
 //! - [`input`]: CSV and JSON-lines feature files for the offline `predict` CLI.
 //! - [`broker`]: the embedded Kafka broker (librdkafka's mock cluster).
 //! - [`events`]: the Avro event contract (`schemas/`) and its wire formats
@@ -27,3 +28,4 @@ pub mod events;
 pub mod input;
 pub mod model;
 pub mod registry;
+pub mod signal;

@@ -336,6 +336,19 @@ impl Registry {
             },
         };
         let i = model.info();
+        if let (Some(max), Some(k)) = (
+            spec.signal.as_ref().and_then(|r| r.max_class()),
+            i.n_classes,
+        ) {
+            if max >= k {
+                let err = fail(format!(
+                    "field 'signal' maps class {max} but the model has {k} classes"
+                ));
+                self.audit(AuditEvent::Refuse, spec, None, &sha, err.to_string())
+                    .ok(); // logged inside
+                return Err(err);
+            }
+        }
         self.audit(
             AuditEvent::Load,
             spec,

@@ -84,6 +84,7 @@ fn check_kind(kind: &str, rel: f64, abs: f64) -> usize {
                 fallback: None,
                 description: None,
                 onnx: OnnxOptions::default(),
+                signal: None,
             };
             let reg = Registry::from_specs(vec![spec], None, RegistryOptions::default());
             let model = reg

@@ -144,3 +144,19 @@ fn a_model_is_not_served_when_the_audit_store_refuses_its_rows() {
     let e = reg.get("a").err().expect("refused").to_string();
     assert!(e.contains("audit store refused the verify row"), "{e}");
 }
+
+#[test]
+fn a_signal_rule_naming_a_class_the_model_lacks_is_refused() {
+    let yaml = format!(
+        "models:\n  - name: a\n    path: lgb_binary.txt\n    kind: lightgbm\n    features: {}\n    target: y\n    task_type: classification\n    signal: {{classes: {{1: BUY, 2: SELL}}}}\n",
+        std::fs::read_to_string(fixtures().join("lgb_binary.golden.json"))
+            .map(|t| serde_json::from_str::<serde_json::Value>(&t).unwrap()["features"].to_string())
+            .unwrap()
+    );
+    let reg = registry(&yaml, None);
+    let e = reg.get("a").err().expect("refused").to_string();
+    assert!(
+        e.contains("field 'signal' maps class 2 but the model has 2 classes"),
+        "{e}"
+    );
+}
