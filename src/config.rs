@@ -114,6 +114,12 @@ pub enum ConfigError {
     },
     #[error("{file}: {message}")]
     File { file: PathBuf, message: String },
+    #[error("{file}: field '{field}': {message}")]
+    Setting {
+        file: PathBuf,
+        field: String,
+        message: String,
+    },
 }
 
 /// Reads and validates a registry file.

@@ -12,6 +12,7 @@
 //!   native LightGBM/XGBoost tree evaluation ([`model::tree`]) and ONNX
 //!   Runtime ([`model::onnx`]).
 //! - [`signal`]: per-model rules turning predictions into BUY/SELL/HOLD.
+//! - [`worker`]: the streaming worker and its `worker.yaml`.
 //! - [`input`]: CSV and JSON-lines feature files for the offline `predict` CLI.
 //! - [`broker`]: the embedded Kafka broker (librdkafka's mock cluster).
 //! - [`events`]: the Avro event contract (`schemas/`) and its wire formats
@@ -29,3 +30,4 @@ pub mod input;
 pub mod model;
 pub mod registry;
 pub mod signal;
+pub mod worker;

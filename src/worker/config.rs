@@ -1,0 +1,518 @@
+//! `config/worker.yaml`: parsed raw (`deny_unknown_fields` everywhere), then
+//! validated into [`WorkerConfig`] with no I/O. Relative paths resolve
+//! against the file's folder. Errors name the file and the dotted field.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::ConfigError;
+use crate::events::WireFormat;
+
+/// `brokers` value that starts the embedded broker in-process.
+pub const EMBEDDED: &str = "embedded";
+
+/// librdkafka properties the worker sets itself; a pass-through may not
+/// override them.
+const MANAGED: &[(&str, &str)] = &[
+    ("bootstrap.servers", "set 'kafka.brokers'"),
+    ("group.id", "set 'kafka.group_id'"),
+    (
+        "enable.auto.commit",
+        "offsets are committed only after outputs are acknowledged",
+    ),
+    (
+        "enable.auto.offset.store",
+        "offsets are stored only after outputs are acknowledged",
+    ),
+    (
+        "partition.assignment.strategy",
+        "the worker relies on cooperative-sticky rebalancing",
+    ),
+];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    kafka: RawKafka,
+    input: RawInput,
+    outputs: RawOutputs,
+    #[serde(default)]
+    schema_registry: Option<RawSchemaRegistry>,
+    #[serde(default)]
+    batching: RawBatching,
+    #[serde(default)]
+    delivery: RawDelivery,
+    /// Model registry file.
+    registry: String,
+    /// SQLite audit store.
+    audit_db: String,
+    #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
+    logging: RawLogging,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKafka {
+    /// `host:port,...`, or `embedded` for the in-process broker.
+    brokers: String,
+    /// Consumer group: replicas with the same id share the partitions.
+    group_id: String,
+    /// Client id reported to the brokers.
+    #[serde(default)]
+    client_id: Option<String>,
+    /// Extra librdkafka properties (TLS, SASL, timeouts, ...), passed through.
+    #[serde(default)]
+    librdkafka: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInput {
+    /// Topics of feature events.
+    topics: Vec<String>,
+    /// Wire format of those events.
+    format: WireFormat,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutput {
+    topic: String,
+    format: WireFormat,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeadLetters {
+    /// Undecodable or unservable events go here, bytes and headers intact.
+    topic: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutputs {
+    predictions: RawOutput,
+    signals: RawOutput,
+    dead_letters: RawDeadLetters,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSchemaRegistry {
+    /// Confluent Schema Registry, for `avro` topics.
+    url: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatch {
+    #[serde(default)]
+    max_batch_size: Option<usize>,
+    #[serde(default)]
+    max_wait_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatching {
+    /// Rows per inference call, at most.
+    #[serde(default = "default_batch")]
+    max_batch_size: usize,
+    /// How long a partial batch may wait for more rows.
+    #[serde(default = "default_wait")]
+    max_wait_ms: u64,
+    /// Overrides by model name.
+    #[serde(default)]
+    per_model: BTreeMap<String, RawBatch>,
+}
+
+impl Default for RawBatching {
+    fn default() -> Self {
+        RawBatching {
+            max_batch_size: default_batch(),
+            max_wait_ms: default_wait(),
+            per_model: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_batch() -> usize {
+    1000
+}
+fn default_wait() -> u64 {
+    5
+}
+
+/// When input offsets are committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum DeliveryMode {
+    /// After every output derived from the event is acknowledged (default).
+    #[serde(rename = "at-least-once")]
+    AtLeastOnce,
+    /// As soon as the event is read: a crash may lose in-flight events,
+    /// never duplicates them.
+    #[serde(rename = "at-most-once")]
+    AtMostOnce,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDelivery {
+    #[serde(default = "default_mode")]
+    mode: DeliveryMode,
+    /// Events read but not yet committed, at most (backpressure pauses partitions).
+    #[serde(default = "default_in_flight")]
+    max_in_flight: usize,
+    /// How often stored offsets are committed.
+    #[serde(default = "default_commit")]
+    commit_interval_ms: u64,
+    /// Drain deadline on SIGTERM/SIGINT.
+    #[serde(default = "default_shutdown")]
+    shutdown_timeout_ms: u64,
+}
+
+impl Default for RawDelivery {
+    fn default() -> Self {
+        RawDelivery {
+            mode: default_mode(),
+            max_in_flight: default_in_flight(),
+            commit_interval_ms: default_commit(),
+            shutdown_timeout_ms: default_shutdown(),
+        }
+    }
+}
+
+fn default_mode() -> DeliveryMode {
+    DeliveryMode::AtLeastOnce
+}
+fn default_in_flight() -> usize {
+    100_000
+}
+fn default_commit() -> u64 {
+    1000
+}
+fn default_shutdown() -> u64 {
+    10_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    /// `/metrics`, `/healthz`, `/readyz` listen here.
+    #[serde(default = "default_metrics")]
+    address: String,
+}
+
+impl Default for RawMetrics {
+    fn default() -> Self {
+        RawMetrics {
+            address: default_metrics(),
+        }
+    }
+}
+
+fn default_metrics() -> String {
+    "127.0.0.1:9100".into()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogging {
+    /// JSON lines instead of text.
+    #[serde(default)]
+    json: bool,
+}
+
+/// An output topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    pub topic: String,
+    pub format: WireFormat,
+}
+
+/// Batch limits for one model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchLimits {
+    pub max_batch_size: usize,
+    pub max_wait: Duration,
+}
+
+/// A validated worker configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerConfig {
+    pub brokers: String,
+    pub group_id: String,
+    pub client_id: String,
+    pub librdkafka: BTreeMap<String, String>,
+    pub input_topics: Vec<String>,
+    pub input_format: WireFormat,
+    pub predictions: Output,
+    pub signals: Output,
+    pub dead_letters: String,
+    pub schema_registry: Option<String>,
+    pub batching: BatchLimits,
+    pub per_model: BTreeMap<String, BatchLimits>,
+    pub mode: DeliveryMode,
+    pub max_in_flight: usize,
+    pub commit_interval: Duration,
+    pub shutdown_timeout: Duration,
+    pub registry: PathBuf,
+    pub audit_db: PathBuf,
+    pub metrics_address: SocketAddr,
+    pub log_json: bool,
+}
+
+impl WorkerConfig {
+    /// Batch limits for a model (its override, else the defaults).
+    pub fn limits_for(&self, model: &str) -> BatchLimits {
+        self.per_model.get(model).copied().unwrap_or(self.batching)
+    }
+
+    /// Whether `brokers` asks for the in-process broker.
+    pub fn embedded(&self) -> bool {
+        self.brokers == EMBEDDED
+    }
+}
+
+/// Command-line overrides (`--brokers`, `--group`, `--registry`).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub brokers: Option<String>,
+    pub group_id: Option<String>,
+    pub registry: Option<PathBuf>,
+}
+
+/// Reads, applies overrides to, and validates a worker config file.
+pub fn load_worker_config(file: &Path, overrides: &Overrides) -> Result<WorkerConfig, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        file: file.to_path_buf(),
+        source,
+    })?;
+    parse_worker_config(&text, file, overrides)
+}
+
+pub fn parse_worker_config(
+    text: &str,
+    file: &Path,
+    overrides: &Overrides,
+) -> Result<WorkerConfig, ConfigError> {
+    let mut raw: Raw = serde_norway::from_str(text).map_err(|e| ConfigError::Yaml {
+        file: file.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    if let Some(b) = &overrides.brokers {
+        raw.kafka.brokers = b.clone();
+    }
+    if let Some(g) = &overrides.group_id {
+        raw.kafka.group_id = g.clone();
+    }
+    let base = file.parent().unwrap_or(Path::new("."));
+    let registry = match &overrides.registry {
+        Some(p) => p.clone(),
+        None => base.join(&raw.registry),
+    };
+    validate(raw, file, base, registry)
+}
+
+fn validate(
+    raw: Raw,
+    file: &Path,
+    base: &Path,
+    registry: PathBuf,
+) -> Result<WorkerConfig, ConfigError> {
+    let err = |field: &str, message: String| ConfigError::Setting {
+        file: file.to_path_buf(),
+        field: field.to_string(),
+        message,
+    };
+    if raw.kafka.brokers.trim().is_empty() {
+        return Err(err(
+            "kafka.brokers",
+            "must not be empty (host:port,... or 'embedded')".into(),
+        ));
+    }
+    if raw.kafka.group_id.trim().is_empty() {
+        return Err(err("kafka.group_id", "must not be empty".into()));
+    }
+    for (key, value) in &raw.kafka.librdkafka {
+        if let Some((_, why)) = MANAGED.iter().find(|(k, _)| k == key) {
+            return Err(err(
+                &format!("kafka.librdkafka.{key}"),
+                format!("is managed by ml-worker: {why}"),
+            ));
+        }
+        if value.is_empty() {
+            return Err(err(
+                &format!("kafka.librdkafka.{key}"),
+                "has an empty value".into(),
+            ));
+        }
+    }
+    if raw.input.topics.is_empty() {
+        return Err(err("input.topics", "must list at least one topic".into()));
+    }
+    let topics: Vec<(&str, &str)> = raw
+        .input
+        .topics
+        .iter()
+        .map(|t| ("input.topics", t.as_str()))
+        .chain([
+            (
+                "outputs.predictions.topic",
+                raw.outputs.predictions.topic.as_str(),
+            ),
+            ("outputs.signals.topic", raw.outputs.signals.topic.as_str()),
+            (
+                "outputs.dead_letters.topic",
+                raw.outputs.dead_letters.topic.as_str(),
+            ),
+        ])
+        .collect();
+    for (field, t) in &topics {
+        let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if t.is_empty() || t.len() > 249 || !t.chars().all(legal) {
+            return Err(err(
+                field,
+                format!("'{t}' is not a valid topic name ([a-zA-Z0-9._-], 1-249)"),
+            ));
+        }
+    }
+    for (i, (field, t)) in topics.iter().enumerate() {
+        if let Some((other, _)) = topics[..i].iter().find(|(_, u)| u == t) {
+            if *field == "input.topics" || other.starts_with("input") {
+                return Err(err(
+                    field,
+                    format!("topic '{t}' is also {other}: outputs must not feed the input"),
+                ));
+            }
+        }
+    }
+    if raw.outputs.dead_letters.topic == raw.outputs.predictions.topic
+        || raw.outputs.dead_letters.topic == raw.outputs.signals.topic
+    {
+        return Err(err(
+            "outputs.dead_letters.topic",
+            "must differ from the prediction and signal topics".into(),
+        ));
+    }
+    let uses_avro = [
+        raw.input.format,
+        raw.outputs.predictions.format,
+        raw.outputs.signals.format,
+    ]
+    .contains(&WireFormat::Avro);
+    let schema_registry = match raw.schema_registry {
+        Some(r) if r.url.starts_with("http://") || r.url.starts_with("https://") => Some(r.url),
+        Some(r) => return Err(err("schema_registry.url", format!("'{}' is not an http(s) URL", r.url))),
+        None if uses_avro => {
+            return Err(err("schema_registry.url", "the 'avro' format (Confluent framing) needs a schema registry; use 'avro-raw' without one".into()))
+        }
+        None => None,
+    };
+    let limits = |field: &str, size: usize, wait: u64| -> Result<BatchLimits, ConfigError> {
+        if !(1..=100_000).contains(&size) {
+            return Err(err(
+                &format!("{field}max_batch_size"),
+                format!("{size} is not within 1..=100000"),
+            ));
+        }
+        if wait > 10_000 {
+            return Err(err(
+                &format!("{field}max_wait_ms"),
+                format!("{wait} ms is more than 10000"),
+            ));
+        }
+        Ok(BatchLimits {
+            max_batch_size: size,
+            max_wait: Duration::from_millis(wait),
+        })
+    };
+    let batching = limits(
+        "batching.",
+        raw.batching.max_batch_size,
+        raw.batching.max_wait_ms,
+    )?;
+    let mut per_model = BTreeMap::new();
+    for (model, b) in &raw.batching.per_model {
+        let field = format!("batching.per_model.{model}.");
+        let l = limits(
+            &field,
+            b.max_batch_size.unwrap_or(batching.max_batch_size),
+            b.max_wait_ms.unwrap_or(raw.batching.max_wait_ms),
+        )?;
+        per_model.insert(model.clone(), l);
+    }
+    let biggest = per_model
+        .values()
+        .map(|l| l.max_batch_size)
+        .chain([batching.max_batch_size])
+        .max()
+        .unwrap_or(1);
+    if raw.delivery.max_in_flight < biggest {
+        return Err(err(
+            "delivery.max_in_flight",
+            format!(
+                "{} is smaller than the largest batch ({biggest})",
+                raw.delivery.max_in_flight
+            ),
+        ));
+    }
+    if !(10..=60_000).contains(&raw.delivery.commit_interval_ms) {
+        return Err(err(
+            "delivery.commit_interval_ms",
+            format!(
+                "{} is not within 10..=60000",
+                raw.delivery.commit_interval_ms
+            ),
+        ));
+    }
+    if raw.delivery.shutdown_timeout_ms > 600_000 {
+        return Err(err(
+            "delivery.shutdown_timeout_ms",
+            "is more than 10 minutes".into(),
+        ));
+    }
+    let metrics_address: SocketAddr = raw.metrics.address.parse().map_err(|_| {
+        err(
+            "metrics.address",
+            format!("'{}' is not an ip:port address", raw.metrics.address),
+        )
+    })?;
+    if raw.audit_db.trim().is_empty() {
+        return Err(err("audit_db", "must not be empty".into()));
+    }
+    Ok(WorkerConfig {
+        brokers: raw.kafka.brokers,
+        group_id: raw.kafka.group_id,
+        client_id: raw.kafka.client_id.unwrap_or_else(|| "ml-worker".into()),
+        librdkafka: raw.kafka.librdkafka,
+        input_topics: raw.input.topics,
+        input_format: raw.input.format,
+        predictions: Output {
+            topic: raw.outputs.predictions.topic,
+            format: raw.outputs.predictions.format,
+        },
+        signals: Output {
+            topic: raw.outputs.signals.topic,
+            format: raw.outputs.signals.format,
+        },
+        dead_letters: raw.outputs.dead_letters.topic,
+        schema_registry,
+        batching,
+        per_model,
+        mode: raw.delivery.mode,
+        max_in_flight: raw.delivery.max_in_flight,
+        commit_interval: Duration::from_millis(raw.delivery.commit_interval_ms),
+        shutdown_timeout: Duration::from_millis(raw.delivery.shutdown_timeout_ms),
+        registry,
+        audit_db: base.join(raw.audit_db),
+        metrics_address,
+        log_json: raw.logging.json,
+    })
+}

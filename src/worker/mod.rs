@@ -1,0 +1,7 @@
+//! The streaming worker: Kafka feature events in, batched inference,
+//! prediction and signal events out (at-least-once).
+//!
+//! - [`config`]: `config/worker.yaml`, parsed raw with unknown fields refused
+//!   and validated in one pass; errors name the file and the dotted field.
+
+pub mod config;

@@ -1,0 +1,85 @@
+//! `worker.yaml`: the shipped file is valid, overrides apply, and every file
+//! under tests/fixtures/config/invalid is refused with the error its first
+//! line (`# expect: ...`) names.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ml_worker::events::WireFormat;
+use ml_worker::worker::config::{load_worker_config, DeliveryMode, Overrides};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn shipped_config_is_valid_and_resolves_paths() {
+    let c = load_worker_config(&root().join("config/worker.yaml"), &Overrides::default()).unwrap();
+    assert!(c.embedded());
+    assert_eq!(c.input_topics, vec!["features"]);
+    assert_eq!(c.input_format, WireFormat::AvroRaw);
+    assert_eq!(c.predictions.topic, "predictions");
+    assert_eq!(c.signals.topic, "signals");
+    assert_eq!(c.dead_letters, "dead-letters");
+    assert_eq!(c.mode, DeliveryMode::AtLeastOnce);
+    assert_eq!(c.limits_for("anything").max_batch_size, 1000);
+    assert_eq!(c.limits_for("anything").max_wait, Duration::from_millis(5));
+    assert_eq!(c.registry, root().join("config/models.yaml"));
+    assert!(c.registry.is_file());
+    assert_eq!(c.audit_db, root().join("config/../data/audit.db"));
+}
+
+#[test]
+fn command_line_overrides_win() {
+    let o = Overrides {
+        brokers: Some("127.0.0.1:9092".into()),
+        group_id: Some("g2".into()),
+        registry: Some(PathBuf::from("/elsewhere/models.yaml")),
+    };
+    let c = load_worker_config(&root().join("config/worker.yaml"), &o).unwrap();
+    assert!(!c.embedded());
+    assert_eq!(c.brokers, "127.0.0.1:9092");
+    assert_eq!(c.group_id, "g2");
+    assert_eq!(c.registry, Path::new("/elsewhere/models.yaml"));
+}
+
+#[test]
+fn per_model_batching_overrides_the_defaults() {
+    let text = std::fs::read_to_string(root().join("config/worker.yaml"))
+        .unwrap()
+        .replace("  per_model: {}", "  per_model: {fast: {max_wait_ms: 1}}");
+    let c = ml_worker::worker::config::parse_worker_config(
+        &text,
+        Path::new("w.yaml"),
+        &Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!(c.limits_for("fast").max_wait, Duration::from_millis(1));
+    assert_eq!(c.limits_for("fast").max_batch_size, 1000);
+}
+
+#[test]
+fn invalid_configs_are_refused_naming_the_field() {
+    let dir = root().join("tests/fixtures/config/invalid");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let expect = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .expect("first line '# expect: ...'");
+        let e = load_worker_config(&path, &Overrides::default())
+            .expect_err(&path.display().to_string())
+            .to_string();
+        assert!(
+            e.contains(expect),
+            "{}: expected {expect:?} in {e:?}",
+            path.display()
+        );
+        assert!(e.contains(&path.display().to_string()), "{e}");
+        n += 1;
+    }
+    assert!(n >= 10, "only {n} invalid fixtures");
+}
