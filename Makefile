@@ -1,6 +1,6 @@
 # Every target does its own set-up; nothing needs to be installed by hand
 # beyond the Rust toolchain, Python 3 and make.
-.PHONY: demo test setup onnxruntime sqlite3 lint build fixtures bench-models clean
+.PHONY: demo test setup onnxruntime sqlite3 python-kafka lint build fixtures bench-models clean
 
 CARGO ?= cargo
 BIN := target/release/ml-worker
@@ -23,7 +23,11 @@ demo: onnxruntime build
 test: setup lint
 	$(CARGO) test --all-targets
 
-setup: onnxruntime sqlite3
+setup: onnxruntime sqlite3 python-kafka
+
+# confluent-kafka + fastavro: third-party clients for the interoperability tests
+python-kafka:
+	bash scripts/setup-python.sh kafka
 
 onnxruntime:
 	bash scripts/fetch-onnxruntime.sh

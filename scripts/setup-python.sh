@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# The Python reference libraries (for fixtures and benchmarks) in a venv at
-# .cache/venv. Idempotent: reinstalls only when tools/requirements.txt changes.
+# A Python venv from a requirements file, reinstalled only when the file
+# changes. Default: the reference libraries (fixtures, benchmarks) in
+# .cache/venv. `setup-python.sh kafka`: confluent-kafka + fastavro for the
+# interoperability tests, in .cache/venv-kafka.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-venv="$root/.cache/venv"
-req="$root/tools/requirements.txt"
+case "${1:-}" in
+  kafka) venv="$root/.cache/venv-kafka"; req="$root/tools/requirements-kafka.txt" ;;
+  "") venv="$root/.cache/venv"; req="$root/tools/requirements.txt" ;;
+  *) echo "usage: $0 [kafka]" >&2; exit 2 ;;
+esac
 stamp="$venv/.requirements.sha256"
 want=$(sha256sum "$req" | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
