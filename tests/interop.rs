@@ -90,7 +90,7 @@ fn check_python_events(format: &str, wire: WireFormat) {
             let want = i as f64 * 0.5 + j as f64;
             match f.get(&format!("f{j}")) {
                 Some(v) => assert_eq!(*v, want),
-                None => assert!(j == 2 && i % 5 == 0, "event {i} lacks f{j}"),
+                None => assert!(j == 2 && i.is_multiple_of(5), "event {i} lacks f{j}"),
             }
         }
     }
