@@ -6,8 +6,9 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-/// Hex SHA256 of a file, read in 64 KiB chunks (never the whole file at once).
-pub fn sha256_file(path: &Path) -> io::Result<String> {
+/// Reads a file in 64 KiB chunks, handing each to `chunk` and the hasher;
+/// returns the hex SHA256.
+fn stream(path: &Path, mut chunk: impl FnMut(&[u8])) -> io::Result<String> {
     let mut f = File::open(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -17,32 +18,23 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
             break;
         }
         h.update(&buf[..n]);
+        chunk(&buf[..n]);
     }
     Ok(hex::encode(h.finalize()))
+}
+
+/// Hex SHA256 of a file, never holding more than a chunk of it.
+pub fn sha256_file(path: &Path) -> io::Result<String> {
+    stream(path, |_| {})
 }
 
 /// Reads a whole file, hashing it chunk by chunk as it is read, so the bytes
 /// that are verified are exactly the bytes that are then parsed (a file
 /// replaced between a hash and a second read cannot slip through).
 pub fn read_and_hash(path: &Path) -> io::Result<(Vec<u8>, String)> {
-    let mut f = File::open(path)?;
-    let mut h = Sha256::new();
-    let mut bytes = Vec::with_capacity(
-        f.metadata()
-            .map(|m| m.len() as usize)
-            .unwrap_or(0)
-            .min(1 << 30),
-    );
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        bytes.extend_from_slice(&buf[..n]);
-    }
-    Ok((bytes, hex::encode(h.finalize())))
+    let mut bytes = Vec::new();
+    let sha = stream(path, |c| bytes.extend_from_slice(c))?;
+    Ok((bytes, sha))
 }
 
 /// Hex SHA256 of bytes.
