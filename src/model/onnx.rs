@@ -171,7 +171,7 @@ impl OnnxModel {
     pub fn load(
         spec: &ModelSpec,
         bytes: &[u8],
-        mut info: ModelInfo,
+        info: ModelInfo,
         rt: &RuntimeConfig,
     ) -> Result<OnnxModel, ModelError> {
         let env = environment(rt)?;
@@ -335,7 +335,7 @@ impl OnnxModel {
         };
 
         let mut model = OnnxModel {
-            info: ModelInfo { ..info.clone() },
+            info,
             session: Mutex::new(session),
             input: input_name,
             input_f64,
@@ -347,9 +347,9 @@ impl OnnxModel {
         let probe = model
             .run(Batch::new(&zeros, spec.features.len())?)
             .map_err(|e| format_err(format!("a probe row of zeros failed: {e}")))?;
-        info.n_outputs = probe.values.width;
-        info.n_classes = probe.probabilities.as_ref().map(|p| p.width);
-        info.detail = format!(
+        model.info.n_outputs = probe.values.width;
+        model.info.n_classes = probe.probabilities.as_ref().map(|p| p.width);
+        model.info.detail = format!(
             "onnx, input '{}' ({}), prediction {}, probabilities {}",
             model.input,
             if input_f64 { "float64" } else { "float32" },
@@ -364,7 +364,6 @@ impl OnnxModel {
                 .map(|o| format!("'{}'", o.name))
                 .unwrap_or_else(|| "none".into()),
         );
-        model.info = info;
         Ok(model)
     }
 
