@@ -55,6 +55,22 @@ struct RawModel {
     /// How predictions become trading signals (none: no signals).
     #[serde(default)]
     signal: Option<SignalRule>,
+    /// What the worker does with an event whose feature is absent or NaN:
+    /// `nan` (pass NaN; tree models route it down their default branch) or
+    /// `reject` (dead-letter the event). Default: `nan` for lightgbm and
+    /// xgboost, `reject` otherwise.
+    #[serde(default)]
+    missing: Option<MissingPolicy>,
+}
+
+/// How absent or NaN features are treated by the streaming worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MissingPolicy {
+    /// Absent features become NaN (the model's own missing-value handling).
+    Nan,
+    /// The event goes to the dead-letter topic naming the feature.
+    Reject,
 }
 
 /// ONNX input/output selection. By default the single float input is used,
@@ -92,6 +108,7 @@ pub struct ModelSpec {
     pub description: Option<String>,
     pub onnx: OnnxOptions,
     pub signal: Option<SignalRule>,
+    pub missing: MissingPolicy,
 }
 
 /// A registry file problem, with the file, the model and the field.
@@ -270,6 +287,10 @@ fn validate(raw: RawRegistry, file: &Path, base: &Path) -> Result<Vec<ModelSpec>
             description: m.description,
             onnx: m.onnx.unwrap_or_default(),
             signal: m.signal,
+            missing: m.missing.unwrap_or(match kind {
+                ModelKind::Lightgbm | ModelKind::Xgboost => MissingPolicy::Nan,
+                _ => MissingPolicy::Reject,
+            }),
         });
     }
     check_fallbacks(&specs, file)?;

@@ -226,6 +226,83 @@ fn read_feature_datum(bytes: &[u8]) -> Result<FeatureEvent, DecodeError> {
     })
 }
 
+impl Cursor<'_> {
+    fn doubles(&mut self, field: &str) -> Result<Vec<f64>, DecodeError> {
+        let mut out = Vec::new();
+        loop {
+            let mut count = self.long(field)?;
+            if count == 0 {
+                return Ok(out);
+            }
+            if count < 0 {
+                count = count
+                    .checked_neg()
+                    .ok_or_else(|| self.err(&format!("'{field}': bad block count")))?;
+                self.long(field)?;
+            }
+            if count as u64 > (self.b.len() - self.pos) as u64 / 8 {
+                return Err(self.err(&format!("'{field}': block of {count} exceeds the message")));
+            }
+            for _ in 0..count {
+                out.push(self.double(field)?);
+            }
+        }
+    }
+
+    fn byte(&mut self, field: &str) -> Result<u8, DecodeError> {
+        Ok(self.take(1, field)?[0])
+    }
+}
+
+/// Reads a PredictionEvent datum written with the shipped schema.
+fn read_prediction_datum(bytes: &[u8]) -> Result<PredictionEvent, DecodeError> {
+    let mut c = Cursor { b: bytes, pos: 0 };
+    let e = PredictionEvent {
+        event_id: c.string("event_id")?,
+        model: c.string("model")?,
+        model_version: c.string("model_version")?,
+        model_sha256: c.string("model_sha256")?,
+        symbol: c.string("symbol")?,
+        event_time: c.long("event_time")?,
+        prediction: c.double("prediction")?,
+        probabilities: match c.long("probabilities")? {
+            0 => None,
+            1 => Some(c.doubles("probabilities")?),
+            u => return Err(c.err(&format!("'probabilities': union branch {u}"))),
+        },
+        fallback: match c.byte("fallback")? {
+            0 => false,
+            1 => true,
+            b => return Err(c.err(&format!("'fallback': boolean byte {b}"))),
+        },
+        inference_latency_us: c.long("inference_latency_us")?,
+    };
+    c.done()?;
+    Ok(e)
+}
+
+/// Reads a SignalEvent datum written with the shipped schema.
+fn read_signal_datum(bytes: &[u8]) -> Result<SignalEvent, DecodeError> {
+    let mut c = Cursor { b: bytes, pos: 0 };
+    let e = SignalEvent {
+        event_id: c.string("event_id")?,
+        symbol: c.string("symbol")?,
+        model: c.string("model")?,
+        model_version: c.string("model_version")?,
+        event_time: c.long("event_time")?,
+        side: match c.long("side")? {
+            0 => Side::Buy,
+            1 => Side::Sell,
+            2 => Side::Hold,
+            s => return Err(c.err(&format!("'side': enum index {s}"))),
+        },
+        strength: c.double("strength")?,
+        prediction: c.double("prediction")?,
+    };
+    c.done()?;
+    Ok(e)
+}
+
 fn put_long(out: &mut Vec<u8>, v: i64) {
     let mut z = ((v << 1) ^ (v >> 63)) as u64;
     while z >= 0x80 {
@@ -425,6 +502,29 @@ impl Codec {
         feature_from_value(value)
     }
 
+    /// Decodes a prediction (for downstream readers: demo, bench, tests).
+    /// `avro` records are read with the shipped schema whatever their id.
+    pub fn decode_prediction(&self, bytes: &[u8]) -> Result<PredictionEvent, DecodeError> {
+        match self.format {
+            WireFormat::AvroRaw => read_prediction_datum(bytes),
+            WireFormat::Avro => read_prediction_datum(unframe(bytes)?),
+            WireFormat::Json => {
+                serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))
+            }
+        }
+    }
+
+    /// Decodes a signal (see [`Codec::decode_prediction`]).
+    pub fn decode_signal(&self, bytes: &[u8]) -> Result<SignalEvent, DecodeError> {
+        match self.format {
+            WireFormat::AvroRaw => read_signal_datum(bytes),
+            WireFormat::Avro => read_signal_datum(unframe(bytes)?),
+            WireFormat::Json => {
+                serde_json::from_slice(bytes).map_err(|e| DecodeError::Json(e.to_string()))
+            }
+        }
+    }
+
     pub fn encode_prediction(&self, e: &PredictionEvent, out: &mut Vec<u8>) {
         match self.format {
             WireFormat::AvroRaw => write_prediction_datum(e, out),
@@ -446,6 +546,17 @@ impl Codec {
             WireFormat::Json => json_into(out, e),
         }
     }
+}
+
+/// The datum inside a Confluent frame.
+fn unframe(bytes: &[u8]) -> Result<&[u8], DecodeError> {
+    if bytes.len() < 5 {
+        return Err(DecodeError::ShortFrame(bytes.len()));
+    }
+    if bytes[0] != MAGIC {
+        return Err(DecodeError::BadMagic(bytes[0]));
+    }
+    Ok(&bytes[5..])
 }
 
 fn frame(out: &mut Vec<u8>, id: u32) {

@@ -12,8 +12,13 @@
 //!   native LightGBM/XGBoost tree evaluation ([`model::tree`]) and ONNX
 //!   Runtime ([`model::onnx`]).
 //! - [`signal`]: per-model rules turning predictions into BUY/SELL/HOLD.
-//! - [`worker`]: the streaming worker and its `worker.yaml`.
+//! - [`worker`]: the streaming worker and its `worker.yaml`: consume loop
+//!   ([`worker::run`]), batching ([`worker::batch`]), inference and publishing
+//!   ([`worker::publish`]), at-least-once offsets ([`worker::offsets`]),
+//!   metrics ([`worker::metrics`]).
+//! - [`service`]: audit + registry + (embedded) broker + worker, as `run` starts them.
 //! - [`input`]: CSV and JSON-lines feature files for the offline `predict` CLI.
+//! - [`loadgen`]: sample feature traffic and a downstream reader (demo, bench, tests).
 //! - [`broker`]: the embedded Kafka broker (librdkafka's mock cluster).
 //! - [`events`]: the Avro event contract (`schemas/`) and its wire formats
 //!   (`avro` with Confluent framing, `avro-raw`, `json`).
@@ -27,7 +32,9 @@ pub mod checksum;
 pub mod config;
 pub mod events;
 pub mod input;
+pub mod loadgen;
 pub mod model;
 pub mod registry;
+pub mod service;
 pub mod signal;
 pub mod worker;

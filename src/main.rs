@@ -13,6 +13,8 @@ use ml_worker::checksum::sha256_file;
 use ml_worker::input::read_rows;
 use ml_worker::model::{onnx, Batch, Prediction, TaskType};
 use ml_worker::registry::{Registry, RegistryOptions};
+use ml_worker::worker::config::{load_worker_config, Overrides};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Parser)]
 #[command(
@@ -51,6 +53,21 @@ enum Command {
         /// Audit store the load is recorded in.
         #[arg(long, default_value = "data/audit.db", env = "ML_WORKER_AUDIT_DB")]
         audit_db: PathBuf,
+    },
+    /// The streaming worker: consume feature events, infer, publish predictions and signals.
+    Run {
+        /// Worker configuration.
+        #[arg(long, default_value = "config/worker.yaml")]
+        config: PathBuf,
+        /// Override `kafka.brokers` (`host:port,...` or `embedded`).
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Override `kafka.group_id`.
+        #[arg(long)]
+        group: Option<String>,
+        /// Override the model registry file.
+        #[arg(long)]
+        registry: Option<PathBuf>,
     },
     /// Run an embedded Kafka broker (librdkafka's mock cluster) until stopped.
     Broker {
@@ -112,7 +129,10 @@ enum AuditCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_json);
+    // `run` logs as its config says (or as --log-json says)
+    if !matches!(cli.command, Command::Run { .. }) {
+        init_logging(cli.log_json);
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -161,6 +181,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     json,
                 },
         } => audit_show(&db, model.as_deref(), limit, json),
+        Command::Run {
+            config,
+            brokers,
+            group,
+            registry,
+        } => {
+            let overrides = Overrides {
+                brokers,
+                group_id: group,
+                registry,
+            };
+            run_worker(&config, &overrides, onnx, cli.log_json)
+        }
         Command::Broker {
             topics,
             brokers,
@@ -198,6 +231,67 @@ fn run_broker(topics: &str, brokers: i32, address_file: Option<&Path>) -> Result
     eprintln!("embedded broker: stopping");
     drop(broker);
     Ok(ExitCode::SUCCESS)
+}
+
+fn run_worker(
+    config: &Path,
+    overrides: &Overrides,
+    onnx: onnx::RuntimeConfig,
+    log_json: bool,
+) -> Result<ExitCode> {
+    let cfg = load_worker_config(config, overrides)?;
+    init_logging(log_json || cfg.log_json);
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signal(stop.clone())?;
+    let summary = ml_worker::service::serve(Arc::new(cfg), onnx, stop, |started| {
+        tracing::info!(metrics = %started.metrics_address, brokers = %started.brokers, "ready for events");
+        eprintln!(
+            "ml-worker: consuming from {} (metrics on http://{}/metrics)",
+            started.brokers, started.metrics_address
+        );
+    })?;
+    eprintln!(
+        "ml-worker: stopped: {} events in, {} outputs acknowledged, {} dead letters{}",
+        summary.events_in,
+        summary.outputs_acked,
+        summary.dead_letters,
+        if summary.clean {
+            String::new()
+        } else {
+            format!(
+                "; {} events left uncommitted (read again on restart)",
+                summary.in_flight_at_exit
+            )
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Sets `stop` on the first SIGINT/SIGTERM; a second one exits at once
+/// (nothing is lost: uncommitted events are read again on restart).
+fn stop_on_signal(stop: Arc<AtomicBool>) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            rt.block_on(async {
+                if shutdown_signal().await.is_ok() {
+                    eprintln!(
+                        "ml-worker: stopping (draining in-flight events; signal again to exit now)"
+                    );
+                    stop.store(true, Ordering::Relaxed);
+                }
+                if shutdown_signal().await.is_ok() {
+                    eprintln!(
+                        "ml-worker: exiting now; uncommitted events are read again on restart"
+                    );
+                    std::process::exit(130);
+                }
+            })
+        })?;
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

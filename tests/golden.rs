@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ml_worker::config::{ModelSpec, OnnxOptions};
+use ml_worker::config::{MissingPolicy, ModelSpec, OnnxOptions};
 use ml_worker::model::{Batch, ImportanceType, ModelKind, TaskType};
 use ml_worker::registry::{Registry, RegistryOptions};
 use serde::Deserialize;
@@ -85,6 +85,7 @@ fn check_kind(kind: &str, rel: f64, abs: f64) -> usize {
                 description: None,
                 onnx: OnnxOptions::default(),
                 signal: None,
+                missing: MissingPolicy::Nan,
             };
             let reg = Registry::from_specs(vec![spec], None, RegistryOptions::default());
             let model = reg

@@ -202,6 +202,22 @@ def write_models_readme(features):
     (MODELS / "README.md").write_text("\n".join(out))
 
 
+def write_samples(name, feats, x, pred, probs):
+    """models/samples/<name>.csv: feature rows with the reference prediction
+    (`prediction`; classifiers also `p0`, `p1`, ...). repr() keeps every bit."""
+    out = MODELS / "samples"
+    out.mkdir(exist_ok=True)
+    x = x[:100]
+    head = list(feats) + ["prediction"] + ([f"p{k}" for k in range(probs.shape[1])] if probs is not None else [])
+    lines = [",".join(head)]
+    for i in range(len(x)):
+        vals = [repr(float(v)) for v in x[i]] + [repr(float(pred[i]))]
+        if probs is not None:
+            vals += [repr(float(v)) for v in probs[i]]
+        lines.append(",".join(vals))
+    (out / f"{name}.csv").write_text("\n".join(lines) + "\n")
+
+
 def main():
     FIX.mkdir(parents=True, exist_ok=True)
     MODELS.mkdir(parents=True, exist_ok=True)
@@ -339,6 +355,14 @@ def main():
 
     shipped = [("diabetes_lgbm", fd), ("breast_cancer_xgb", fb), ("wine_rf", fw)]
     write_models_readme(dict(shipped))
+
+    # sample events for the shipped models (demo, bench, end-to-end tests), each
+    # row with the reference library's own prediction
+    wine = onnx_run(MODELS / "wine_rf.onnx", xw_te)
+    write_samples("diabetes_lgbm", fd, xd_te, booster.predict(xd_te), None)
+    pb = bx.predict(xgb.DMatrix(xb_te, feature_names=fb)).astype(np.float64)
+    write_samples("breast_cancer_xgb", fb, xb_te, (pb > 0.5).astype(np.int64), np.column_stack([1 - pb, pb]))
+    write_samples("wine_rf", fw, xw_te, wine[0], wine[1].astype(np.float64))
     print(f"\nsklearn {sklearn.__version__}, {LGB_VER}, {XGB_VER}, {ORT_VER}")
     for name, feats in shipped:
         print(f"{name}: {json.dumps(feats)}")

@@ -408,8 +408,9 @@ fn validate(
     ]
     .contains(&WireFormat::Avro);
     let schema_registry = match raw.schema_registry {
-        Some(r) if r.url.starts_with("http://") || r.url.starts_with("https://") => Some(r.url),
-        Some(r) => return Err(err("schema_registry.url", format!("'{}' is not an http(s) URL", r.url))),
+        Some(r) if r.url.starts_with("http://") && r.url.len() > 7 => Some(r.url),
+        Some(r) if r.url.starts_with("https://") => return Err(err("schema_registry.url", format!("'{}': only plain http:// registries are supported (put a TLS-terminating proxy in front)", r.url))),
+        Some(r) => return Err(err("schema_registry.url", format!("'{}' is not an http:// URL", r.url))),
         None if uses_avro => {
             return Err(err("schema_registry.url", "the 'avro' format (Confluent framing) needs a schema registry; use 'avro-raw' without one".into()))
         }

@@ -5,5 +5,12 @@
 //!   and validated in one pass; errors name the file and the dotted field.
 //! - [`offsets`]: which input offsets may be committed (at-least-once).
 
+pub mod batch;
 pub mod config;
+pub mod metrics;
 pub mod offsets;
+pub mod publish;
+pub mod run;
+pub mod schema_registry;
+
+pub use run::{run, Started, Summary, WorkerError};

@@ -6,75 +6,162 @@
 //! lowest offset still waiting for an acknowledgement (or one past the
 //! highest offset read, when none waits): committing it never skips an event
 //! whose outputs are not yet safe, whatever order acknowledgements come in.
+//!
+//! Partitions are known by *slot*: a number given to one assignment of a
+//! topic partition (see [`Slots`]). A partition revoked and assigned again
+//! gets a new slot, so a late acknowledgement from before the revocation can
+//! never be mistaken for one of the new assignment's events.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, VecDeque};
 
-/// A topic partition.
-pub type TopicPartition = (String, i32);
+/// One assignment of a topic partition.
+pub type Slot = u32;
 
-#[derive(Debug, Default)]
+/// Slots are packed with the offset into a producer's delivery opaque.
+const SLOT_BITS: u32 = 20;
+const OFFSET_BITS: u32 = 64 - SLOT_BITS;
+
+/// Packs a slot and an offset into one `usize` (offsets below 2^44).
+pub fn pack(slot: Slot, offset: i64) -> usize {
+    debug_assert!((0..(1i64 << OFFSET_BITS)).contains(&offset));
+    (((slot as u64) << OFFSET_BITS) | (offset as u64 & ((1u64 << OFFSET_BITS) - 1))) as usize
+}
+
+/// Inverse of [`pack`].
+pub fn unpack(v: usize) -> (Slot, i64) {
+    let v = v as u64;
+    (
+        (v >> OFFSET_BITS) as Slot,
+        (v & ((1u64 << OFFSET_BITS) - 1)) as i64,
+    )
+}
+
+#[derive(Debug)]
 struct Partition {
-    /// offset -> outputs still unacknowledged
-    pending: BTreeMap<i64, u32>,
-    /// one past the highest offset tracked
+    /// offset of `counts[0]`
+    base: i64,
+    /// outputs still unacknowledged, per offset from `base` (0: done or gap);
+    /// the front is never 0
+    counts: VecDeque<u32>,
+    /// one past the highest offset tracked (or the first offset to expect)
     next: i64,
     /// last offset handed out for commit
-    committed: i64,
+    committed: Option<i64>,
+    /// events with outputs outstanding
+    pending: usize,
+    /// assigned now: only active partitions are committed
+    active: bool,
 }
 
 impl Partition {
-    fn committable(&self) -> i64 {
-        self.pending.keys().next().copied().unwrap_or(self.next)
+    fn new(active: bool) -> Partition {
+        Partition {
+            base: 0,
+            counts: VecDeque::new(),
+            next: 0,
+            committed: None,
+            pending: 0,
+            active,
+        }
+    }
+
+    fn committable(&self) -> Option<i64> {
+        if self.counts.is_empty() {
+            (self.next > 0 || self.committed.is_some()).then_some(self.next)
+        } else {
+            Some(self.base)
+        }
+    }
+
+    fn pop_done(&mut self) {
+        while self.counts.front() == Some(&0) {
+            self.counts.pop_front();
+            self.base += 1;
+        }
     }
 }
 
-/// Offsets of all assigned partitions.
+/// Offsets of the partitions this worker reads.
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
-    partitions: HashMap<TopicPartition, Partition>,
+    partitions: HashMap<Slot, Partition>,
 }
 
 impl OffsetTracker {
+    /// A partition was assigned under `slot`.
+    pub fn assign(&mut self, slot: Slot) {
+        self.partitions.insert(slot, Partition::new(true));
+    }
+
     /// Records an event read at `offset` that will produce `outputs` outputs.
-    /// An event with no outputs is done at once.
-    pub fn track(&mut self, tp: &TopicPartition, offset: i64, outputs: u32) {
+    /// An event with no outputs is done at once. Offsets of one slot are
+    /// tracked in increasing order (gaps are fine).
+    pub fn track(&mut self, slot: Slot, offset: i64, outputs: u32) {
         let p = self
             .partitions
-            .entry(tp.clone())
-            .or_insert_with(|| Partition {
-                committed: offset,
-                ..Partition::default()
-            });
-        p.next = p.next.max(offset + 1);
-        if outputs > 0 {
-            *p.pending.entry(offset).or_insert(0) += outputs;
+            .entry(slot)
+            .or_insert_with(|| Partition::new(false));
+        if p.counts.is_empty() {
+            p.base = offset;
         }
+        if offset < p.base {
+            // out of order (not expected): widen the window to the front
+            for _ in offset..p.base {
+                p.counts.push_front(0);
+            }
+            p.base = offset;
+        }
+        let i = (offset - p.base) as usize;
+        while p.counts.len() <= i {
+            p.counts.push_back(0);
+        }
+        if outputs > 0 {
+            if p.counts[i] == 0 {
+                p.pending += 1;
+            }
+            p.counts[i] += outputs;
+        }
+        p.next = p.next.max(offset + 1);
+        p.pop_done();
     }
 
     /// One output of the event at `offset` was acknowledged. Returns false
     /// for an unknown event (its partition was revoked meanwhile).
-    pub fn ack(&mut self, tp: &TopicPartition, offset: i64) -> bool {
-        let Some(p) = self.partitions.get_mut(tp) else {
+    pub fn ack(&mut self, slot: Slot, offset: i64) -> bool {
+        let Some(p) = self.partitions.get_mut(&slot) else {
             return false;
         };
-        match p.pending.get_mut(&offset) {
-            Some(n) if *n > 1 => *n -= 1,
-            Some(_) => {
-                p.pending.remove(&offset);
-            }
-            None => return false,
+        if offset < p.base {
+            return false;
+        }
+        let Some(n) = p.counts.get_mut((offset - p.base) as usize) else {
+            return false;
+        };
+        if *n == 0 {
+            return false;
+        }
+        *n -= 1;
+        if *n == 0 {
+            p.pending -= 1;
+            p.pop_done();
         }
         true
     }
 
-    /// Offsets to commit now (only those that moved since the last call).
-    pub fn take_committable(&mut self) -> Vec<(TopicPartition, i64)> {
+    /// Offsets to commit now (only those that moved since the last call),
+    /// for assigned partitions. Forgets revoked partitions once they are done.
+    pub fn take_committable(&mut self) -> Vec<(Slot, i64)> {
         let mut out = Vec::new();
-        for (tp, p) in &mut self.partitions {
-            let c = p.committable();
-            if c > p.committed {
-                p.committed = c;
-                out.push((tp.clone(), c));
+        self.partitions.retain(|_, p| p.active || p.pending > 0);
+        for (slot, p) in &mut self.partitions {
+            if !p.active {
+                continue;
+            }
+            if let Some(c) = p.committable() {
+                if p.committed.is_none_or(|done| c > done) {
+                    p.committed = Some(c);
+                    out.push((*slot, c));
+                }
             }
         }
         out.sort();
@@ -83,12 +170,66 @@ impl OffsetTracker {
 
     /// Events read but not fully acknowledged, across partitions.
     pub fn in_flight(&self) -> usize {
-        self.partitions.values().map(|p| p.pending.len()).sum()
+        self.partitions.values().map(|p| p.pending).sum()
     }
 
-    /// Forgets a revoked partition; returns its final committable offset.
-    pub fn revoke(&mut self, tp: &TopicPartition) -> Option<i64> {
-        self.partitions.remove(tp).map(|p| p.committable())
+    /// Events of one slot not fully acknowledged.
+    pub fn pending(&self, slot: Slot) -> usize {
+        self.partitions.get(&slot).map_or(0, |p| p.pending)
+    }
+
+    /// Stops committing a revoked partition; returns its final committable
+    /// offset. Late acknowledgements for it are accepted and ignored.
+    pub fn revoke(&mut self, slot: Slot) -> Option<i64> {
+        let p = self.partitions.get_mut(&slot)?;
+        p.active = false;
+        let c = p.committable();
+        if p.pending == 0 {
+            self.partitions.remove(&slot);
+        }
+        c
+    }
+}
+
+/// Slot numbers for topic partitions: a fresh slot per assignment.
+#[derive(Debug, Default)]
+pub struct Slots {
+    current: HashMap<String, HashMap<i32, Slot>>,
+    names: HashMap<Slot, (String, i32)>,
+    next: Slot,
+}
+
+impl Slots {
+    /// Gives `topic`/`partition` a new slot (on assignment).
+    pub fn assign(&mut self, topic: &str, partition: i32) -> Slot {
+        let slot = self.next;
+        self.next = (self.next + 1) & ((1 << SLOT_BITS) - 1);
+        if let Some(old) = self.current_slot(topic, partition) {
+            self.names.remove(&old);
+        }
+        self.current
+            .entry(topic.to_string())
+            .or_default()
+            .insert(partition, slot);
+        self.names.insert(slot, (topic.to_string(), partition));
+        slot
+    }
+
+    /// Forgets the current slot of a revoked partition.
+    pub fn revoke(&mut self, topic: &str, partition: i32) -> Option<Slot> {
+        let slot = self.current.get_mut(topic)?.remove(&partition)?;
+        self.names.remove(&slot);
+        Some(slot)
+    }
+
+    /// The slot of an assigned partition.
+    pub fn current_slot(&self, topic: &str, partition: i32) -> Option<Slot> {
+        self.current.get(topic)?.get(&partition).copied()
+    }
+
+    /// The topic partition of an assigned slot.
+    pub fn name(&self, slot: Slot) -> Option<&(String, i32)> {
+        self.names.get(&slot)
     }
 }
 
@@ -96,44 +237,78 @@ impl OffsetTracker {
 mod tests {
     use super::*;
 
-    fn tp(p: i32) -> TopicPartition {
-        ("t".to_string(), p)
-    }
-
     #[test]
     fn commits_never_pass_an_unacknowledged_event() {
         let mut t = OffsetTracker::default();
+        t.assign(0);
         for o in 10..15 {
-            t.track(&tp(0), o, 2);
+            t.track(0, o, 2);
         }
-        assert!(t.take_committable().is_empty());
+        assert_eq!(t.take_committable(), vec![(0, 10)], "nothing done yet");
         // acks arrive out of order
         for o in [12, 12, 13, 11, 10, 10] {
-            assert!(t.ack(&tp(0), o));
+            assert!(t.ack(0, o));
         }
         // 10 is done, 11 still has one output outstanding
-        assert_eq!(t.take_committable(), vec![(tp(0), 11)]);
-        t.ack(&tp(0), 11);
-        t.ack(&tp(0), 13);
-        assert_eq!(t.take_committable(), vec![(tp(0), 14)]);
-        t.ack(&tp(0), 14);
-        t.ack(&tp(0), 14);
-        assert_eq!(t.take_committable(), vec![(tp(0), 15)]);
+        assert_eq!(t.take_committable(), vec![(0, 11)]);
+        t.ack(0, 11);
+        t.ack(0, 13);
+        assert_eq!(t.take_committable(), vec![(0, 14)]);
+        t.ack(0, 14);
+        t.ack(0, 14);
+        assert_eq!(t.take_committable(), vec![(0, 15)]);
         assert!(t.take_committable().is_empty(), "nothing moved");
         assert_eq!(t.in_flight(), 0);
+        assert!(!t.ack(0, 14), "already done");
     }
 
     #[test]
-    fn partitions_are_independent_and_revocation_forgets() {
+    fn gaps_and_zero_output_events_do_not_hold_commits() {
         let mut t = OffsetTracker::default();
-        t.track(&tp(0), 0, 1);
-        t.track(&tp(1), 100, 1);
-        t.track(&tp(1), 101, 0);
-        t.ack(&tp(1), 100);
-        assert_eq!(t.take_committable(), vec![(tp(1), 102)]);
-        assert_eq!(t.revoke(&tp(0)), Some(0));
-        assert!(!t.ack(&tp(0), 0), "ack after revoke is ignored");
-        assert!(!t.ack(&tp(1), 55), "unknown offset");
+        t.assign(3);
+        t.track(3, 100, 1);
+        t.track(3, 101, 0);
+        t.track(3, 105, 1); // 102..104 are gaps (compaction, markers)
+        assert_eq!(t.take_committable(), vec![(3, 100)]);
+        t.ack(3, 100);
+        assert_eq!(t.take_committable(), vec![(3, 105)]);
+        t.ack(3, 105);
+        assert_eq!(t.take_committable(), vec![(3, 106)]);
+    }
+
+    #[test]
+    fn revoked_slots_take_late_acks_but_are_never_committed() {
+        let mut t = OffsetTracker::default();
+        t.assign(0);
+        t.assign(1);
+        t.track(0, 0, 1);
+        t.track(1, 100, 1);
+        t.track(1, 101, 0);
+        t.ack(1, 100);
+        assert_eq!(t.take_committable(), vec![(0, 0), (1, 102)]);
+        assert_eq!(t.revoke(0), Some(0));
+        assert!(t.ack(0, 0), "a late ack is accepted");
+        t.track(0, 1, 1); // a late event of the revoked assignment
+        assert!(t.take_committable().is_empty(), "revoked: never committed");
+        assert_eq!(t.in_flight(), 1);
+        t.ack(0, 1);
+        assert!(t.take_committable().is_empty());
         assert_eq!(t.in_flight(), 0);
+        assert!(!t.ack(1, 55), "unknown offset");
+    }
+
+    #[test]
+    fn slots_are_fresh_per_assignment_and_pack_with_offsets() {
+        let mut s = Slots::default();
+        let a = s.assign("t", 0);
+        assert_eq!(s.current_slot("t", 0), Some(a));
+        assert_eq!(s.revoke("t", 0), Some(a));
+        let b = s.assign("t", 0);
+        assert_ne!(a, b);
+        assert_eq!(s.name(b), Some(&("t".to_string(), 0)));
+        assert_eq!(s.name(a), None);
+        for (slot, off) in [(0, 0), (b, 12345), ((1 << SLOT_BITS) - 1, (1 << 44) - 1)] {
+            assert_eq!(unpack(pack(slot, off)), (slot, off));
+        }
     }
 }

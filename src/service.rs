@@ -1,0 +1,80 @@
+//! The worker as a service: audit store, model registry, the embedded
+//! broker when the config asks for it, then the consume loop until stopped.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+use crate::audit::{default_worker_id, AuditStore};
+use crate::broker::{EmbeddedBroker, TopicSpec};
+use crate::model::onnx;
+use crate::registry::{Registry, RegistryOptions};
+use crate::worker::config::WorkerConfig;
+use crate::worker::metrics::Metrics;
+use crate::worker::{Started, Summary};
+
+/// Partitions of topics the embedded broker creates for a worker config.
+pub fn embedded_topics(cfg: &WorkerConfig) -> Vec<TopicSpec> {
+    let mut topics: Vec<TopicSpec> = cfg
+        .input_topics
+        .iter()
+        .map(|t| TopicSpec {
+            name: t.clone(),
+            partitions: 8,
+        })
+        .collect();
+    for t in [&cfg.predictions.topic, &cfg.signals.topic] {
+        topics.push(TopicSpec {
+            name: t.clone(),
+            partitions: 8,
+        });
+    }
+    topics.push(TopicSpec {
+        name: cfg.dead_letters.clone(),
+        partitions: 1,
+    });
+    topics
+}
+
+/// Opens the audit store and the registry, starts the embedded broker if
+/// `kafka.brokers` is `embedded`, and runs the worker until `stop` is set.
+pub fn serve(
+    cfg: Arc<WorkerConfig>,
+    onnx: onnx::RuntimeConfig,
+    stop: Arc<AtomicBool>,
+    on_start: impl FnOnce(&Started),
+) -> Result<Summary> {
+    if let Some(dir) = cfg.audit_db.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the audit store's folder {}", dir.display()))?;
+    }
+    let audit = Arc::new(AuditStore::open(&cfg.audit_db, &default_worker_id())?);
+    let registry = Arc::new(Registry::open(
+        &cfg.registry,
+        Some(audit),
+        RegistryOptions {
+            onnx,
+            ..RegistryOptions::default()
+        },
+    )?);
+    let broker = if cfg.embedded() {
+        let b = EmbeddedBroker::start(1, &embedded_topics(&cfg))?;
+        tracing::info!(bootstrap = %b.bootstrap_servers(), "embedded broker started");
+        Some(b)
+    } else {
+        None
+    };
+    let brokers = broker
+        .as_ref()
+        .map_or_else(|| cfg.brokers.clone(), |b| b.bootstrap_servers());
+    let metrics = Arc::new(Metrics::default());
+    let summary = crate::worker::run(cfg, &brokers, registry.clone(), metrics, stop, |s| {
+        on_start(&s)
+    })?;
+    if let Some(mut r) = Arc::into_inner(registry) {
+        r.unload_all();
+    }
+    drop(broker);
+    Ok(summary)
+}

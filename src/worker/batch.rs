@@ -1,0 +1,468 @@
+//! From Kafka records to micro-batches: decode, route by model name,
+//! validate features, and gather rows per model.
+//!
+//! Batches are cut from the input stream in order. A [`Chunk`] holds
+//! consecutive records of the partitions of one inference shard and, per
+//! model, one row matrix. A chunk closes when a model's rows reach that
+//! model's `max_batch_size`, or when its oldest row has waited that model's
+//! `max_wait`. Records that cannot be served stay in the chunk as dead
+//! letters, in their place, so outputs and commits keep input order.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rdkafka::message::{BorrowedMessage, Headers, OwnedHeaders};
+use rdkafka::Message;
+
+use crate::config::MissingPolicy;
+use crate::events::{Codec, DecodeError, FeatureEvent};
+use crate::model::{Model, TaskType};
+use crate::registry::Registry;
+use crate::signal::SignalRule;
+use crate::worker::config::{BatchLimits, WorkerConfig};
+use crate::worker::metrics::Metrics;
+use crate::worker::offsets::Slot;
+use crate::worker::schema_registry::SchemaRegistry;
+
+/// Where an event was refused (the `error.stage` header of a dead letter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Not a feature event in the topic's wire format.
+    Decode,
+    /// The model it names is not registered or cannot be served.
+    Route,
+    /// A feature is missing or NaN where the model forbids it.
+    Validate,
+    /// The model failed or returned a non-finite value.
+    Inference,
+    /// An output could not be published.
+    Publish,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Decode => "decode",
+            Stage::Route => "route",
+            Stage::Validate => "validate",
+            Stage::Inference => "inference",
+            Stage::Publish => "publish",
+        }
+    }
+}
+
+/// How events for one model name are served.
+pub struct Route {
+    /// The name events ask for.
+    pub name: String,
+    pub model: Arc<dyn Model>,
+    /// A fallback model serves this name.
+    pub fallback: bool,
+    /// The serving model's signal rule.
+    pub signal: Option<SignalRule>,
+    pub missing: MissingPolicy,
+    pub limits: BatchLimits,
+    pub classification: bool,
+    /// feature name -> column
+    index: HashMap<String, usize>,
+}
+
+impl Route {
+    fn new(name: &str, registry: &Registry, cfg: &WorkerConfig) -> Result<Route, String> {
+        let served = registry.get(name).map_err(|e| e.to_string())?;
+        let info = served.model.info();
+        let spec = registry
+            .spec(&info.name)
+            .ok_or_else(|| format!("model '{}' has no registry entry", info.name))?;
+        if info.n_outputs != 1 {
+            return Err(format!(
+                "model '{}' returns {} values per row; a PredictionEvent carries one",
+                info.name, info.n_outputs
+            ));
+        }
+        Ok(Route {
+            name: name.to_string(),
+            fallback: served.fallback_for.is_some(),
+            signal: spec.signal.clone(),
+            missing: spec.missing,
+            limits: cfg.limits_for(name),
+            classification: info.task_type == TaskType::Classification,
+            index: info
+                .features
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (f.clone(), i))
+                .collect(),
+            model: served.model,
+        })
+    }
+
+    pub fn n_features(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Writes the event's features into `row` in model order; absent
+    /// features are NaN. Under `reject`, names the first absent or NaN one.
+    fn fill(&self, e: &FeatureEvent, row: &mut [f64]) -> Result<(), String> {
+        row.fill(f64::NAN);
+        let names = &self.model.info().features;
+        // fast path: the event lists the model's features in model order
+        let in_order = e.features.len() >= names.len()
+            && names.iter().zip(&e.features).all(|(n, (k, _))| n == k);
+        if in_order {
+            for (slot, (_, v)) in row.iter_mut().zip(&e.features) {
+                *slot = *v;
+            }
+        } else {
+            for (k, v) in &e.features {
+                if let Some(&i) = self.index.get(k.as_str()) {
+                    row[i] = *v;
+                }
+            }
+        }
+        if self.missing == MissingPolicy::Reject {
+            if let Some(i) = row.iter().position(|v| v.is_nan()) {
+                let present = e.features.iter().any(|(k, _)| k == &names[i]);
+                return Err(if present {
+                    format!(
+                        "feature '{}' is NaN; model '{}' rejects missing values",
+                        names[i], self.name
+                    )
+                } else {
+                    format!(
+                        "feature '{}' is missing; model '{}' rejects missing values",
+                        names[i], self.name
+                    )
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What became of one input record.
+pub enum Kind {
+    /// Row `row` of group `group`.
+    Event {
+        group: u32,
+        row: u32,
+        event_id: String,
+        symbol: String,
+        event_time: i64,
+    },
+    /// Refused: goes to the dead-letter topic.
+    Dead { stage: Stage, reason: String },
+}
+
+/// One input record, in input order.
+pub struct Record {
+    pub slot: Slot,
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    /// Input record timestamp (ms), when it has one.
+    pub timestamp: Option<i64>,
+    /// Value and key, in the chunk's arena.
+    pub payload: Range<usize>,
+    pub key: Option<Range<usize>>,
+    pub headers: Option<OwnedHeaders>,
+    pub kind: Kind,
+}
+
+/// The rows of one model within a chunk.
+pub struct Group {
+    pub route: Arc<Route>,
+    pub rows: Vec<f64>,
+    pub n_rows: usize,
+    first: Instant,
+}
+
+/// Consecutive records of one shard, ready for inference.
+pub struct Chunk {
+    pub arena: Vec<u8>,
+    pub records: Vec<Record>,
+    pub groups: Vec<Group>,
+    /// When the first record arrived.
+    pub started: Instant,
+    /// Closes at this instant even if no group is full.
+    deadline: Option<Instant>,
+    full: bool,
+}
+
+impl Chunk {
+    fn new(now: Instant) -> Chunk {
+        Chunk {
+            arena: Vec::new(),
+            records: Vec::new(),
+            groups: Vec::new(),
+            started: now,
+            deadline: None,
+            full: false,
+        }
+    }
+
+    pub fn bytes(&self, r: &Range<usize>) -> &[u8] {
+        &self.arena[r.clone()]
+    }
+
+    fn push_bytes(&mut self, b: &[u8]) -> Range<usize> {
+        let start = self.arena.len();
+        self.arena.extend_from_slice(b);
+        start..self.arena.len()
+    }
+}
+
+/// Per-batch tallies, merged into [`Metrics`] when a chunk is cut.
+#[derive(Default)]
+struct Tally {
+    events_in: HashMap<(Arc<str>, String), u64>,
+}
+
+/// Builds chunks for `shards` inference threads.
+pub struct Batcher {
+    codec: Codec,
+    /// Fetches writer schemas of `avro` input by id.
+    schema_registry: Option<SchemaRegistry>,
+    /// Schema ids the registry could not give, and when it was asked.
+    unknown_ids: HashMap<u32, (Instant, String)>,
+    registry: Arc<Registry>,
+    cfg: Arc<WorkerConfig>,
+    routes: HashMap<String, Result<Arc<Route>, String>>,
+    topics: HashMap<String, Arc<str>>,
+    open: Vec<Option<Chunk>>,
+    tally: Tally,
+    metrics: Arc<Metrics>,
+    /// Records held in open chunks.
+    held: usize,
+}
+
+impl Batcher {
+    pub fn new(
+        codec: Codec,
+        schema_registry: Option<SchemaRegistry>,
+        registry: Arc<Registry>,
+        cfg: Arc<WorkerConfig>,
+        shards: usize,
+        metrics: Arc<Metrics>,
+    ) -> Batcher {
+        Batcher {
+            codec,
+            schema_registry,
+            unknown_ids: HashMap::new(),
+            registry,
+            cfg,
+            routes: HashMap::new(),
+            topics: HashMap::new(),
+            open: (0..shards.max(1)).map(|_| None).collect(),
+            tally: Tally::default(),
+            metrics,
+            held: 0,
+        }
+    }
+
+    pub fn shards(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Records read but not yet handed to a shard.
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    fn route(&mut self, name: &str) -> Result<Arc<Route>, String> {
+        if let Some(r) = self.routes.get(name) {
+            return r.clone();
+        }
+        let r = Route::new(name, &self.registry, &self.cfg).map(Arc::new);
+        if let Err(e) = &r {
+            tracing::warn!(model = %name, reason = %e, "events for this model go to the dead-letter topic");
+        }
+        self.routes.insert(name.to_string(), r.clone());
+        r
+    }
+
+    /// Adds one record read from `slot`.
+    pub fn add(&mut self, msg: &BorrowedMessage<'_>, slot: Slot, now: Instant) {
+        let topic = match self.topics.get(msg.topic()) {
+            Some(t) => t.clone(),
+            None => {
+                let t: Arc<str> = Arc::from(msg.topic());
+                self.topics.insert(msg.topic().to_string(), t.clone());
+                t
+            }
+        };
+        let shard = slot as usize % self.open.len();
+        let mut chunk = self.open[shard].take().unwrap_or_else(|| Chunk::new(now));
+        let payload_bytes = msg.payload().unwrap_or(&[]);
+        let payload = chunk.push_bytes(payload_bytes);
+        let key = msg.key().map(|k| chunk.push_bytes(k));
+        let headers = msg.headers().filter(|h| h.count() > 0).map(|h| h.detach());
+        let decoded = if msg.payload().is_none() {
+            Err((Stage::Decode, "record has no value (tombstone)".to_string()))
+        } else {
+            self.decode(payload_bytes).map_err(|e| (Stage::Decode, e))
+        };
+        let kind = match decoded {
+            Err((stage, reason)) => {
+                *self
+                    .tally
+                    .events_in
+                    .entry((topic.clone(), String::new()))
+                    .or_insert(0) += 1;
+                Kind::Dead { stage, reason }
+            }
+            Ok(e) => {
+                *self
+                    .tally
+                    .events_in
+                    .entry((topic.clone(), e.model.clone()))
+                    .or_insert(0) += 1;
+                match self.route(&e.model) {
+                    Err(reason) => Kind::Dead {
+                        stage: Stage::Route,
+                        reason,
+                    },
+                    Ok(route) => place(&mut chunk, route, e, now),
+                }
+            }
+        };
+        chunk.records.push(Record {
+            slot,
+            topic,
+            partition: msg.partition(),
+            offset: msg.offset(),
+            timestamp: msg.timestamp().to_millis(),
+            payload,
+            key,
+            headers,
+            kind,
+        });
+        self.held += 1;
+        if chunk.records.len() >= self.cfg.batching.max_batch_size.max(1) * 4 {
+            chunk.full = true; // mostly dead letters: bound the chunk anyway
+        }
+        if chunk.deadline.is_none() {
+            chunk.deadline = Some(now + self.cfg.batching.max_wait);
+        }
+        self.open[shard] = Some(chunk);
+    }
+
+    /// Decodes a feature event; an `avro` record with a schema id not seen
+    /// before has its writer schema fetched from the schema registry.
+    fn decode(&mut self, bytes: &[u8]) -> Result<FeatureEvent, String> {
+        match self.codec.decode_feature(bytes) {
+            Err(DecodeError::UnknownSchemaId(id)) if self.schema_registry.is_some() => {
+                // asked again at most every 30 s
+                if let Some((at, why)) = self.unknown_ids.get(&id) {
+                    if at.elapsed() < std::time::Duration::from_secs(30) {
+                        return Err(why.clone());
+                    }
+                }
+                let sr = self.schema_registry.as_ref().expect("checked");
+                let fetched = sr.schema(id).and_then(|schema| {
+                    self.codec
+                        .register_feature_writer(id, &schema)
+                        .map_err(|e| e.to_string())
+                });
+                match fetched {
+                    Ok(()) => {
+                        tracing::info!(schema_id = id, "feature event writer schema fetched");
+                        self.codec.decode_feature(bytes).map_err(|e| e.to_string())
+                    }
+                    Err(e) => {
+                        let why = format!("schema id {id}: {e}");
+                        tracing::warn!(reason = %why, "undecodable schema id");
+                        self.unknown_ids.insert(id, (Instant::now(), why.clone()));
+                        Err(why)
+                    }
+                }
+            }
+            r => r.map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The earliest instant an open chunk must close.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.open.iter().flatten().filter_map(|c| c.deadline).min()
+    }
+
+    /// Chunks that are full or past their deadline (all, with `all`).
+    pub fn take(&mut self, now: Instant, all: bool) -> Vec<Chunk> {
+        let mut out = Vec::new();
+        for slot in &mut self.open {
+            let due = slot
+                .as_ref()
+                .is_some_and(|c| all || c.full || c.deadline.is_some_and(|d| d <= now));
+            if due {
+                let c = slot.take().expect("checked");
+                self.held -= c.records.len();
+                out.push(c);
+            }
+        }
+        if !out.is_empty() {
+            for ((topic, model), n) in self.tally.events_in.drain() {
+                self.metrics.add(
+                    "ml_worker_events_in_total",
+                    &[("topic", &topic), ("model", &model)],
+                    n,
+                );
+            }
+        }
+        out
+    }
+
+    /// Shard a chunk belongs to.
+    pub fn shard_of(&self, chunk: &Chunk) -> usize {
+        chunk
+            .records
+            .first()
+            .map_or(0, |r| r.slot as usize % self.open.len())
+    }
+}
+
+/// Puts a decoded event's row into its model's group.
+fn place(chunk: &mut Chunk, route: Arc<Route>, e: FeatureEvent, now: Instant) -> Kind {
+    let gi = match chunk
+        .groups
+        .iter()
+        .position(|g| Arc::ptr_eq(&g.route, &route))
+    {
+        Some(i) => i,
+        None => {
+            chunk.groups.push(Group {
+                rows: Vec::with_capacity(route.n_features() * 64),
+                route: route.clone(),
+                n_rows: 0,
+                first: now,
+            });
+            let wait = chunk.groups.last().expect("pushed").first + route.limits.max_wait;
+            chunk.deadline = Some(chunk.deadline.map_or(wait, |d| d.min(wait)));
+            chunk.groups.len() - 1
+        }
+    };
+    let g = &mut chunk.groups[gi];
+    let nf = route.n_features();
+    let start = g.rows.len();
+    g.rows.resize(start + nf, f64::NAN);
+    if let Err(reason) = route.fill(&e, &mut g.rows[start..]) {
+        g.rows.truncate(start);
+        return Kind::Dead {
+            stage: Stage::Validate,
+            reason,
+        };
+    }
+    let row = g.n_rows as u32;
+    g.n_rows += 1;
+    if g.n_rows >= route.limits.max_batch_size.max(1) {
+        chunk.full = true;
+    }
+    Kind::Event {
+        group: gi as u32,
+        row,
+        event_id: e.event_id,
+        symbol: e.symbol,
+        event_time: e.event_time,
+    }
+}

@@ -1,0 +1,454 @@
+//! Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoint.
+//!
+//! Hot paths count into local tallies and merge them here once per batch, so
+//! the locks below are taken a few times per batch, not per event.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the latency histogram buckets.
+const BUCKETS: [f64; 16] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 10.0,
+];
+
+/// Upper bounds of the batch size histogram buckets.
+const SIZE_BUCKETS: [f64; 12] = [
+    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 10000.0,
+];
+
+/// Every metric: name, type, help.
+const METRICS: &[(&str, &str, &str)] = &[
+    (
+        "ml_worker_events_in_total",
+        "counter",
+        "Feature events read, by input topic and model ('' when undecodable).",
+    ),
+    (
+        "ml_worker_events_out_total",
+        "counter",
+        "Records handed to the producer, by output topic and model.",
+    ),
+    (
+        "ml_worker_outputs_acked_total",
+        "counter",
+        "Output records acknowledged by the broker.",
+    ),
+    (
+        "ml_worker_publish_retries_total",
+        "counter",
+        "Output records sent again after a failed delivery.",
+    ),
+    (
+        "ml_worker_publish_failures_total",
+        "counter",
+        "Output records that failed permanently, by error.",
+    ),
+    (
+        "ml_worker_dead_letters_total",
+        "counter",
+        "Events sent to the dead-letter topic, by stage.",
+    ),
+    (
+        "ml_worker_fallbacks_total",
+        "counter",
+        "Predictions served by a fallback model, by model asked for.",
+    ),
+    (
+        "ml_worker_signals_total",
+        "counter",
+        "Signals published, by model and side.",
+    ),
+    (
+        "ml_worker_commits_total",
+        "counter",
+        "Offset commits, by result.",
+    ),
+    (
+        "ml_worker_batch_size",
+        "histogram",
+        "Rows per inference call, by model.",
+    ),
+    (
+        "ml_worker_inference_latency_seconds",
+        "histogram",
+        "Inference call duration, by model.",
+    ),
+    (
+        "ml_worker_end_to_end_latency_seconds",
+        "histogram",
+        "From the input record's timestamp to its prediction being handed to the producer.",
+    ),
+    (
+        "ml_worker_in_flight_events",
+        "gauge",
+        "Events read but not yet fully acknowledged.",
+    ),
+    (
+        "ml_worker_paused",
+        "gauge",
+        "1 while input partitions are paused for backpressure.",
+    ),
+    (
+        "ml_worker_assigned_partitions",
+        "gauge",
+        "Input partitions assigned to this worker.",
+    ),
+    (
+        "ml_worker_consumer_lag",
+        "gauge",
+        "Messages behind the partition's high watermark, by topic and partition.",
+    ),
+];
+
+type Labels = Vec<(&'static str, String)>;
+type Key = (&'static str, Labels);
+
+/// A histogram with fixed buckets.
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    pub fn latency() -> Histogram {
+        Self::with(&BUCKETS)
+    }
+    pub fn sizes() -> Histogram {
+        Self::with(&SIZE_BUCKETS)
+    }
+    fn with(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: vec![0; bounds.len() + 1],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+    pub fn observe(&mut self, v: f64) {
+        let i = self.bounds.partition_point(|b| *b < v);
+        self.counts[i] += 1;
+        self.sum += v;
+        self.count += 1;
+    }
+    fn merge(&mut self, o: &Histogram) {
+        for (a, b) in self.counts.iter_mut().zip(&o.counts) {
+            *a += b;
+        }
+        self.sum += o.sum;
+        self.count += o.count;
+    }
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+}
+
+/// The worker's metrics and readiness.
+#[derive(Default)]
+pub struct Metrics {
+    counters: Mutex<BTreeMap<Key, u64>>,
+    histograms: Mutex<BTreeMap<Key, Histogram>>,
+    gauges: Mutex<BTreeMap<Key, f64>>,
+    /// Acks are counted on the producer's thread, without a lock.
+    pub acked: AtomicU64,
+    pub in_flight: AtomicUsize,
+    pub paused: AtomicBool,
+    pub assigned: AtomicUsize,
+    pub models_loaded: AtomicBool,
+    pub stopping: AtomicBool,
+}
+
+fn labels(l: &[(&'static str, &str)]) -> Labels {
+    l.iter().map(|(k, v)| (*k, v.to_string())).collect()
+}
+
+impl Metrics {
+    pub fn add(&self, name: &'static str, l: &[(&'static str, &str)], n: u64) {
+        if n == 0 {
+            return;
+        }
+        *self
+            .counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((name, labels(l)))
+            .or_insert(0) += n;
+    }
+
+    pub fn counter(&self, name: &'static str, l: &[(&'static str, &str)]) -> u64 {
+        if name == "ml_worker_outputs_acked_total" {
+            return self.acked.load(Ordering::Relaxed);
+        }
+        self.counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(name, labels(l)))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Sum of a counter over all its label values.
+    pub fn total(&self, name: &'static str) -> u64 {
+        if name == "ml_worker_outputs_acked_total" {
+            return self.acked.load(Ordering::Relaxed);
+        }
+        self.counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|((n, _), _)| *n == name)
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    pub fn merge_histogram(&self, name: &'static str, l: &[(&'static str, &str)], h: &Histogram) {
+        if h.count == 0 {
+            return;
+        }
+        self.histograms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((name, labels(l)))
+            .or_insert_with(|| Histogram::with(h.bounds))
+            .merge(h);
+    }
+
+    pub fn set_gauge(&self, name: &'static str, l: &[(&'static str, &str)], v: f64) {
+        self.gauges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((name, labels(l)), v);
+    }
+
+    /// Drops every series of a gauge (e.g. lag of partitions no longer ours).
+    pub fn clear_gauge(&self, name: &'static str) {
+        self.gauges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(n, _), _| *n != name);
+    }
+
+    /// Ready: models loaded, partitions assigned, not shutting down.
+    pub fn ready(&self) -> bool {
+        self.models_loaded.load(Ordering::Relaxed)
+            && self.assigned.load(Ordering::Relaxed) > 0
+            && !self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let counters = self
+            .counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let hists = self
+            .histograms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut gauges = self
+            .gauges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        gauges.insert(
+            ("ml_worker_in_flight_events", vec![]),
+            self.in_flight.load(Ordering::Relaxed) as f64,
+        );
+        gauges.insert(
+            ("ml_worker_paused", vec![]),
+            self.paused.load(Ordering::Relaxed) as u8 as f64,
+        );
+        gauges.insert(
+            ("ml_worker_assigned_partitions", vec![]),
+            self.assigned.load(Ordering::Relaxed) as f64,
+        );
+        let fmt_labels = |l: &Labels, extra: Option<(&str, String)>| {
+            let mut parts: Vec<String> = l
+                .iter()
+                .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+                .collect();
+            if let Some((k, v)) = extra {
+                parts.push(format!("{k}=\"{v}\""));
+            }
+            if parts.is_empty() {
+                String::new()
+            } else {
+                format!("{{{}}}", parts.join(","))
+            }
+        };
+        for (name, kind, help) in METRICS {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            match *kind {
+                "counter" if *name == "ml_worker_outputs_acked_total" => {
+                    let _ = writeln!(out, "{name} {}", self.acked.load(Ordering::Relaxed));
+                }
+                "counter" => {
+                    for ((n, l), v) in &counters {
+                        if n == name {
+                            let _ = writeln!(out, "{name}{} {v}", fmt_labels(l, None));
+                        }
+                    }
+                }
+                "gauge" => {
+                    for ((n, l), v) in &gauges {
+                        if n == name {
+                            let _ = writeln!(out, "{name}{} {v}", fmt_labels(l, None));
+                        }
+                    }
+                }
+                _ => {
+                    for ((n, l), h) in &hists {
+                        if n != name {
+                            continue;
+                        }
+                        let mut cum = 0;
+                        for (i, c) in h.counts.iter().enumerate() {
+                            cum += c;
+                            let le = h
+                                .bounds
+                                .get(i)
+                                .map_or("+Inf".to_string(), |b| b.to_string());
+                            let _ = writeln!(
+                                out,
+                                "{name}_bucket{} {cum}",
+                                fmt_labels(l, Some(("le", le)))
+                            );
+                        }
+                        let _ = writeln!(out, "{name}_sum{} {}", fmt_labels(l, None), h.sum);
+                        let _ = writeln!(out, "{name}_count{} {}", fmt_labels(l, None), h.count);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `stop` is set.
+/// Returns the bound address (useful with port 0).
+pub fn serve(
+    address: SocketAddr,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(address)?;
+    listener.set_nonblocking(true)?;
+    let bound = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        if let Err(e) = respond(stream, &metrics) {
+                            tracing::debug!(error = %e, "metrics request failed");
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "metrics accept failed");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        })?;
+    Ok(bound)
+}
+
+fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = [0u8; 2048];
+    let mut n = 0;
+    while n < buf.len() {
+        let r = stream.read(&mut buf[n..])?;
+        if r == 0 {
+            break;
+        }
+        n += r;
+        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") || buf[..n].contains(&b'\n') {
+            break;
+        }
+    }
+    let line = String::from_utf8_lossy(&buf[..n]);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, ctype, body) = match (method, path.split('?').next().unwrap_or("")) {
+        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
+        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
+        ("GET", "/readyz") if metrics.ready() => ("200 OK", "text/plain", "ready\n".to_string()),
+        ("GET", "/readyz") => (
+            "503 Service Unavailable",
+            "text/plain",
+            format!(
+                "not ready: models loaded={}, partitions assigned={}, stopping={}\n",
+                metrics.models_loaded.load(Ordering::Relaxed),
+                metrics.assigned.load(Ordering::Relaxed),
+                metrics.stopping.load(Ordering::Relaxed)
+            ),
+        ),
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics, /healthz, /readyz\n".into(),
+        ),
+        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
+    };
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_histograms_and_gauges() {
+        let m = Metrics::default();
+        m.add(
+            "ml_worker_events_in_total",
+            &[("topic", "f"), ("model", "a\"b")],
+            3,
+        );
+        let mut h = Histogram::latency();
+        h.observe(0.0002);
+        h.observe(3.0);
+        m.merge_histogram("ml_worker_inference_latency_seconds", &[("model", "m")], &h);
+        m.acked.store(7, Ordering::Relaxed);
+        let text = m.render();
+        assert!(
+            text.contains("ml_worker_events_in_total{topic=\"f\",model=\"a\\\"b\"} 3"),
+            "{text}"
+        );
+        assert!(text
+            .contains("ml_worker_inference_latency_seconds_bucket{model=\"m\",le=\"0.00025\"} 1"));
+        assert!(
+            text.contains("ml_worker_inference_latency_seconds_bucket{model=\"m\",le=\"+Inf\"} 2")
+        );
+        assert!(text.contains("ml_worker_inference_latency_seconds_count{model=\"m\"} 2"));
+        assert!(text.contains("ml_worker_outputs_acked_total 7"));
+        assert_eq!(m.total("ml_worker_events_in_total"), 3);
+    }
+}

@@ -1,0 +1,569 @@
+//! Inference threads and the producer: each closed chunk is scored model by
+//! model, then its outputs are produced in input order (prediction and
+//! signal keyed by symbol; dead letters with the original key, value and
+//! headers). Every output carries its input's slot and offset as delivery
+//! opaque; the broker's acknowledgement acks it in the [`OffsetTracker`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, Message};
+
+use crate::events::{Codec, PredictionEvent, SignalEvent};
+use crate::model::{Batch, Prediction};
+use crate::worker::batch::{Chunk, Kind, Stage};
+use crate::worker::metrics::{Histogram, Metrics};
+use crate::worker::offsets::{pack, unpack, OffsetTracker};
+
+/// An output whose delivery failed and that is sent again.
+struct Retry {
+    topic: String,
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    headers: Option<OwnedHeaders>,
+    opaque: usize,
+    due: Instant,
+}
+
+/// Receives delivery reports on the producer's own thread.
+pub struct DeliveryContext {
+    tracker: Arc<Mutex<OffsetTracker>>,
+    metrics: Arc<Metrics>,
+    retries: Mutex<Vec<Retry>>,
+    backoff: Mutex<Option<backon::ExponentialBackoff>>,
+    dead_letters: String,
+}
+
+impl ClientContext for DeliveryContext {}
+
+/// Errors that sending again cannot fix.
+fn permanent(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidMessage
+            | C::InvalidRecord
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::InvalidTopic
+            | C::UnsupportedForMessageFormat
+    )
+}
+
+impl DeliveryContext {
+    fn next_delay(&self) -> Duration {
+        let mut b = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        let it = b.get_or_insert_with(backoff);
+        it.next().unwrap_or(Duration::from_secs(5))
+    }
+}
+
+fn backoff() -> backon::ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        let (slot, offset) = unpack(opaque);
+        match result {
+            Ok(_) => {
+                self.metrics.acked.fetch_add(1, Ordering::Relaxed);
+                self.tracker
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .ack(slot, offset);
+                if self.backoff.lock().map(|b| b.is_some()).unwrap_or(false) {
+                    *self.backoff.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                }
+            }
+            Err((err, msg)) => {
+                let code = match err {
+                    KafkaError::MessageProduction(c) => Some(*c),
+                    _ => None,
+                };
+                let mut topic = msg.topic().to_string();
+                let mut headers = msg.headers().map(|h| h.detach());
+                if code.is_some_and(permanent) {
+                    self.metrics.add(
+                        "ml_worker_publish_failures_total",
+                        &[("error", &format!("{err}"))],
+                        1,
+                    );
+                    if topic == self.dead_letters {
+                        // nowhere left to put it: never acked, never committed
+                        tracing::error!(topic = %topic, error = %err, slot, offset,
+                            "dead letter cannot be published; its input stays uncommitted");
+                        return;
+                    }
+                    tracing::error!(topic = %topic, error = %err, offset, "output refused by the broker; sending it to the dead-letter topic");
+                    let h = headers.take().unwrap_or_default();
+                    headers = Some(
+                        h.insert(header("error.stage", Stage::Publish.as_str()))
+                            .insert(header("error.reason", &err.to_string()))
+                            .insert(header("error.topic", &topic)),
+                    );
+                    topic = self.dead_letters.clone();
+                } else {
+                    tracing::warn!(topic = %topic, error = %err, "delivery failed; retrying");
+                }
+                let delay = self.next_delay();
+                self.retries
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(Retry {
+                        topic,
+                        key: msg.key().map(<[u8]>::to_vec),
+                        payload: msg.payload().unwrap_or(&[]).to_vec(),
+                        headers,
+                        opaque,
+                        due: Instant::now() + delay,
+                    });
+            }
+        }
+    }
+}
+
+fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
+    Header {
+        key,
+        value: Some(value),
+    }
+}
+
+/// The worker's producer with its output codecs.
+pub struct Publisher {
+    pub producer: ThreadedProducer<DeliveryContext>,
+    predictions: (String, Codec),
+    signals: (String, Codec),
+    dead_letters: String,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    metrics: Arc<Metrics>,
+    /// Set when the shutdown deadline passed: stop waiting for queue space.
+    pub abort: Arc<AtomicBool>,
+}
+
+impl Publisher {
+    pub fn new(
+        config: &rdkafka::ClientConfig,
+        predictions: (String, Codec),
+        signals: (String, Codec),
+        dead_letters: String,
+        tracker: Arc<Mutex<OffsetTracker>>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Publisher, KafkaError> {
+        let ctx = DeliveryContext {
+            tracker: tracker.clone(),
+            metrics: metrics.clone(),
+            retries: Mutex::new(Vec::new()),
+            backoff: Mutex::new(None),
+            dead_letters: dead_letters.clone(),
+        };
+        Ok(Publisher {
+            producer: config.create_with_context(ctx)?,
+            predictions,
+            signals,
+            dead_letters,
+            tracker,
+            metrics,
+            abort: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Sends one record, waiting (with backoff) while the local queue is
+    /// full. Returns the error when the record cannot be queued at all.
+    fn send(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: Option<OwnedHeaders>,
+        opaque: usize,
+    ) -> Result<(), KafkaError> {
+        let mut record = BaseRecord::with_opaque_to(topic, opaque).payload(payload);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
+        let mut delays = None;
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    if self.abort.load(Ordering::Relaxed) {
+                        return Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull));
+                    }
+                    let d = delays
+                        .get_or_insert_with(|| {
+                            ExponentialBuilder::default()
+                                .with_min_delay(Duration::from_micros(200))
+                                .with_max_delay(Duration::from_millis(100))
+                                .without_max_times()
+                                .build()
+                        })
+                        .next()
+                        .unwrap_or(Duration::from_millis(100));
+                    std::thread::sleep(d);
+                    record = r;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends again the outputs whose delivery failed, when due.
+    pub fn send_retries(&self) {
+        let due: Vec<Retry> = {
+            let mut r = self
+                .producer
+                .context()
+                .retries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if r.is_empty() {
+                return;
+            }
+            let now = Instant::now();
+            let (due, later) = r.drain(..).partition(|x| x.due <= now);
+            *r = later;
+            due
+        };
+        for x in due {
+            self.metrics
+                .add("ml_worker_publish_retries_total", &[("topic", &x.topic)], 1);
+            if let Err(e) = self.send(&x.topic, x.key.as_deref(), &x.payload, x.headers, x.opaque) {
+                let (slot, offset) = unpack(x.opaque);
+                tracing::error!(topic = %x.topic, error = %e, slot, offset, "retry could not be queued; its input stays uncommitted");
+            }
+        }
+    }
+
+    /// Outputs waiting to be sent again.
+    pub fn retries_pending(&self) -> usize {
+        self.producer
+            .context()
+            .retries
+            .lock()
+            .map(|r| r.len())
+            .unwrap_or(0)
+    }
+
+    /// Scores a chunk and publishes its outputs in input order.
+    pub fn process(&self, mut chunk: Chunk, queued: &AtomicUsize) {
+        // 1. inference, one call per model
+        let mut results: Vec<Result<Prediction, String>> = Vec::with_capacity(chunk.groups.len());
+        let mut latency_us = Vec::with_capacity(chunk.groups.len());
+        for g in &chunk.groups {
+            if g.n_rows == 0 {
+                results.push(Err("no rows".into()));
+                latency_us.push(0);
+                continue;
+            }
+            let t = Instant::now();
+            let r = Batch::new(&g.rows, g.route.n_features())
+                .and_then(|b| g.route.model.predict_full(b))
+                .map_err(|e| format!("model '{}': {e}", g.route.model.info().name));
+            let dt = t.elapsed();
+            latency_us.push(dt.as_micros() as i64);
+            let name = g.route.name.as_str();
+            let mut h = Histogram::latency();
+            h.observe(dt.as_secs_f64());
+            self.metrics.merge_histogram(
+                "ml_worker_inference_latency_seconds",
+                &[("model", name)],
+                &h,
+            );
+            let mut s = Histogram::sizes();
+            s.observe(g.n_rows as f64);
+            self.metrics
+                .merge_histogram("ml_worker_batch_size", &[("model", name)], &s);
+            if let Err(e) = &r {
+                tracing::warn!(model = %name, error = %e, rows = g.n_rows, "inference failed; rows go to the dead-letter topic");
+            }
+            results.push(r);
+        }
+        // 2. decide every record's outputs; rows that failed become dead letters
+        for rec in &mut chunk.records {
+            if let Kind::Event { group, row, .. } = &rec.kind {
+                let (g, r) = (*group as usize, *row as usize);
+                let reason = match &results[g] {
+                    Err(e) => Some(e.clone()),
+                    Ok(p) => {
+                        let v = p.values.row(r)[0];
+                        let probs_bad = p
+                            .probabilities
+                            .as_ref()
+                            .is_some_and(|pr| pr.row(r).iter().any(|x| !x.is_finite()));
+                        (!v.is_finite() || probs_bad).then(|| {
+                            format!(
+                                "model '{}' returned a non-finite value ({v}) for this row",
+                                chunk.groups[g].route.model.info().name
+                            )
+                        })
+                    }
+                };
+                if let Some(reason) = reason {
+                    rec.kind = Kind::Dead {
+                        stage: Stage::Inference,
+                        reason,
+                    };
+                }
+            }
+        }
+        {
+            let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+            for rec in &chunk.records {
+                let outputs = match &rec.kind {
+                    Kind::Event { group, .. } => {
+                        1 + chunk.groups[*group as usize].route.signal.is_some() as u32
+                    }
+                    Kind::Dead { .. } => 1,
+                };
+                t.track(rec.slot, rec.offset, outputs);
+            }
+        }
+        queued.fetch_sub(chunk.records.len(), Ordering::Relaxed);
+        // 3. publish in input order
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let mut templates: Vec<PredictionEvent> = chunk
+            .groups
+            .iter()
+            .map(|g| {
+                let info = g.route.model.info();
+                PredictionEvent {
+                    event_id: String::new(),
+                    model: g.route.name.clone(),
+                    model_version: info.version.clone(),
+                    model_sha256: info.sha256.clone(),
+                    symbol: String::new(),
+                    event_time: 0,
+                    prediction: 0.0,
+                    probabilities: None,
+                    fallback: g.route.fallback,
+                    inference_latency_us: 0,
+                }
+            })
+            .collect();
+        let mut out_counts: HashMap<(&str, &str), u64> = HashMap::new();
+        let mut dead_counts: HashMap<&'static str, u64> = HashMap::new();
+        let mut sides: HashMap<(&str, &'static str), u64> = HashMap::new();
+        let mut e2e = Histogram::latency();
+        let mut buf = Vec::with_capacity(256);
+        let records = std::mem::take(&mut chunk.records);
+        for mut rec in records {
+            let opaque = pack(rec.slot, rec.offset);
+            match &mut rec.kind {
+                Kind::Event {
+                    group,
+                    row,
+                    event_id,
+                    symbol,
+                    event_time,
+                } => {
+                    let g = *group as usize;
+                    let route = &chunk.groups[g].route;
+                    let Ok(p) = &results[g] else {
+                        unreachable!("failed rows were made dead")
+                    };
+                    let pe = &mut templates[g];
+                    let r = *row as usize;
+                    pe.event_id = std::mem::take(event_id);
+                    pe.symbol = std::mem::take(symbol);
+                    pe.event_time = *event_time;
+                    pe.prediction = p.values.row(r)[0];
+                    pe.probabilities = p.probabilities.as_ref().map(|pr| pr.row(r).to_vec());
+                    pe.inference_latency_us = latency_us[g];
+                    buf.clear();
+                    self.predictions.1.encode_prediction(pe, &mut buf);
+                    let mut failed = None;
+                    if let Err(e) = self.send(
+                        &self.predictions.0,
+                        Some(pe.symbol.as_bytes()),
+                        &buf,
+                        None,
+                        opaque,
+                    ) {
+                        failed = Some(e);
+                    } else {
+                        *out_counts
+                            .entry((&self.predictions.0, &route.name))
+                            .or_insert(0) += 1;
+                        if let Some(ts) = rec.timestamp {
+                            e2e.observe((now_ms - ts).max(0) as f64 / 1000.0);
+                        }
+                    }
+                    if let Some(rule) = &route.signal {
+                        let (side, strength) =
+                            rule.apply(pe.prediction, pe.probabilities.as_deref());
+                        let se = SignalEvent {
+                            event_id: std::mem::take(&mut pe.event_id),
+                            symbol: std::mem::take(&mut pe.symbol),
+                            model: route.name.clone(),
+                            model_version: pe.model_version.clone(),
+                            event_time: pe.event_time,
+                            side,
+                            strength,
+                            prediction: pe.prediction,
+                        };
+                        buf.clear();
+                        self.signals.1.encode_signal(&se, &mut buf);
+                        if failed.is_none() {
+                            if let Err(e) = self.send(
+                                &self.signals.0,
+                                Some(se.symbol.as_bytes()),
+                                &buf,
+                                None,
+                                opaque,
+                            ) {
+                                failed = Some(e);
+                            } else {
+                                *out_counts
+                                    .entry((&self.signals.0, &route.name))
+                                    .or_insert(0) += 1;
+                                *sides.entry((&route.name, side_name(side))).or_insert(0) += 1;
+                            }
+                        } else {
+                            // the prediction was not queued: its signal is not sent either
+                            self.ack_unsent(rec.slot, rec.offset);
+                        }
+                    }
+                    if route.fallback {
+                        self.metrics
+                            .add("ml_worker_fallbacks_total", &[("model", &route.name)], 1);
+                    }
+                    if let Some(e) = failed {
+                        // swap the failed output for a dead letter of the input
+                        self.tracker
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .track(rec.slot, rec.offset, 1);
+                        self.ack_unsent(rec.slot, rec.offset);
+                        let reason = format!("output could not be queued: {e}");
+                        self.dead_letter(&chunk, &rec, Stage::Publish, &reason, opaque);
+                        *dead_counts.entry(Stage::Publish.as_str()).or_insert(0) += 1;
+                    }
+                }
+                Kind::Dead { stage, reason } => {
+                    let (stage, reason) = (*stage, std::mem::take(reason));
+                    self.dead_letter(&chunk, &rec, stage, &reason, opaque);
+                    *dead_counts.entry(stage.as_str()).or_insert(0) += 1;
+                }
+            }
+        }
+        for ((topic, model), n) in out_counts {
+            self.metrics.add(
+                "ml_worker_events_out_total",
+                &[("topic", topic), ("model", model)],
+                n,
+            );
+        }
+        for (stage, n) in dead_counts {
+            self.metrics
+                .add("ml_worker_dead_letters_total", &[("stage", stage)], n);
+            self.metrics.add(
+                "ml_worker_events_out_total",
+                &[("topic", &self.dead_letters), ("model", "")],
+                n,
+            );
+        }
+        for ((model, side), n) in sides {
+            self.metrics.add(
+                "ml_worker_signals_total",
+                &[("model", model), ("side", side)],
+                n,
+            );
+        }
+        self.metrics
+            .merge_histogram("ml_worker_end_to_end_latency_seconds", &[], &e2e);
+    }
+
+    /// An output that was tracked but never queued counts as done.
+    fn ack_unsent(&self, slot: u32, offset: i64) {
+        self.tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ack(slot, offset);
+    }
+
+    /// Publishes the original record with the reason in headers.
+    fn dead_letter(
+        &self,
+        chunk: &Chunk,
+        rec: &crate::worker::batch::Record,
+        stage: Stage,
+        reason: &str,
+        opaque: usize,
+    ) {
+        let mut h = OwnedHeaders::new();
+        if let Some(orig) = &rec.headers {
+            for x in orig.iter() {
+                h = h.insert(Header {
+                    key: x.key,
+                    value: x.value,
+                });
+            }
+        }
+        let partition = rec.partition.to_string();
+        let offset = rec.offset.to_string();
+        h = h
+            .insert(header("error.stage", stage.as_str()))
+            .insert(header("error.reason", reason))
+            .insert(header("source.topic", &rec.topic))
+            .insert(header("source.partition", &partition))
+            .insert(header("source.offset", &offset));
+        tracing::debug!(stage = stage.as_str(), reason, topic = %rec.topic, partition = rec.partition, offset = rec.offset, "dead letter");
+        let key = rec.key.as_ref().map(|k| chunk.bytes(k));
+        if let Err(e) = self.send(
+            &self.dead_letters,
+            key,
+            chunk.bytes(&rec.payload),
+            Some(h),
+            opaque,
+        ) {
+            tracing::error!(error = %e, topic = %rec.topic, partition = rec.partition, offset = rec.offset,
+                "dead letter could not be queued; its input stays uncommitted");
+        }
+    }
+
+    /// Waits until every queued output is acknowledged, up to `deadline`.
+    pub fn flush(&self, deadline: Instant) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let Err(e) = self.producer.flush(left) {
+            tracing::warn!(error = %e, "producer flush did not finish");
+        }
+    }
+}
+
+fn side_name(s: crate::events::Side) -> &'static str {
+    match s {
+        crate::events::Side::Buy => "BUY",
+        crate::events::Side::Sell => "SELL",
+        crate::events::Side::Hold => "HOLD",
+    }
+}
+
+/// The body of an inference thread: scores chunks until the channel closes.
+pub fn inference_loop(publisher: Arc<Publisher>, rx: Receiver<Chunk>, queued: Arc<AtomicUsize>) {
+    while let Ok(chunk) = rx.recv() {
+        publisher.process(chunk, &queued);
+    }
+}

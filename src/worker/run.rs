@@ -1,0 +1,595 @@
+//! The consume loop: poll, batch, hand chunks to inference threads, commit
+//! what is safe, pause when too much is in flight, and drain on shutdown.
+//!
+//! Threads: this loop (poll, decode, route, batch, commit), `inference`
+//! shards (score and produce; a partition always goes to the same shard, so
+//! its outputs keep input order), librdkafka's own threads, and the metrics
+//! endpoint.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, Statistics, TopicPartitionList};
+
+use crate::events::{Codec, SchemaIds, WireFormat};
+use crate::registry::Registry;
+use crate::worker::batch::{Batcher, Chunk};
+use crate::worker::config::{DeliveryMode, WorkerConfig};
+use crate::worker::metrics::Metrics;
+use crate::worker::offsets::{OffsetTracker, Slot, Slots};
+use crate::worker::publish::{inference_loop, Publisher};
+use crate::worker::schema_registry::SchemaRegistry;
+
+/// Why the worker could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("kafka client: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("schema registry: {0}")]
+    SchemaRegistry(String),
+    #[error("metrics endpoint {address}: {source}")]
+    Metrics {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Thread(String),
+}
+
+/// What a run did, for logs and the demo summary.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub events_in: u64,
+    pub outputs_acked: u64,
+    pub dead_letters: u64,
+    pub in_flight_at_exit: usize,
+    pub clean: bool,
+}
+
+/// State shared by the loop and the rebalance callbacks (which run inside
+/// `poll`, on the loop's thread).
+struct Shared {
+    batcher: Mutex<Batcher>,
+    tracker: Arc<Mutex<OffsetTracker>>,
+    slots: Mutex<Slots>,
+    senders: Vec<Sender<Chunk>>,
+    /// Records handed to shards and not yet tracked.
+    queued: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+    mode: DeliveryMode,
+    drain_timeout: Duration,
+    paused: AtomicBool,
+}
+
+impl Shared {
+    /// Hands closed chunks to their shards (at-most-once: commits first).
+    fn dispatch(&self, consumer: &BaseConsumer<WorkerContext>, chunks: Vec<Chunk>, shards: usize) {
+        for chunk in chunks {
+            if chunk.records.is_empty() {
+                continue;
+            }
+            if self.mode == DeliveryMode::AtMostOnce {
+                self.commit_read(consumer, &chunk);
+            }
+            let shard = chunk.records[0].slot as usize % shards;
+            self.queued
+                .fetch_add(chunk.records.len(), Ordering::Relaxed);
+            if let Err(e) = self.senders[shard].send(chunk) {
+                // the shard is gone (only at exit): these inputs stay uncommitted
+                self.queued.fetch_sub(e.0.records.len(), Ordering::Relaxed);
+                tracing::error!("inference shard {shard} stopped; batch left uncommitted");
+            }
+        }
+    }
+
+    /// At-most-once: the chunk's offsets are committed before any output.
+    fn commit_read(&self, consumer: &BaseConsumer<WorkerContext>, chunk: &Chunk) {
+        let mut tpl = TopicPartitionList::new();
+        for r in &chunk.records {
+            let _ = tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.offset + 1));
+        }
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+            tracing::warn!(error = %e, "at-most-once commit failed");
+        }
+    }
+
+    /// Commits every offset that moved. Sync or async.
+    fn commit(&self, consumer: &BaseConsumer<WorkerContext>, mode: CommitMode) {
+        if self.mode == DeliveryMode::AtMostOnce {
+            return;
+        }
+        let moved = self
+            .tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_committable();
+        if moved.is_empty() {
+            return;
+        }
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tpl = TopicPartitionList::new();
+        for (slot, offset) in moved {
+            if let Some((topic, partition)) = slots.name(slot) {
+                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(offset));
+            }
+        }
+        drop(slots);
+        if tpl.count() == 0 {
+            return;
+        }
+        let result = consumer.commit(&tpl, mode);
+        if matches!(mode, CommitMode::Sync) {
+            self.count_commit(&result);
+        }
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "offset commit failed; will retry with later offsets");
+        }
+    }
+
+    fn count_commit(&self, r: &KafkaResult<()>) {
+        let result = if r.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .add("ml_worker_commits_total", &[("result", result)], 1);
+    }
+
+    /// Waits until `done` holds or the drain deadline passes.
+    fn wait_until(&self, deadline: Instant, done: impl Fn() -> bool) -> bool {
+        while !done() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    }
+
+    fn in_flight(&self) -> usize {
+        let tracked = self
+            .tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .in_flight();
+        let held = self.batcher.lock().map(|b| b.held()).unwrap_or(0);
+        tracked + self.queued.load(Ordering::Relaxed) + held
+    }
+}
+
+/// The consumer's context: rebalances, commit results, statistics.
+pub struct WorkerContext {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for WorkerContext {
+    fn stats(&self, stats: Statistics) {
+        let m = &self.shared.metrics;
+        m.clear_gauge("ml_worker_consumer_lag");
+        for (topic, t) in &stats.topics {
+            for (p, part) in &t.partitions {
+                if *p >= 0 && part.consumer_lag >= 0 {
+                    m.set_gauge(
+                        "ml_worker_consumer_lag",
+                        &[("topic", topic), ("partition", &p.to_string())],
+                        part.consumer_lag as f64,
+                    );
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for WorkerContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            if let Rebalance::Error(e) = rebalance {
+                tracing::warn!(error = %e, "rebalance error");
+            }
+            return;
+        };
+        let s = &self.shared;
+        let revoked: Vec<(String, i32, Option<Slot>)> = {
+            let slots = s.slots.lock().unwrap_or_else(|p| p.into_inner());
+            tpl.elements()
+                .iter()
+                .map(|e| {
+                    (
+                        e.topic().to_string(),
+                        e.partition(),
+                        slots.current_slot(e.topic(), e.partition()),
+                    )
+                })
+                .collect()
+        };
+        tracing::info!(
+            partitions = revoked.len(),
+            "partitions revoked; finishing their in-flight events"
+        );
+        // everything read so far goes to inference now, then waits for acks
+        let chunks = {
+            let mut b = s.batcher.lock().unwrap_or_else(|p| p.into_inner());
+            let n = b.shards();
+            (b.take(Instant::now(), true), n)
+        };
+        s.dispatch(consumer, chunks.0, chunks.1);
+        let deadline = Instant::now() + s.drain_timeout;
+        let drained = s.wait_until(deadline, || {
+            s.queued.load(Ordering::Relaxed) == 0 && {
+                let t = s.tracker.lock().unwrap_or_else(|p| p.into_inner());
+                revoked
+                    .iter()
+                    .all(|(_, _, slot)| slot.is_none_or(|sl| t.pending(sl) == 0))
+            }
+        });
+        if !drained {
+            tracing::warn!("revoked partitions still had unacknowledged outputs at the deadline; the new owner will process them again");
+        }
+        let mut commit = TopicPartitionList::new();
+        {
+            let mut t = s.tracker.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slots = s.slots.lock().unwrap_or_else(|p| p.into_inner());
+            for (topic, partition, slot) in &revoked {
+                if let Some(slot) = slot {
+                    if let Some(c) = t.revoke(*slot) {
+                        if s.mode == DeliveryMode::AtLeastOnce {
+                            let _ =
+                                commit.add_partition_offset(topic, *partition, Offset::Offset(c));
+                        }
+                    }
+                }
+                slots.revoke(topic, *partition);
+            }
+        }
+        if commit.count() > 0 {
+            let r = consumer.commit(&commit, CommitMode::Sync);
+            s.count_commit(&r);
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "commit on revocation failed");
+            }
+        }
+        let n = revoked.len();
+        let _ = s
+            .metrics
+            .assigned
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |a| {
+                Some(a.saturating_sub(n))
+            });
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Assign(tpl) = rebalance else {
+            return;
+        };
+        let s = &self.shared;
+        {
+            let mut t = s.tracker.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slots = s.slots.lock().unwrap_or_else(|p| p.into_inner());
+            for e in tpl.elements() {
+                let slot = slots.assign(e.topic(), e.partition());
+                t.assign(slot);
+            }
+        }
+        s.metrics.assigned.fetch_add(tpl.count(), Ordering::Relaxed);
+        tracing::info!(partitions = tpl.count(), "partitions assigned");
+        if s.paused.load(Ordering::Relaxed) {
+            if let Err(e) = consumer.pause(tpl) {
+                tracing::warn!(error = %e, "could not pause newly assigned partitions");
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        self.shared.count_commit(&result);
+    }
+}
+
+/// librdkafka settings of the worker's two clients.
+fn client_configs(cfg: &WorkerConfig, brokers: &str) -> (ClientConfig, ClientConfig) {
+    let mut consumer = ClientConfig::new();
+    consumer
+        .set("bootstrap.servers", brokers)
+        .set("group.id", &cfg.group_id)
+        .set("client.id", &cfg.client_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", "5000");
+    let mut producer = ClientConfig::new();
+    producer
+        .set("bootstrap.servers", brokers)
+        .set("client.id", &cfg.client_id)
+        .set("enable.idempotence", "true")
+        // 0: retry until delivered; shutdown and pausing bound the wait
+        .set("message.timeout.ms", "0")
+        // Java clients' partitioner: a symbol lands where they would put it
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "2")
+        .set(
+            "queue.buffering.max.messages",
+            (cfg.max_in_flight * 3 + 10_000).min(10_000_000).to_string(),
+        );
+    for (k, v) in &cfg.librdkafka {
+        consumer.set(k, v);
+        producer.set(k, v);
+    }
+    (consumer, producer)
+}
+
+/// A worker's endpoints, once started.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub metrics_address: std::net::SocketAddr,
+    /// `bootstrap.servers` in use.
+    pub brokers: String,
+}
+
+/// Runs the worker until `stop` is set, then drains and commits.
+/// `on_start` is told the metrics address once everything is up.
+pub fn run(
+    cfg: Arc<WorkerConfig>,
+    brokers: &str,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+    on_start: impl FnOnce(Started),
+) -> Result<Summary, WorkerError> {
+    let http_stop = Arc::new(AtomicBool::new(false));
+    let metrics_address =
+        crate::worker::metrics::serve(cfg.metrics_address, metrics.clone(), http_stop.clone())
+            .map_err(|source| WorkerError::Metrics {
+                address: cfg.metrics_address,
+                source,
+            })?;
+    let _stop_http = StopOnDrop(http_stop);
+    metrics.models_loaded.store(true, Ordering::Relaxed);
+
+    // codecs (with a schema registry for `avro` topics)
+    let registry_client = cfg.schema_registry.as_deref().map(SchemaRegistry::new);
+    let ids = |format: WireFormat, topic: &str, signal: bool| -> Result<SchemaIds, WorkerError> {
+        match (format, &registry_client) {
+            (WireFormat::Avro, Some(sr)) => sr
+                .output_ids(topic, signal)
+                .map_err(WorkerError::SchemaRegistry),
+            _ => Ok(SchemaIds::default()),
+        }
+    };
+    let input_codec = Codec::new(cfg.input_format, SchemaIds::default());
+    let predictions = (
+        cfg.predictions.topic.clone(),
+        Codec::new(
+            cfg.predictions.format,
+            ids(cfg.predictions.format, &cfg.predictions.topic, false)?,
+        ),
+    );
+    let signals = (
+        cfg.signals.topic.clone(),
+        Codec::new(
+            cfg.signals.format,
+            ids(cfg.signals.format, &cfg.signals.topic, true)?,
+        ),
+    );
+
+    let (consumer_cfg, producer_cfg) = client_configs(&cfg, brokers);
+    let tracker = Arc::new(Mutex::new(OffsetTracker::default()));
+    let publisher = Arc::new(Publisher::new(
+        &producer_cfg,
+        predictions,
+        signals,
+        cfg.dead_letters.clone(),
+        tracker.clone(),
+        metrics.clone(),
+    )?);
+
+    let shards = inference_threads();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let mut senders = Vec::new();
+    let mut threads = Vec::new();
+    for i in 0..shards {
+        let (tx, rx) = channel::<Chunk>();
+        senders.push(tx);
+        let (p, q) = (publisher.clone(), queued.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("inference-{i}"))
+                .spawn(move || inference_loop(p, rx, q))
+                .map_err(|e| WorkerError::Thread(e.to_string()))?,
+        );
+    }
+    let shared = Arc::new(Shared {
+        batcher: Mutex::new(Batcher::new(
+            input_codec,
+            registry_client,
+            registry,
+            cfg.clone(),
+            shards,
+            metrics.clone(),
+        )),
+        tracker: tracker.clone(),
+        slots: Mutex::new(Slots::default()),
+        senders,
+        queued: queued.clone(),
+        metrics: metrics.clone(),
+        mode: cfg.mode,
+        drain_timeout: cfg.shutdown_timeout,
+        paused: AtomicBool::new(false),
+    });
+    let consumer: BaseConsumer<WorkerContext> =
+        consumer_cfg.create_with_context(WorkerContext {
+            shared: shared.clone(),
+        })?;
+    let topics: Vec<&str> = cfg.input_topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    tracing::info!(brokers, group = %cfg.group_id, topics = ?cfg.input_topics, shards, metrics = %metrics_address, "worker started");
+    on_start(Started {
+        metrics_address,
+        brokers: brokers.to_string(),
+    });
+
+    let mut last_commit = Instant::now();
+    let mut last_tick = Instant::now();
+    let resume_below = cfg.max_in_flight / 2;
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        let wait = shared
+            .batcher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .next_deadline()
+            .map_or(Duration::from_millis(100), |d| {
+                d.saturating_duration_since(now)
+            })
+            .min(Duration::from_millis(100));
+        let mut polled = 0;
+        let mut next = consumer.poll(wait);
+        while let Some(result) = next {
+            match result {
+                Ok(msg) => {
+                    let slot = shared
+                        .slots
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .current_slot(msg.topic(), msg.partition());
+                    match slot {
+                        Some(slot) => shared
+                            .batcher
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .add(&msg, slot, Instant::now()),
+                        None => tracing::warn!(
+                            topic = msg.topic(),
+                            partition = msg.partition(),
+                            "record from a partition not assigned here; skipped (not committed)"
+                        ),
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
+            }
+            polled += 1;
+            if polled >= 512 {
+                break;
+            }
+            next = consumer.poll(Duration::ZERO);
+        }
+        let now = Instant::now();
+        let chunks = shared
+            .batcher
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(now, false);
+        shared.dispatch(&consumer, chunks, shards);
+
+        if now.duration_since(last_tick) >= Duration::from_millis(10) {
+            last_tick = now;
+            publisher.send_retries();
+            let in_flight = shared.in_flight();
+            metrics.in_flight.store(in_flight, Ordering::Relaxed);
+            let paused = shared.paused.load(Ordering::Relaxed);
+            if !paused && in_flight >= cfg.max_in_flight {
+                set_paused(&consumer, &shared, true, in_flight);
+            } else if paused && in_flight <= resume_below {
+                set_paused(&consumer, &shared, false, in_flight);
+            }
+        }
+        if now.duration_since(last_commit) >= cfg.commit_interval {
+            last_commit = now;
+            shared.commit(&consumer, CommitMode::Async);
+        }
+    }
+
+    // drain: stop reading, finish what was read, commit, leave the group
+    metrics.stopping.store(true, Ordering::Relaxed);
+    let deadline = Instant::now() + cfg.shutdown_timeout;
+    tracing::info!(in_flight = shared.in_flight(), timeout = ?cfg.shutdown_timeout, "stopping: draining in-flight events");
+    if let Ok(assignment) = consumer.assignment() {
+        let _ = consumer.pause(&assignment);
+    }
+    let chunks = shared
+        .batcher
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take(Instant::now(), true);
+    shared.dispatch(&consumer, chunks, shards);
+    let drained = shared.wait_until(deadline, || {
+        publisher.send_retries();
+        let _ = consumer.poll(Duration::ZERO);
+        shared.in_flight() == 0 && publisher.retries_pending() == 0
+    });
+    if !drained {
+        publisher.abort.store(true, Ordering::Relaxed);
+    }
+    shared.commit(&consumer, CommitMode::Sync);
+    let in_flight_at_exit = shared.in_flight();
+    if in_flight_at_exit > 0 {
+        tracing::warn!(
+            in_flight = in_flight_at_exit,
+            "drain deadline passed: these events stay uncommitted and are read again on restart"
+        );
+    }
+    consumer.unsubscribe();
+    // close shard channels so the threads end
+    drop(consumer);
+    let shared = Arc::into_inner(shared);
+    drop(shared);
+    for t in threads {
+        let _ = t.join();
+    }
+    publisher.flush(Instant::now() + Duration::from_millis(200));
+    let summary = Summary {
+        events_in: metrics.total("ml_worker_events_in_total"),
+        outputs_acked: metrics.acked.load(Ordering::Relaxed),
+        dead_letters: metrics.total("ml_worker_dead_letters_total"),
+        in_flight_at_exit,
+        clean: drained,
+    };
+    tracing::info!(?summary, "worker stopped");
+    Ok(summary)
+}
+
+fn set_paused(
+    consumer: &BaseConsumer<WorkerContext>,
+    shared: &Shared,
+    pause: bool,
+    in_flight: usize,
+) {
+    let Ok(assignment) = consumer.assignment() else {
+        return;
+    };
+    let r = if pause {
+        consumer.pause(&assignment)
+    } else {
+        consumer.resume(&assignment)
+    };
+    match r {
+        Ok(()) => {
+            shared.paused.store(pause, Ordering::Relaxed);
+            shared.metrics.paused.store(pause, Ordering::Relaxed);
+            tracing::info!(in_flight, paused = pause, "backpressure");
+        }
+        Err(e) => tracing::warn!(error = %e, "pause/resume failed"),
+    }
+}
+
+/// Inference shards: one per two cores, at least one.
+fn inference_threads() -> usize {
+    std::env::var("ML_WORKER_INFERENCE_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get() / 2)
+                .unwrap_or(1)
+                .max(1)
+        })
+}
+
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}

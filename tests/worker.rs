@@ -1,0 +1,473 @@
+//! The streaming worker end to end on the embedded broker: real Kafka
+//! protocol traffic, the shipped models, reference predictions.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use ml_worker::broker::{EmbeddedBroker, TopicSpec};
+use ml_worker::events::WireFormat;
+use ml_worker::loadgen::{load_samples, Load, Reader, Samples, Traffic};
+use ml_worker::registry::{Registry, RegistryOptions};
+use ml_worker::worker::config::{parse_worker_config, Overrides, WorkerConfig};
+use ml_worker::worker::metrics::Metrics;
+use ml_worker::worker::{Started, Summary};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn unique(prefix: &str) -> String {
+    use std::sync::atomic::AtomicU64;
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A broker with random topic names and a worker config pointing at it.
+struct Setup {
+    broker: EmbeddedBroker,
+    features: String,
+    predictions: String,
+    signals: String,
+    dead_letters: String,
+    group: String,
+    dir: tempfile::TempDir,
+    samples: Vec<Samples>,
+}
+
+impl Setup {
+    fn new(partitions: i32) -> Setup {
+        let s = Setup {
+            broker: EmbeddedBroker::start(1, &[]).unwrap(),
+            features: unique("features"),
+            predictions: unique("predictions"),
+            signals: unique("signals"),
+            dead_letters: unique("dead"),
+            group: unique("group"),
+            dir: tempfile::tempdir().unwrap(),
+            samples: load_samples(&root().join("models/samples")).unwrap(),
+        };
+        for (t, p) in [
+            (&s.features, partitions),
+            (&s.predictions, 4),
+            (&s.signals, 4),
+            (&s.dead_letters, 1),
+        ] {
+            s.broker
+                .create_topic(&TopicSpec {
+                    name: t.clone(),
+                    partitions: p,
+                })
+                .unwrap();
+        }
+        s
+    }
+
+    fn brokers(&self) -> String {
+        self.broker.bootstrap_servers()
+    }
+
+    fn yaml(&self, format: &str, extra: &str) -> String {
+        format!(
+            r#"
+kafka:
+  brokers: "{brokers}"
+  group_id: "{group}"
+  librdkafka: {{"session.timeout.ms": "6000", "heartbeat.interval.ms": "500"}}
+input: {{topics: ["{features}"], format: "{format}"}}
+outputs:
+  predictions: {{topic: "{predictions}", format: "{format}"}}
+  signals: {{topic: "{signals}", format: "{format}"}}
+  dead_letters: {{topic: "{dead}"}}
+batching: {{max_batch_size: 200, max_wait_ms: 2}}
+delivery: {{commit_interval_ms: 100, shutdown_timeout_ms: 10000}}
+registry: "{registry}"
+audit_db: "{audit}"
+metrics: {{address: "127.0.0.1:0"}}
+{extra}
+"#,
+            brokers = self.brokers(),
+            group = self.group,
+            features = self.features,
+            predictions = self.predictions,
+            signals = self.signals,
+            dead = self.dead_letters,
+            registry = root().join("config/models.yaml").display(),
+            audit = self.dir.path().join("audit.db").display(),
+        )
+    }
+
+    fn config(&self, format: &str, extra: &str) -> Arc<WorkerConfig> {
+        let file = self.dir.path().join("worker.yaml");
+        std::fs::write(&file, self.yaml(format, extra)).unwrap();
+        Arc::new(
+            parse_worker_config(&self.yaml(format, extra), &file, &Overrides::default()).unwrap(),
+        )
+    }
+
+    fn traffic<'a>(&'a self, format: WireFormat, prefix: &'a str) -> Traffic<'a> {
+        Traffic {
+            topic: &self.features,
+            format,
+            samples: &self.samples,
+            prefix,
+        }
+    }
+
+    fn reader(&self, format: WireFormat) -> Reader {
+        Reader::new(
+            &self.brokers(),
+            (&self.predictions, format),
+            (&self.signals, format),
+            &self.dead_letters,
+        )
+        .unwrap()
+    }
+
+    /// Offsets the group has committed on the input topic, summed.
+    fn committed_total(&self, partitions: i32) -> i64 {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .set("group.id", &self.group)
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(&self.features, p);
+        }
+        let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+        got.elements()
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+/// A worker running in this process.
+struct Running {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<Summary>,
+    started: Started,
+}
+
+fn start(cfg: Arc<WorkerConfig>) -> Running {
+    let registry = Arc::new(
+        Registry::open(&cfg.registry, None, RegistryOptions::default()).expect("registry"),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let metrics = Arc::new(Metrics::default());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s = stop.clone();
+    let brokers = cfg.brokers.clone();
+    let handle = std::thread::spawn(move || {
+        ml_worker::worker::run(cfg, &brokers, registry, metrics, s, |st| {
+            let _ = tx.send(st);
+        })
+        .expect("worker run")
+    });
+    let started = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("worker start");
+    Running {
+        stop,
+        handle,
+        started,
+    }
+}
+
+impl Running {
+    fn stop(self) -> Summary {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("worker thread")
+    }
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, out.split_once("\r\n\r\n").unwrap().1.to_string())
+}
+
+fn close(a: f64, b: f64, rel: f64) -> bool {
+    (a - b).abs() <= rel * a.abs().max(b.abs()).max(1e-12)
+}
+
+/// Every prediction matches the reference library's for its sample row.
+fn check_against_reference(seen: &ml_worker::loadgen::Seen, samples: &[Samples], prefix: &str) {
+    for (id, p) in &seen.by_id {
+        let i: u64 = id
+            .strip_prefix(&format!("{prefix}-"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let (si, row) = ml_worker::loadgen::event_row(samples, i);
+        let s = &samples[si];
+        assert_eq!(p.model, s.model, "{id}");
+        // tolerances of the runtime issue: LightGBM 1e-9, XGBoost 1e-6, ONNX 1e-5
+        let tol = match s.model.as_str() {
+            "diabetes_lgbm" => 1e-9,
+            "breast_cancer_xgb" => 1e-6,
+            _ => 1e-5,
+        };
+        assert!(
+            close(p.prediction, s.expected[row], tol),
+            "{id} ({}, row {row}): {} vs reference {}",
+            s.model,
+            p.prediction,
+            s.expected[row]
+        );
+        if let Some(expected) = &s.probabilities[row] {
+            let got = p.probabilities.as_ref().expect("classifier probabilities");
+            assert_eq!(got.len(), expected.len());
+            for (g, e) in got.iter().zip(expected) {
+                assert!(
+                    (g - e).abs() <= tol,
+                    "{id}: probabilities {got:?} vs {expected:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_event_gets_one_prediction_matching_the_reference_and_offsets_are_committed() {
+    for format in ["avro-raw", "json"] {
+        let s = Setup::new(4);
+        let cfg = s.config(format, "");
+        let w = start(cfg.clone());
+        let load = Load::new(&s.brokers()).unwrap();
+        let n = 1500u64;
+        let stop = AtomicBool::new(false);
+        load.events(&s.traffic(cfg.input_format, "e"), 0, n, None, &stop)
+            .unwrap();
+        load.flush(Duration::from_secs(10)).unwrap();
+        let mut reader = s.reader(cfg.input_format);
+        reader.read(Duration::from_secs(30), |seen| {
+            seen.by_id.len() as u64 >= n && seen.signal_ids.len() as u64 >= n
+        });
+        let seen = &reader.seen;
+        assert_eq!(
+            seen.by_id.len() as u64,
+            n,
+            "{format}: one prediction per event"
+        );
+        assert_eq!(
+            seen.duplicates, 0,
+            "{format}: no duplicates without failures"
+        );
+        assert_eq!(
+            seen.signal_ids.len() as u64,
+            n,
+            "{format}: one signal per event"
+        );
+        assert!(
+            seen.dead_letters.is_empty(),
+            "{format}: {:?}",
+            seen.dead_letters.first()
+        );
+        assert_eq!(seen.undecodable, 0);
+        check_against_reference(seen, &s.samples, "e");
+        // ready, and the metrics saw it all
+        assert_eq!(http_get(w.started.metrics_address, "/readyz").0, 200);
+        let (code, text) = http_get(w.started.metrics_address, "/metrics");
+        assert_eq!(code, 200);
+        assert!(text.contains("ml_worker_inference_latency_seconds_bucket{model=\"diabetes_lgbm\""));
+        assert!(
+            text.contains(&format!(
+                "ml_worker_events_in_total{{topic=\"{}\",model=\"wine_rf\"}} 500",
+                s.features
+            )),
+            "{text}"
+        );
+        let summary = w.stop();
+        assert!(summary.clean, "{summary:?}");
+        assert_eq!(summary.events_in, n);
+        assert_eq!(summary.outputs_acked, 2 * n);
+        assert_eq!(
+            s.committed_total(4),
+            n as i64,
+            "{format}: every input offset committed"
+        );
+    }
+}
+
+#[test]
+fn poison_messages_reach_the_dead_letter_topic_with_their_reason_while_good_events_flow() {
+    let s = Setup::new(2);
+    let cfg = s.config("avro-raw", "");
+    let w = start(cfg.clone());
+    let load = Load::new(&s.brokers()).unwrap();
+    let stop = AtomicBool::new(false);
+    let good = 300u64;
+    load.events(
+        &s.traffic(WireFormat::AvroRaw, "g"),
+        0,
+        good / 2,
+        None,
+        &stop,
+    )
+    .unwrap();
+    // the poison, each with a marker in its key
+    let wine = s.samples.iter().find(|x| x.model == "wine_rf").unwrap();
+    let mut missing = ml_worker::loadgen::event(std::slice::from_ref(wine), "p", 0, 1);
+    missing.features.remove(3);
+    let mut nan = ml_worker::loadgen::event(std::slice::from_ref(wine), "p", 1, 1);
+    nan.features[0].1 = f64::NAN;
+    let mut unknown = ml_worker::loadgen::event(&s.samples, "p", 2, 1);
+    unknown.model = "no_such_model".into();
+    let lgbm = s
+        .samples
+        .iter()
+        .find(|x| x.model == "diabetes_lgbm")
+        .unwrap();
+    let mut lgbm_missing = ml_worker::loadgen::event(std::slice::from_ref(lgbm), "p", 3, 1);
+    lgbm_missing.features.remove(2); // allowed: tree models take NaN
+    let enc = |e: &ml_worker::events::FeatureEvent| {
+        let mut b = Vec::new();
+        ml_worker::loadgen::encode_feature(WireFormat::AvroRaw, e, &mut b);
+        b
+    };
+    let json = {
+        let mut b = Vec::new();
+        ml_worker::loadgen::encode_feature(WireFormat::Json, &unknown, &mut b);
+        b
+    };
+    let poison: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        (
+            "random",
+            vec![0xff, 0x13, 0x37, 0x00, 0x99, 0x42],
+            "decode",
+            "avro",
+        ),
+        ("json-in-avro-topic", json, "decode", "avro"),
+        ("empty", vec![], "decode", ""),
+        ("unknown-model", enc(&unknown), "route", "no_such_model"),
+        (
+            "missing-feature",
+            enc(&missing),
+            "validate",
+            "'alcalinity_of_ash' is missing",
+        ),
+        ("nan-feature", enc(&nan), "validate", "'alcohol' is NaN"),
+    ];
+    let raw: ThreadedProducer<_> = ClientConfig::new()
+        .set("bootstrap.servers", s.brokers())
+        .create()
+        .unwrap();
+    for (key, value, _, _) in &poison {
+        let h = OwnedHeaders::new().insert(Header {
+            key: "trace-id",
+            value: Some("abc"),
+        });
+        raw.send(
+            BaseRecord::to(&s.features)
+                .key(*key)
+                .payload(value.as_slice())
+                .headers(h),
+        )
+        .unwrap();
+    }
+    raw.send(
+        BaseRecord::to(&s.features)
+            .key("lgbm-missing")
+            .payload(&enc(&lgbm_missing)),
+    )
+    .unwrap();
+    raw.flush(Duration::from_secs(10)).unwrap();
+    load.events(
+        &s.traffic(WireFormat::AvroRaw, "g"),
+        good / 2,
+        good / 2,
+        None,
+        &stop,
+    )
+    .unwrap();
+    load.flush(Duration::from_secs(10)).unwrap();
+
+    let mut reader = s.reader(WireFormat::AvroRaw);
+    reader.read(Duration::from_secs(30), |seen| {
+        seen.by_id.len() as u64 > good && seen.dead_letters.len() >= poison.len()
+    });
+    let seen = &reader.seen;
+    assert_eq!(
+        seen.dead_letters.len(),
+        poison.len(),
+        "{:#?}",
+        seen.dead_letters
+    );
+    for (key, value, stage, reason) in &poison {
+        let d = seen
+            .dead_letters
+            .iter()
+            .find(|d| d.key.as_deref() == Some(key.as_bytes()))
+            .unwrap_or_else(|| panic!("no dead letter for {key}"));
+        assert_eq!(&d.value, value, "{key}: original value kept");
+        assert_eq!(d.headers["error.stage"], *stage, "{key}: {:?}", d.headers);
+        assert!(
+            d.headers["error.reason"].contains(reason),
+            "{key}: reason {:?} should mention {reason:?}",
+            d.headers["error.reason"]
+        );
+        assert_eq!(d.headers["trace-id"], "abc", "{key}: original headers kept");
+        assert_eq!(d.headers["source.topic"], s.features);
+        assert!(d.headers["source.offset"].parse::<i64>().is_ok());
+        assert!(d.headers["source.partition"].parse::<i32>().is_ok());
+    }
+    // every good event predicted, and the missing-feature LightGBM event too
+    let good_ids: HashSet<String> = (0..good).map(|i| format!("g-{i}")).collect();
+    assert!(good_ids.iter().all(|id| seen.by_id.contains_key(id)));
+    assert!(
+        seen.by_id.contains_key("p-3"),
+        "tree model serves a missing feature as NaN"
+    );
+    check_against_reference(
+        &ml_worker::loadgen::Seen {
+            by_id: seen
+                .by_id
+                .iter()
+                .filter(|(k, _)| k.starts_with("g-"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            ..Default::default()
+        },
+        &s.samples,
+        "g",
+    );
+    let text = w.started.metrics_address;
+    let (_, metrics) = http_get(text, "/metrics");
+    assert!(
+        metrics.contains("ml_worker_dead_letters_total{stage=\"decode\"} 3"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("ml_worker_dead_letters_total{stage=\"validate\"} 2"));
+    assert!(metrics.contains("ml_worker_dead_letters_total{stage=\"route\"} 1"));
+    let summary = w.stop();
+    assert!(summary.clean);
+    assert_eq!(
+        s.committed_total(2),
+        good as i64 + poison.len() as i64 + 1,
+        "dead-lettered inputs are committed too"
+    );
+}
