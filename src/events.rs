@@ -15,6 +15,7 @@
 //! every malformed message is a [`DecodeError`] naming what was wrong.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::RwLock;
 
 use apache_avro::reader::datum::GenericDatumReader;
@@ -181,6 +182,82 @@ impl<'a> Cursor<'a> {
         }
         Ok(())
     }
+}
+
+/// A feature event located in its datum without copying: strings and
+/// feature names are byte ranges of the message (checked UTF-8). The hot
+/// path of the worker reads events this way; [`Codec::decode_feature`] is
+/// the owned equivalent.
+#[derive(Debug, Default, Clone)]
+pub struct FeatureScan {
+    pub event_id: Range<usize>,
+    pub model: Range<usize>,
+    pub symbol: Range<usize>,
+    pub event_time: i64,
+    pub features: Vec<(Range<usize>, f64)>,
+}
+
+impl FeatureScan {
+    /// A string field of the scanned message.
+    pub fn str<'a>(bytes: &'a [u8], r: &Range<usize>) -> &'a str {
+        // ranges were checked as UTF-8 when scanned
+        std::str::from_utf8(&bytes[r.clone()]).unwrap_or_default()
+    }
+}
+
+impl Cursor<'_> {
+    fn str_range(&mut self, field: &str) -> Result<Range<usize>, DecodeError> {
+        let n = self.long(field)?;
+        if n < 0 {
+            return Err(self.err(&format!("'{field}': negative length {n}")));
+        }
+        let start = self.pos;
+        let bytes = self.take(n as usize, field)?;
+        if std::str::from_utf8(bytes).is_err() {
+            return Err(self.err(&format!("'{field}': invalid UTF-8")));
+        }
+        Ok(start..self.pos)
+    }
+}
+
+/// Scans a FeatureEvent datum (shipped schema) starting at `start`.
+fn scan_feature_datum(
+    bytes: &[u8],
+    start: usize,
+    out: &mut FeatureScan,
+) -> Result<(), DecodeError> {
+    let mut c = Cursor {
+        b: bytes,
+        pos: start,
+    };
+    out.event_id = c.str_range("event_id")?;
+    out.model = c.str_range("model")?;
+    out.symbol = c.str_range("symbol")?;
+    out.event_time = c.long("event_time")?;
+    out.features.clear();
+    loop {
+        let mut count = c.long("features")?;
+        if count == 0 {
+            break;
+        }
+        if count < 0 {
+            count = count
+                .checked_neg()
+                .ok_or_else(|| c.err("'features': bad block count"))?;
+            c.long("features")?;
+        }
+        if count as u64 > (bytes.len() - c.pos) as u64 / 9 {
+            return Err(c.err(&format!(
+                "'features': block of {count} entries exceeds the message"
+            )));
+        }
+        for _ in 0..count {
+            let k = c.str_range("features key")?;
+            let v = c.double("features value")?;
+            out.features.push((k, v));
+        }
+    }
+    c.done()
 }
 
 /// Reads a FeatureEvent datum written with the shipped schema.
@@ -441,6 +518,29 @@ impl Codec {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, schema);
         Ok(())
+    }
+
+    /// The allocation-free path: scans `bytes` when the format allows it
+    /// (`avro-raw`, or `avro` framed with the shipped schema's id). `None`
+    /// means "use [`Codec::decode_feature`]" (JSON, other writer schemas,
+    /// and every malformed frame, so errors read the same either way).
+    pub fn scan_feature(
+        &self,
+        bytes: &[u8],
+        out: &mut FeatureScan,
+    ) -> Option<Result<(), DecodeError>> {
+        match self.format {
+            WireFormat::AvroRaw => Some(scan_feature_datum(bytes, 0, out)),
+            WireFormat::Avro
+                if bytes.len() >= 5
+                    && bytes[0] == MAGIC
+                    && Some(u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]))
+                        == self.feature_id =>
+            {
+                Some(scan_feature_datum(bytes, 5, out))
+            }
+            _ => None,
+        }
     }
 
     pub fn decode_feature(&self, bytes: &[u8]) -> Result<FeatureEvent, DecodeError> {

@@ -16,6 +16,7 @@
 //!   ([`worker::run`]), batching ([`worker::batch`]), inference and publishing
 //!   ([`worker::publish`]), at-least-once offsets ([`worker::offsets`]),
 //!   metrics ([`worker::metrics`]).
+//! - [`bench`]: `ml-worker bench` (baseline, throughput, latency on the embedded broker).
 //! - [`service`]: audit + registry + (embedded) broker + worker, as `run` starts them.
 //! - [`input`]: CSV and JSON-lines feature files for the offline `predict` CLI.
 //! - [`loadgen`]: sample feature traffic and a downstream reader (demo, bench, tests).
@@ -27,6 +28,7 @@
 //! so callers on an async runtime run it on dedicated threads.
 
 pub mod audit;
+pub mod bench;
 pub mod broker;
 pub mod checksum;
 pub mod config;

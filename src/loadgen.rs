@@ -218,6 +218,31 @@ impl Load {
         Ok(count)
     }
 
+    /// Sends `count` events as fast as the consumer side keeps up: never
+    /// more than `window` ahead of `done()` (events fully processed
+    /// downstream). The embedded broker keeps a bounded log per partition,
+    /// so an unbounded backlog would be truncated under a slow reader.
+    pub fn events_windowed(
+        &self,
+        t: &Traffic<'_>,
+        first: u64,
+        count: u64,
+        window: u64,
+        done: impl Fn() -> u64,
+    ) -> Result<()> {
+        let mut buf = Vec::with_capacity(512);
+        let base = done();
+        for n in 0..count {
+            while n >= window && done().saturating_sub(base) + window <= n {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            let e = event(t.samples, t.prefix, first + n, now_ms());
+            encode_feature(t.format, &e, &mut buf);
+            self.send(t.topic, Some(e.symbol.as_bytes()), &buf)?;
+        }
+        Ok(())
+    }
+
     /// Waits until everything sent is acknowledged.
     pub fn flush(&self, timeout: Duration) -> Result<()> {
         self.producer.flush(Timeout::After(timeout))?;
@@ -239,6 +264,9 @@ pub struct Seen {
     pub dead_letters: Vec<DeadLetter>,
     /// End-to-end latency per prediction (ms): read time minus event_time.
     pub latencies_ms: Vec<f64>,
+    /// Of that, until the worker produced the prediction (its record
+    /// timestamp minus event_time).
+    pub to_output_ms: Vec<f64>,
     /// Records that did not decode.
     pub undecodable: u64,
 }
@@ -258,27 +286,49 @@ pub struct Reader {
     signals: (String, Codec),
     dead_letters: String,
     pub seen: Seen,
+    /// Only count and time outputs (no per-event maps): for latency runs.
+    pub light: bool,
 }
 
 impl Reader {
+    /// Reads all three topics from the beginning.
     pub fn new(
         brokers: &str,
         predictions: (&str, WireFormat),
         signals: (&str, WireFormat),
         dead_letters: &str,
     ) -> Result<Reader> {
+        Self::with_start(
+            brokers,
+            predictions,
+            signals,
+            dead_letters,
+            Offset::Beginning,
+        )
+    }
+
+    /// Reads all three topics from `start` (`Offset::End`: only what is
+    /// written from now on).
+    pub fn with_start(
+        brokers: &str,
+        predictions: (&str, WireFormat),
+        signals: (&str, WireFormat),
+        dead_letters: &str,
+        start: Offset,
+    ) -> Result<Reader> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("group.id", format!("reader-{}", now_ms()))
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "5")
             .create()?;
         let mut tpl = TopicPartitionList::new();
         for t in [predictions.0, signals.0, dead_letters] {
             let md = consumer.fetch_metadata(Some(t), Duration::from_secs(10))?;
             for topic in md.topics() {
                 for p in topic.partitions() {
-                    tpl.add_partition_offset(t, p.id(), Offset::Beginning)?;
+                    tpl.add_partition_offset(t, p.id(), start)?;
                 }
             }
         }
@@ -295,6 +345,7 @@ impl Reader {
             ),
             dead_letters: dead_letters.to_string(),
             seen: Seen::default(),
+            light: false,
         })
     }
 
@@ -312,7 +363,10 @@ impl Reader {
                     Ok(p) => {
                         s.predictions += 1;
                         s.latencies_ms.push((now_ms() - p.event_time) as f64);
-                        if s.by_id.insert(p.event_id.clone(), p).is_some() {
+                        if let Some(ts) = m.timestamp().to_millis() {
+                            s.to_output_ms.push((ts - p.event_time) as f64);
+                        }
+                        if !self.light && s.by_id.insert(p.event_id.clone(), p).is_some() {
                             s.duplicates += 1;
                         }
                     }
@@ -328,7 +382,9 @@ impl Reader {
                             Side::Hold => "HOLD",
                         };
                         *s.sides.entry(side.to_string()).or_insert(0) += 1;
-                        s.signal_ids.insert(e.event_id);
+                        if !self.light {
+                            s.signal_ids.insert(e.event_id);
+                        }
                     }
                     Err(_) => s.undecodable += 1,
                 }

@@ -69,6 +69,30 @@ enum Command {
         #[arg(long)]
         registry: Option<PathBuf>,
     },
+    /// Benchmark on the embedded broker: pass-through baseline, worker throughput, latency at a fixed rate.
+    Bench {
+        /// Worker configuration (batching, delivery; brokers and topics are the bench's own).
+        #[arg(long, default_value = "config/worker.yaml")]
+        config: PathBuf,
+        /// Events per throughput run.
+        #[arg(long, default_value_t = 300_000)]
+        events: u64,
+        /// Offered rate of the latency run, events/s.
+        #[arg(long, default_value_t = 20_000.0)]
+        rate: f64,
+        /// Length of the latency run, seconds.
+        #[arg(long, default_value_t = 10.0)]
+        latency_secs: f64,
+        /// Model the events are for.
+        #[arg(long, default_value = "diabetes_lgbm")]
+        model: String,
+        /// Sample rows of the shipped models.
+        #[arg(long, default_value = "models/samples")]
+        samples: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run an embedded Kafka broker (librdkafka's mock cluster) until stopped.
     Broker {
         /// Topics to create, `name:partitions,...`.
@@ -193,6 +217,43 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 registry,
             };
             run_worker(&config, &overrides, onnx, cli.log_json)
+        }
+        Command::Bench {
+            config,
+            events,
+            rate,
+            latency_secs,
+            model,
+            samples,
+            json,
+        } => {
+            let cfg = load_worker_config(&config, &Overrides::default())?;
+            let opts = ml_worker::bench::BenchOptions {
+                events,
+                rate,
+                latency_for: std::time::Duration::from_secs_f64(latency_secs),
+                model,
+                samples,
+            };
+            let r = ml_worker::bench::run(&cfg, &opts, onnx)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("model {} ({} events per throughput run)", r.model, r.events);
+                println!(
+                    "pass-through baseline  {:>10.0} events/s",
+                    r.baseline_events_per_s
+                );
+                println!(
+                    "worker (pred + signal) {:>10.0} events/s  = {:.2} of baseline",
+                    r.worker_events_per_s, r.ratio
+                );
+                println!(
+                    "latency at {:.0} events/s offered ({} events): p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                    r.offered_rate, r.latency_events, r.p50_ms, r.p95_ms, r.p99_ms, r.max_ms
+                );
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Broker {
             topics,

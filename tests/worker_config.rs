@@ -23,7 +23,7 @@ fn shipped_config_is_valid_and_resolves_paths() {
     assert_eq!(c.dead_letters, "dead-letters");
     assert_eq!(c.mode, DeliveryMode::AtLeastOnce);
     assert_eq!(c.limits_for("anything").max_batch_size, 1000);
-    assert_eq!(c.limits_for("anything").max_wait, Duration::from_millis(5));
+    assert_eq!(c.limits_for("anything").max_wait, Duration::from_millis(2));
     assert_eq!(c.registry, root().join("config/models.yaml"));
     assert!(c.registry.is_file());
     assert_eq!(c.audit_db, root().join("config/../data/audit.db"));

@@ -17,7 +17,7 @@ use rdkafka::message::{BorrowedMessage, Headers, OwnedHeaders};
 use rdkafka::Message;
 
 use crate::config::MissingPolicy;
-use crate::events::{Codec, DecodeError, FeatureEvent};
+use crate::events::{Codec, DecodeError, FeatureEvent, FeatureScan};
 use crate::model::{Model, TaskType};
 use crate::registry::Registry;
 use crate::signal::SignalRule;
@@ -42,6 +42,14 @@ pub enum Stage {
 }
 
 impl Stage {
+    pub const ALL: [Stage; 5] = [
+        Stage::Decode,
+        Stage::Route,
+        Stage::Validate,
+        Stage::Inference,
+        Stage::Publish,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Stage::Decode => "decode",
@@ -105,37 +113,40 @@ impl Route {
 
     /// Writes the event's features into `row` in model order; absent
     /// features are NaN. Under `reject`, names the first absent or NaN one.
-    fn fill(&self, e: &FeatureEvent, row: &mut [f64]) -> Result<(), String> {
+    fn fill<'a, I>(&self, features: I, row: &mut [f64]) -> Result<(), String>
+    where
+        I: Iterator<Item = (&'a str, f64)> + Clone,
+    {
         row.fill(f64::NAN);
         let names = &self.model.info().features;
         // fast path: the event lists the model's features in model order
-        let in_order = e.features.len() >= names.len()
-            && names.iter().zip(&e.features).all(|(n, (k, _))| n == k);
-        if in_order {
-            for (slot, (_, v)) in row.iter_mut().zip(&e.features) {
-                *slot = *v;
+        let mut it = features.clone();
+        let mut in_order = true;
+        for (slot, name) in row.iter_mut().zip(names) {
+            match it.next() {
+                Some((k, v)) if k == name => *slot = v,
+                _ => {
+                    in_order = false;
+                    break;
+                }
             }
-        } else {
-            for (k, v) in &e.features {
-                if let Some(&i) = self.index.get(k.as_str()) {
-                    row[i] = *v;
+        }
+        if !in_order {
+            row.fill(f64::NAN);
+            for (k, v) in features.clone() {
+                if let Some(&i) = self.index.get(k) {
+                    row[i] = v;
                 }
             }
         }
         if self.missing == MissingPolicy::Reject {
             if let Some(i) = row.iter().position(|v| v.is_nan()) {
-                let present = e.features.iter().any(|(k, _)| k == &names[i]);
-                return Err(if present {
-                    format!(
-                        "feature '{}' is NaN; model '{}' rejects missing values",
-                        names[i], self.name
-                    )
-                } else {
-                    format!(
-                        "feature '{}' is missing; model '{}' rejects missing values",
-                        names[i], self.name
-                    )
-                });
+                let present = features.clone().any(|(k, _)| k == names[i]);
+                let what = if present { "NaN" } else { "missing" };
+                return Err(format!(
+                    "feature '{}' is {what}; model '{}' rejects missing values",
+                    names[i], self.name
+                ));
             }
         }
         Ok(())
@@ -148,8 +159,9 @@ pub enum Kind {
     Event {
         group: u32,
         row: u32,
-        event_id: String,
-        symbol: String,
+        /// in the chunk's arena
+        event_id: Range<usize>,
+        symbol: Range<usize>,
         event_time: i64,
     },
     /// Refused: goes to the dead-letter topic.
@@ -207,6 +219,11 @@ impl Chunk {
         &self.arena[r.clone()]
     }
 
+    /// A string kept in the arena (event id, symbol).
+    pub fn str(&self, r: &Range<usize>) -> &str {
+        FeatureScan::str(&self.arena, r)
+    }
+
     fn push_bytes(&mut self, b: &[u8]) -> Range<usize> {
         let start = self.arena.len();
         self.arena.extend_from_slice(b);
@@ -217,7 +234,21 @@ impl Chunk {
 /// Per-batch tallies, merged into [`Metrics`] when a chunk is cut.
 #[derive(Default)]
 struct Tally {
-    events_in: HashMap<(Arc<str>, String), u64>,
+    /// (topic, model) -> events; a handful of entries, searched linearly
+    events_in: Vec<(Arc<str>, String, u64)>,
+}
+
+impl Tally {
+    fn count(&mut self, topic: &Arc<str>, model: &str) {
+        match self
+            .events_in
+            .iter_mut()
+            .find(|(t, m, _)| Arc::ptr_eq(t, topic) && m == model)
+        {
+            Some(e) => e.2 += 1,
+            None => self.events_in.push((topic.clone(), model.to_string(), 1)),
+        }
+    }
 }
 
 /// Builds chunks for `shards` inference threads.
@@ -236,6 +267,11 @@ pub struct Batcher {
     metrics: Arc<Metrics>,
     /// Records held in open chunks.
     held: usize,
+    /// Reused by every scan.
+    scan: FeatureScan,
+    /// The last route used (most streams repeat a few models).
+    last_route: Option<Arc<Route>>,
+    last_topic: Option<Arc<str>>,
 }
 
 impl Batcher {
@@ -259,6 +295,9 @@ impl Batcher {
             tally: Tally::default(),
             metrics,
             held: 0,
+            scan: FeatureScan::default(),
+            last_route: None,
+            last_topic: None,
         }
     }
 
@@ -272,6 +311,19 @@ impl Batcher {
     }
 
     fn route(&mut self, name: &str) -> Result<Arc<Route>, String> {
+        if let Some(r) = &self.last_route {
+            if r.name == name {
+                return Ok(r.clone());
+            }
+        }
+        let r = self.route_uncached(name);
+        if let Ok(r) = &r {
+            self.last_route = Some(r.clone());
+        }
+        r
+    }
+
+    fn route_uncached(&mut self, name: &str) -> Result<Arc<Route>, String> {
         if let Some(r) = self.routes.get(name) {
             return r.clone();
         }
@@ -285,11 +337,18 @@ impl Batcher {
 
     /// Adds one record read from `slot`.
     pub fn add(&mut self, msg: &BorrowedMessage<'_>, slot: Slot, now: Instant) {
-        let topic = match self.topics.get(msg.topic()) {
-            Some(t) => t.clone(),
-            None => {
-                let t: Arc<str> = Arc::from(msg.topic());
-                self.topics.insert(msg.topic().to_string(), t.clone());
+        let topic = match &self.last_topic {
+            Some(t) if **t == *msg.topic() => t.clone(),
+            _ => {
+                let t = match self.topics.get(msg.topic()) {
+                    Some(t) => t.clone(),
+                    None => {
+                        let t: Arc<str> = Arc::from(msg.topic());
+                        self.topics.insert(msg.topic().to_string(), t.clone());
+                        t
+                    }
+                };
+                self.last_topic = Some(t.clone());
                 t
             }
         };
@@ -299,34 +358,14 @@ impl Batcher {
         let payload = chunk.push_bytes(payload_bytes);
         let key = msg.key().map(|k| chunk.push_bytes(k));
         let headers = msg.headers().filter(|h| h.count() > 0).map(|h| h.detach());
-        let decoded = if msg.payload().is_none() {
-            Err((Stage::Decode, "record has no value (tombstone)".to_string()))
+        let kind = if msg.payload().is_none() {
+            self.tally.count(&topic, "");
+            Kind::Dead {
+                stage: Stage::Decode,
+                reason: "record has no value (tombstone)".to_string(),
+            }
         } else {
-            self.decode(payload_bytes).map_err(|e| (Stage::Decode, e))
-        };
-        let kind = match decoded {
-            Err((stage, reason)) => {
-                *self
-                    .tally
-                    .events_in
-                    .entry((topic.clone(), String::new()))
-                    .or_insert(0) += 1;
-                Kind::Dead { stage, reason }
-            }
-            Ok(e) => {
-                *self
-                    .tally
-                    .events_in
-                    .entry((topic.clone(), e.model.clone()))
-                    .or_insert(0) += 1;
-                match self.route(&e.model) {
-                    Err(reason) => Kind::Dead {
-                        stage: Stage::Route,
-                        reason,
-                    },
-                    Ok(route) => place(&mut chunk, route, e, now),
-                }
-            }
+            self.classify(&mut chunk, &topic, payload.clone(), now)
         };
         chunk.records.push(Record {
             slot,
@@ -347,6 +386,81 @@ impl Batcher {
             chunk.deadline = Some(now + self.cfg.batching.max_wait);
         }
         self.open[shard] = Some(chunk);
+    }
+
+    /// Decodes, routes and validates the value at `payload` in the arena,
+    /// placing its row in its model's group.
+    fn classify(
+        &mut self,
+        chunk: &mut Chunk,
+        topic: &Arc<str>,
+        payload: Range<usize>,
+        now: Instant,
+    ) -> Kind {
+        let mut scan = std::mem::take(&mut self.scan);
+        let kind = match self.codec.scan_feature(chunk.bytes(&payload), &mut scan) {
+            Some(Ok(())) => {
+                // the allocation-free path: every string stays in the arena
+                let at = |r: &Range<usize>| payload.start + r.start..payload.start + r.end;
+                let model = FeatureScan::str(chunk.bytes(&payload), &scan.model);
+                self.tally.count(topic, model);
+                match self.route(model) {
+                    Err(reason) => Kind::Dead {
+                        stage: Stage::Route,
+                        reason,
+                    },
+                    Ok(route) => {
+                        let (event_id, symbol) = (at(&scan.event_id), at(&scan.symbol));
+                        let event_time = scan.event_time;
+                        let arena = std::mem::take(&mut chunk.arena);
+                        let bytes = &arena[payload.clone()];
+                        let features = scan
+                            .features
+                            .iter()
+                            .map(|(r, v)| (FeatureScan::str(bytes, r), *v));
+                        let kind = place(chunk, route, features, now, event_id, symbol, event_time);
+                        chunk.arena = arena;
+                        kind
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                self.tally.count(topic, "");
+                Kind::Dead {
+                    stage: Stage::Decode,
+                    reason: e.to_string(),
+                }
+            }
+            None => {
+                let bytes = chunk.bytes(&payload).to_vec();
+                match self.decode(&bytes) {
+                    Err(reason) => {
+                        self.tally.count(topic, "");
+                        Kind::Dead {
+                            stage: Stage::Decode,
+                            reason,
+                        }
+                    }
+                    Ok(e) => {
+                        self.tally.count(topic, &e.model);
+                        match self.route(&e.model) {
+                            Err(reason) => Kind::Dead {
+                                stage: Stage::Route,
+                                reason,
+                            },
+                            Ok(route) => {
+                                let event_id = chunk.push_bytes(e.event_id.as_bytes());
+                                let symbol = chunk.push_bytes(e.symbol.as_bytes());
+                                let features = e.features.iter().map(|(k, v)| (k.as_str(), *v));
+                                place(chunk, route, features, now, event_id, symbol, e.event_time)
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        self.scan = scan;
+        kind
     }
 
     /// Decodes a feature event; an `avro` record with a schema id not seen
@@ -402,7 +516,7 @@ impl Batcher {
             }
         }
         if !out.is_empty() {
-            for ((topic, model), n) in self.tally.events_in.drain() {
+            for (topic, model, n) in self.tally.events_in.drain(..) {
                 self.metrics.add(
                     "ml_worker_events_in_total",
                     &[("topic", &topic), ("model", &model)],
@@ -423,7 +537,15 @@ impl Batcher {
 }
 
 /// Puts a decoded event's row into its model's group.
-fn place(chunk: &mut Chunk, route: Arc<Route>, e: FeatureEvent, now: Instant) -> Kind {
+fn place<'a>(
+    chunk: &mut Chunk,
+    route: Arc<Route>,
+    features: impl Iterator<Item = (&'a str, f64)> + Clone,
+    now: Instant,
+    event_id: Range<usize>,
+    symbol: Range<usize>,
+    event_time: i64,
+) -> Kind {
     let gi = match chunk
         .groups
         .iter()
@@ -446,7 +568,7 @@ fn place(chunk: &mut Chunk, route: Arc<Route>, e: FeatureEvent, now: Instant) ->
     let nf = route.n_features();
     let start = g.rows.len();
     g.rows.resize(start + nf, f64::NAN);
-    if let Err(reason) = route.fill(&e, &mut g.rows[start..]) {
+    if let Err(reason) = route.fill(features, &mut g.rows[start..]) {
         g.rows.truncate(start);
         return Kind::Dead {
             stage: Stage::Validate,
@@ -461,8 +583,8 @@ fn place(chunk: &mut Chunk, route: Arc<Route>, e: FeatureEvent, now: Instant) ->
     Kind::Event {
         group: gi as u32,
         row,
-        event_id: e.event_id,
-        symbol: e.symbol,
-        event_time: e.event_time,
+        event_id,
+        symbol,
+        event_time,
     }
 }

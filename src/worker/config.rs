@@ -130,6 +130,10 @@ struct RawBatching {
     /// Overrides by model name.
     #[serde(default)]
     per_model: BTreeMap<String, RawBatch>,
+    /// Inference threads (each owns a share of the partitions); default:
+    /// the number of cores, at most 8.
+    #[serde(default)]
+    inference_threads: Option<usize>,
 }
 
 impl Default for RawBatching {
@@ -138,6 +142,7 @@ impl Default for RawBatching {
             max_batch_size: default_batch(),
             max_wait_ms: default_wait(),
             per_model: BTreeMap::new(),
+            inference_threads: None,
         }
     }
 }
@@ -258,6 +263,7 @@ pub struct WorkerConfig {
     pub schema_registry: Option<String>,
     pub batching: BatchLimits,
     pub per_model: BTreeMap<String, BatchLimits>,
+    pub inference_threads: usize,
     pub mode: DeliveryMode,
     pub max_in_flight: usize,
     pub commit_interval: Duration,
@@ -449,6 +455,18 @@ fn validate(
         )?;
         per_model.insert(model.clone(), l);
     }
+    let inference_threads = match raw.batching.inference_threads {
+        Some(n) if !(1..=64).contains(&n) => {
+            return Err(err(
+                "batching.inference_threads",
+                format!("must be 1..=64, got {n}"),
+            ))
+        }
+        Some(n) => n,
+        None => std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, 8),
+    };
     let biggest = per_model
         .values()
         .map(|l| l.max_batch_size)
@@ -507,6 +525,7 @@ fn validate(
         schema_registry,
         batching,
         per_model,
+        inference_threads,
         mode: raw.delivery.mode,
         max_in_flight: raw.delivery.max_in_flight,
         commit_interval: Duration::from_millis(raw.delivery.commit_interval_ms),

@@ -4,7 +4,6 @@
 //! headers). Every output carries its input's slot and offset as delivery
 //! opaque; the broker's acknowledgement acks it in the [`OffsetTracker`].
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -16,11 +15,21 @@ use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Message};
 
-use crate::events::{Codec, PredictionEvent, SignalEvent};
+use crate::events::{Codec, PredictionEvent, Side, SignalEvent};
 use crate::model::{Batch, Prediction};
 use crate::worker::batch::{Chunk, Kind, Stage};
 use crate::worker::metrics::{Histogram, Metrics};
 use crate::worker::offsets::{pack, unpack, OffsetTracker};
+
+/// Reusable output events and tallies of one model in a chunk.
+struct GroupOut {
+    prediction: PredictionEvent,
+    signal: SignalEvent,
+    predictions: u64,
+    signals: u64,
+    /// by [`Side`] as index
+    sides: [u64; 3],
+}
 
 /// An output whose delivery failed and that is sent again.
 struct Retry {
@@ -38,6 +47,8 @@ pub struct DeliveryContext {
     metrics: Arc<Metrics>,
     retries: Mutex<Vec<Retry>>,
     backoff: Mutex<Option<backon::ExponentialBackoff>>,
+    /// A delivery failed since the last success (the backoff is running).
+    failing: AtomicBool,
     dead_letters: String,
 }
 
@@ -88,11 +99,13 @@ impl ProducerContext for DeliveryContext {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .ack(slot, offset);
-                if self.backoff.lock().map(|b| b.is_some()).unwrap_or(false) {
+                if self.failing.load(Ordering::Relaxed) {
+                    self.failing.store(false, Ordering::Relaxed);
                     *self.backoff.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 }
             }
             Err((err, msg)) => {
+                self.failing.store(true, Ordering::Relaxed);
                 let code = match err {
                     KafkaError::MessageProduction(c) => Some(*c),
                     _ => None,
@@ -172,6 +185,7 @@ impl Publisher {
             metrics: metrics.clone(),
             retries: Mutex::new(Vec::new()),
             backoff: Mutex::new(None),
+            failing: AtomicBool::new(false),
             dead_letters: dead_letters.clone(),
         };
         Ok(Publisher {
@@ -344,28 +358,42 @@ impl Publisher {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        let mut templates: Vec<PredictionEvent> = chunk
+        // one reusable event per model: per record only the row's fields change
+        let mut outs: Vec<GroupOut> = chunk
             .groups
             .iter()
             .map(|g| {
                 let info = g.route.model.info();
-                PredictionEvent {
-                    event_id: String::new(),
-                    model: g.route.name.clone(),
-                    model_version: info.version.clone(),
-                    model_sha256: info.sha256.clone(),
-                    symbol: String::new(),
-                    event_time: 0,
-                    prediction: 0.0,
-                    probabilities: None,
-                    fallback: g.route.fallback,
-                    inference_latency_us: 0,
+                GroupOut {
+                    prediction: PredictionEvent {
+                        event_id: String::new(),
+                        model: g.route.name.clone(),
+                        model_version: info.version.clone(),
+                        model_sha256: info.sha256.clone(),
+                        symbol: String::new(),
+                        event_time: 0,
+                        prediction: 0.0,
+                        probabilities: None,
+                        fallback: g.route.fallback,
+                        inference_latency_us: 0,
+                    },
+                    signal: SignalEvent {
+                        event_id: String::new(),
+                        symbol: String::new(),
+                        model: g.route.name.clone(),
+                        model_version: info.version.clone(),
+                        event_time: 0,
+                        side: Side::Hold,
+                        strength: 0.0,
+                        prediction: 0.0,
+                    },
+                    predictions: 0,
+                    signals: 0,
+                    sides: [0; 3],
                 }
             })
             .collect();
-        let mut out_counts: HashMap<(&str, &str), u64> = HashMap::new();
-        let mut dead_counts: HashMap<&'static str, u64> = HashMap::new();
-        let mut sides: HashMap<(&str, &'static str), u64> = HashMap::new();
+        let mut dead_counts = [0u64; 5];
         let mut e2e = Histogram::latency();
         let mut buf = Vec::with_capacity(256);
         let records = std::mem::take(&mut chunk.records);
@@ -384,10 +412,13 @@ impl Publisher {
                     let Ok(p) = &results[g] else {
                         unreachable!("failed rows were made dead")
                     };
-                    let pe = &mut templates[g];
+                    let out = &mut outs[g];
+                    let pe = &mut out.prediction;
                     let r = *row as usize;
-                    pe.event_id = std::mem::take(event_id);
-                    pe.symbol = std::mem::take(symbol);
+                    pe.event_id.clear();
+                    pe.event_id.push_str(chunk.str(event_id));
+                    pe.symbol.clear();
+                    pe.symbol.push_str(chunk.str(symbol));
                     pe.event_time = *event_time;
                     pe.prediction = p.values.row(r)[0];
                     pe.probabilities = p.probabilities.as_ref().map(|pr| pr.row(r).to_vec());
@@ -404,9 +435,7 @@ impl Publisher {
                     ) {
                         failed = Some(e);
                     } else {
-                        *out_counts
-                            .entry((&self.predictions.0, &route.name))
-                            .or_insert(0) += 1;
+                        out.predictions += 1;
                         if let Some(ts) = rec.timestamp {
                             e2e.observe((now_ms - ts).max(0) as f64 / 1000.0);
                         }
@@ -414,18 +443,15 @@ impl Publisher {
                     if let Some(rule) = &route.signal {
                         let (side, strength) =
                             rule.apply(pe.prediction, pe.probabilities.as_deref());
-                        let se = SignalEvent {
-                            event_id: std::mem::take(&mut pe.event_id),
-                            symbol: std::mem::take(&mut pe.symbol),
-                            model: route.name.clone(),
-                            model_version: pe.model_version.clone(),
-                            event_time: pe.event_time,
-                            side,
-                            strength,
-                            prediction: pe.prediction,
-                        };
+                        let se = &mut out.signal;
+                        std::mem::swap(&mut se.event_id, &mut pe.event_id);
+                        std::mem::swap(&mut se.symbol, &mut pe.symbol);
+                        se.event_time = pe.event_time;
+                        se.side = side;
+                        se.strength = strength;
+                        se.prediction = pe.prediction;
                         buf.clear();
-                        self.signals.1.encode_signal(&se, &mut buf);
+                        self.signals.1.encode_signal(se, &mut buf);
                         if failed.is_none() {
                             if let Err(e) = self.send(
                                 &self.signals.0,
@@ -436,19 +462,13 @@ impl Publisher {
                             ) {
                                 failed = Some(e);
                             } else {
-                                *out_counts
-                                    .entry((&self.signals.0, &route.name))
-                                    .or_insert(0) += 1;
-                                *sides.entry((&route.name, side_name(side))).or_insert(0) += 1;
+                                out.signals += 1;
+                                out.sides[side as usize] += 1;
                             }
                         } else {
                             // the prediction was not queued: its signal is not sent either
                             self.ack_unsent(rec.slot, rec.offset);
                         }
-                    }
-                    if route.fallback {
-                        self.metrics
-                            .add("ml_worker_fallbacks_total", &[("model", &route.name)], 1);
                     }
                     if let Some(e) = failed {
                         // swap the failed output for a dead letter of the input
@@ -459,36 +479,54 @@ impl Publisher {
                         self.ack_unsent(rec.slot, rec.offset);
                         let reason = format!("output could not be queued: {e}");
                         self.dead_letter(&chunk, &rec, Stage::Publish, &reason, opaque);
-                        *dead_counts.entry(Stage::Publish.as_str()).or_insert(0) += 1;
+                        dead_counts[Stage::Publish as usize] += 1;
                     }
                 }
                 Kind::Dead { stage, reason } => {
                     let (stage, reason) = (*stage, std::mem::take(reason));
                     self.dead_letter(&chunk, &rec, stage, &reason, opaque);
-                    *dead_counts.entry(stage.as_str()).or_insert(0) += 1;
+                    dead_counts[stage as usize] += 1;
                 }
             }
         }
-        for ((topic, model), n) in out_counts {
-            self.metrics.add(
+        for (g, out) in chunk.groups.iter().zip(&outs) {
+            let model = g.route.name.as_str();
+            let m = &self.metrics;
+            m.add(
                 "ml_worker_events_out_total",
-                &[("topic", topic), ("model", model)],
+                &[("topic", &self.predictions.0), ("model", model)],
+                out.predictions,
+            );
+            m.add(
+                "ml_worker_events_out_total",
+                &[("topic", &self.signals.0), ("model", model)],
+                out.signals,
+            );
+            for side in [Side::Buy, Side::Sell, Side::Hold] {
+                m.add(
+                    "ml_worker_signals_total",
+                    &[("model", model), ("side", side_name(side))],
+                    out.sides[side as usize],
+                );
+            }
+            if g.route.fallback {
+                m.add(
+                    "ml_worker_fallbacks_total",
+                    &[("model", model)],
+                    out.predictions,
+                );
+            }
+        }
+        for stage in Stage::ALL {
+            let n = dead_counts[stage as usize];
+            self.metrics.add(
+                "ml_worker_dead_letters_total",
+                &[("stage", stage.as_str())],
                 n,
             );
-        }
-        for (stage, n) in dead_counts {
-            self.metrics
-                .add("ml_worker_dead_letters_total", &[("stage", stage)], n);
             self.metrics.add(
                 "ml_worker_events_out_total",
                 &[("topic", &self.dead_letters), ("model", "")],
-                n,
-            );
-        }
-        for ((model, side), n) in sides {
-            self.metrics.add(
-                "ml_worker_signals_total",
-                &[("model", model), ("side", side)],
                 n,
             );
         }

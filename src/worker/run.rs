@@ -296,7 +296,9 @@ fn client_configs(cfg: &WorkerConfig, brokers: &str) -> (ClientConfig, ClientCon
         .set("enable.auto.offset.store", "false")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("auto.offset.reset", "earliest")
-        .set("statistics.interval.ms", "5000");
+        .set("statistics.interval.ms", "5000")
+        // return fetches quickly when little is waiting (latency over fetch count)
+        .set("fetch.wait.max.ms", "2");
     let mut producer = ClientConfig::new();
     producer
         .set("bootstrap.servers", brokers)
@@ -306,7 +308,7 @@ fn client_configs(cfg: &WorkerConfig, brokers: &str) -> (ClientConfig, ClientCon
         .set("message.timeout.ms", "0")
         // Java clients' partitioner: a symbol lands where they would put it
         .set("partitioner", "murmur2_random")
-        .set("linger.ms", "2")
+        .set("linger.ms", "1")
         .set(
             "queue.buffering.max.messages",
             (cfg.max_in_flight * 3 + 10_000).min(10_000_000).to_string(),
@@ -383,7 +385,7 @@ pub fn run(
         metrics.clone(),
     )?);
 
-    let shards = inference_threads();
+    let shards = cfg.inference_threads;
     let queued = Arc::new(AtomicUsize::new(0));
     let mut senders = Vec::new();
     let mut threads = Vec::new();
@@ -444,6 +446,7 @@ pub fn run(
             .min(Duration::from_millis(100));
         let mut polled = 0;
         let mut next = consumer.poll(wait);
+        let burst = Instant::now();
         while let Some(result) = next {
             match result {
                 Ok(msg) => {
@@ -457,7 +460,7 @@ pub fn run(
                             .batcher
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .add(&msg, slot, Instant::now()),
+                            .add(&msg, slot, burst),
                         None => tracing::warn!(
                             topic = msg.topic(),
                             partition = msg.partition(),
@@ -570,20 +573,6 @@ fn set_paused(
         }
         Err(e) => tracing::warn!(error = %e, "pause/resume failed"),
     }
-}
-
-/// Inference shards: one per two cores, at least one.
-fn inference_threads() -> usize {
-    std::env::var("ML_WORKER_INFERENCE_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get() / 2)
-                .unwrap_or(1)
-                .max(1)
-        })
 }
 
 struct StopOnDrop(Arc<AtomicBool>);
