@@ -10,7 +10,8 @@
 use std::fmt;
 
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
+use rdkafka::producer::{BaseProducer, DefaultProducerContext, Producer};
+use rdkafka::ClientConfig;
 
 /// A topic to create: `name:partitions`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,8 +75,13 @@ pub enum BrokerError {
 }
 
 /// A running mock cluster. Dropping it stops the brokers.
+///
+/// The cluster belongs to a client created with `test.mock.num.brokers`
+/// (librdkafka's own way of starting one), which lets it be configured
+/// beyond what `MockCluster` exposes: consumer groups rebalance at once
+/// instead of after the usual 3 s initial delay.
 pub struct EmbeddedBroker {
-    cluster: MockCluster<'static, DefaultProducerContext>,
+    owner: BaseProducer,
 }
 
 impl EmbeddedBroker {
@@ -86,8 +92,24 @@ impl EmbeddedBroker {
                 "broker count must be 1..=16, got {brokers}"
             )));
         }
-        let cluster = MockCluster::new(brokers).map_err(|e| BrokerError::Start(e.to_string()))?;
-        let broker = EmbeddedBroker { cluster };
+        let owner: BaseProducer = ClientConfig::new()
+            .set("test.mock.num.brokers", brokers.to_string())
+            .create()
+            .map_err(|e| BrokerError::Start(e.to_string()))?;
+        let native = owner.client().native_ptr();
+        // SAFETY: `native` is a live client handle owned by `owner`; the mock
+        // cluster it returns lives as long as that client, and the call only
+        // sets a broker-side default.
+        unsafe {
+            let mcluster = rdkafka::bindings::rd_kafka_handle_mock_cluster(native);
+            if mcluster.is_null() {
+                return Err(BrokerError::Start(
+                    "librdkafka did not start a mock cluster".into(),
+                ));
+            }
+            rdkafka::bindings::rd_kafka_mock_group_initial_rebalance_delay_ms(mcluster, 0);
+        }
+        let broker = EmbeddedBroker { owner };
         for t in topics {
             broker.create_topic(t)?;
         }
@@ -96,7 +118,7 @@ impl EmbeddedBroker {
 
     pub fn create_topic(&self, t: &TopicSpec) -> Result<(), BrokerError> {
         let replication = 1;
-        self.cluster
+        self.cluster()
             .create_topic(&t.name, t.partitions, replication)
             .map_err(|e| BrokerError::Topic {
                 topic: t.to_string(),
@@ -106,13 +128,16 @@ impl EmbeddedBroker {
 
     /// `host:port,...` for `bootstrap.servers`.
     pub fn bootstrap_servers(&self) -> String {
-        self.cluster.bootstrap_servers()
+        self.cluster().bootstrap_servers()
     }
 
     /// The mock cluster itself, for fault injection (broker down/up, request
     /// errors, round-trip delays).
-    pub fn cluster(&self) -> &MockCluster<'static, DefaultProducerContext> {
-        &self.cluster
+    pub fn cluster(&self) -> MockCluster<'_, DefaultProducerContext> {
+        self.owner
+            .client()
+            .mock_cluster()
+            .expect("checked at start: this client owns a mock cluster")
     }
 }
 

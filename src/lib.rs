@@ -16,6 +16,7 @@
 //!   ([`worker::run`]), batching ([`worker::batch`]), inference and publishing
 //!   ([`worker::publish`]), at-least-once offsets ([`worker::offsets`]),
 //!   metrics ([`worker::metrics`]).
+//! - [`demo`]: `ml-worker demo` (broker + worker + traffic + summary in one process).
 //! - [`bench`]: `ml-worker bench` (baseline, throughput, latency on the embedded broker).
 //! - [`service`]: audit + registry + (embedded) broker + worker, as `run` starts them.
 //! - [`input`]: CSV and JSON-lines feature files for the offline `predict` CLI.
@@ -32,6 +33,7 @@ pub mod bench;
 pub mod broker;
 pub mod checksum;
 pub mod config;
+pub mod demo;
 pub mod events;
 pub mod input;
 pub mod loadgen;

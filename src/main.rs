@@ -69,6 +69,22 @@ enum Command {
         #[arg(long)]
         registry: Option<PathBuf>,
     },
+    /// Everything in one process: embedded broker, the worker on the shipped models, sample traffic, a summary.
+    Demo {
+        #[arg(long, default_value = "config/worker.yaml")]
+        config: PathBuf,
+        /// Feature events to send.
+        #[arg(long, default_value_t = 60_000)]
+        events: u64,
+        /// Events per second.
+        #[arg(long, default_value_t = 20_000.0)]
+        rate: f64,
+        /// One event in this many is poison (0: none).
+        #[arg(long, default_value_t = 2_000)]
+        poison_every: u64,
+        #[arg(long, default_value = "models/samples")]
+        samples: PathBuf,
+    },
     /// Benchmark on the embedded broker: pass-through baseline, worker throughput, latency at a fixed rate.
     Bench {
         /// Worker configuration (batching, delivery; brokers and topics are the bench's own).
@@ -217,6 +233,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 registry,
             };
             run_worker(&config, &overrides, onnx, cli.log_json)
+        }
+        Command::Demo {
+            config,
+            events,
+            rate,
+            poison_every,
+            samples,
+        } => {
+            if rate.is_nan() || rate <= 0.0 || events == 0 {
+                bail!("--rate must be positive and --events at least 1");
+            }
+            let cfg = load_worker_config(&config, &Overrides::default())?;
+            let opts = ml_worker::demo::DemoOptions {
+                events,
+                rate,
+                samples,
+                poison_every,
+            };
+            ml_worker::demo::run(&cfg, &opts, onnx)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
             config,
