@@ -88,7 +88,7 @@ impl Setup {
 kafka:
   brokers: "{brokers}"
   group_id: "{group}"
-  librdkafka: {{"session.timeout.ms": "6000", "heartbeat.interval.ms": "500"}}
+  librdkafka: {{"session.timeout.ms": "3000", "heartbeat.interval.ms": "300"}}
 input: {{topics: ["{features}"], format: "{format}"}}
 outputs:
   predictions: {{topic: "{predictions}", format: "{format}"}}
@@ -169,6 +169,14 @@ struct Running {
 }
 
 fn start(cfg: Arc<WorkerConfig>) -> Running {
+    // ML_WORKER_LOG=info cargo test -- --nocapture shows the worker's logs
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ML_WORKER_LOG")
+                .unwrap_or_else(|_| "off".into()),
+        )
+        .with_test_writer()
+        .try_init();
     let registry = Arc::new(
         Registry::open(&cfg.registry, None, RegistryOptions::default()).expect("registry"),
     );
@@ -470,4 +478,165 @@ fn poison_messages_reach_the_dead_letter_topic_with_their_reason_while_good_even
         good as i64 + poison.len() as i64 + 1,
         "dead-lettered inputs are committed too"
     );
+}
+
+/// Sends `n` events at `rate`/s on a thread.
+fn produce_in_background(
+    s: &Setup,
+    prefix: &'static str,
+    first: u64,
+    n: u64,
+    rate: f64,
+) -> JoinHandle<()> {
+    let (brokers, topic, samples) = (s.brokers(), s.features.clone(), s.samples.clone());
+    std::thread::spawn(move || {
+        let load = Load::new(&brokers).unwrap();
+        let t = Traffic {
+            topic: &topic,
+            format: WireFormat::AvroRaw,
+            samples: &samples,
+            prefix,
+        };
+        load.events(&t, first, n, Some(rate), &AtomicBool::new(false))
+            .unwrap();
+        load.flush(Duration::from_secs(60)).unwrap();
+    })
+}
+
+fn missing_ids(seen: &ml_worker::loadgen::Seen, prefix: &str, n: u64) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("{prefix}-{i}"))
+        .filter(|id| !seen.by_id.contains_key(id))
+        .collect()
+}
+
+#[test]
+fn broker_down_and_back_up_mid_stream_loses_nothing() {
+    let s = Setup::new(4);
+    let w = start(s.config("avro-raw", ""));
+    let n = 3000;
+    let producer = produce_in_background(&s, "b", 0, n, 3000.0);
+    std::thread::sleep(Duration::from_millis(400));
+    s.broker.cluster().broker_down(1).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    s.broker.cluster().broker_up(1).unwrap();
+    producer.join().unwrap();
+    let mut reader = s.reader(WireFormat::AvroRaw);
+    reader.read(Duration::from_secs(60), |seen| seen.by_id.len() as u64 >= n);
+    let missing = missing_ids(&reader.seen, "b", n);
+    assert!(
+        missing.is_empty(),
+        "{} lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    let summary = w.stop();
+    assert!(summary.clean, "{summary:?}");
+    assert_eq!(s.committed_total(4), n as i64);
+}
+
+#[test]
+fn a_second_worker_joining_takes_partitions_and_together_they_lose_nothing() {
+    let s = Setup::new(8);
+    let cfg = s.config("avro-raw", "");
+    let w1 = start(cfg.clone());
+    let n = 12000;
+    let producer = produce_in_background(&s, "j", 0, n, 2000.0);
+    std::thread::sleep(Duration::from_millis(500));
+    let w2 = start(cfg);
+    producer.join().unwrap();
+    let mut reader = s.reader(WireFormat::AvroRaw);
+    reader.read(Duration::from_secs(60), |seen| seen.by_id.len() as u64 >= n);
+    let missing = missing_ids(&reader.seen, "j", n);
+    assert!(
+        missing.is_empty(),
+        "{} lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    let s2 = w2.stop();
+    // the first worker takes the partitions back (and re-reads whatever the
+    // second could not commit while leaving: duplicates, never losses)
+    let w1_metrics = w1.started.metrics_address;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !http_get(w1_metrics, "/metrics")
+        .1
+        .contains("ml_worker_assigned_partitions 8")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "partitions never came back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let s1 = w1.stop();
+    assert!(
+        s1.events_in > 0 && s2.events_in > 0,
+        "both took partitions: {s1:?} {s2:?}"
+    );
+    assert!(s1.events_in + s2.events_in >= n, "{s1:?} {s2:?}");
+    assert_eq!(s.committed_total(8), n as i64);
+}
+
+#[test]
+fn a_worker_killed_with_sigkill_and_restarted_loses_nothing() {
+    let s = Setup::new(4);
+    let max_in_flight = 2000;
+    let extra = "# in-flight window\n".to_string();
+    let yaml = s.yaml("avro-raw", &extra).replace(
+        "delivery: {commit_interval_ms: 100",
+        &format!("delivery: {{max_in_flight: {max_in_flight}, commit_interval_ms: 100"),
+    );
+    let file = s.dir.path().join("worker.yaml");
+    std::fs::write(&file, &yaml).unwrap();
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ml-worker"))
+            .args(["run", "--config"])
+            .arg(&file)
+            .current_dir(root())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let n = 8000;
+    let mut first = spawn();
+    let producer = produce_in_background(&s, "k", 0, n, 4000.0);
+    // kill it mid-stream, once it has produced something
+    let mut reader = s.reader(WireFormat::AvroRaw);
+    reader.read(Duration::from_secs(30), |seen| seen.by_id.len() >= 1500);
+    assert!(
+        reader.seen.by_id.len() >= 1500,
+        "the first worker never got going"
+    );
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    let mut second = spawn();
+    producer.join().unwrap();
+    reader.read(Duration::from_secs(60), |seen| seen.by_id.len() as u64 >= n);
+    let missing = missing_ids(&reader.seen, "k", n);
+    assert!(
+        missing.is_empty(),
+        "{} lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    // duplicates only from the killed worker's uncommitted window
+    let seen = &reader.seen;
+    assert!(
+        seen.duplicates <= max_in_flight as u64 + 1000,
+        "{} duplicates for an in-flight window of {max_in_flight}",
+        seen.duplicates
+    );
+    // a graceful stop commits everything
+    let pid = second.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = second.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert_eq!(s.committed_total(4), n as i64);
 }

@@ -168,6 +168,16 @@ impl OffsetTracker {
         out
     }
 
+    /// A commit of `offset` failed: hand it out again on the next
+    /// [`OffsetTracker::take_committable`].
+    pub fn commit_failed(&mut self, slot: Slot, offset: i64) {
+        if let Some(p) = self.partitions.get_mut(&slot) {
+            if p.committed == Some(offset) {
+                p.committed = None;
+            }
+        }
+    }
+
     /// Events read but not fully acknowledged, across partitions.
     pub fn in_flight(&self) -> usize {
         self.partitions.values().map(|p| p.pending).sum()
@@ -260,6 +270,17 @@ mod tests {
         assert!(t.take_committable().is_empty(), "nothing moved");
         assert_eq!(t.in_flight(), 0);
         assert!(!t.ack(0, 14), "already done");
+        t.commit_failed(0, 15);
+        assert_eq!(
+            t.take_committable(),
+            vec![(0, 15)],
+            "a failed commit is retried"
+        );
+        t.commit_failed(0, 3);
+        assert!(
+            t.take_committable().is_empty(),
+            "an older failure changes nothing"
+        );
     }
 
     #[test]

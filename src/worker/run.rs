@@ -97,10 +97,24 @@ impl Shared {
         }
     }
 
-    /// Commits every offset that moved. Sync or async.
-    fn commit(&self, consumer: &BaseConsumer<WorkerContext>, mode: CommitMode) {
+    /// A commit failed: its offsets are handed out again next time.
+    fn commit_failed(&self, offsets: &TopicPartitionList) {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+        for e in offsets.elements() {
+            if let (Some(slot), Offset::Offset(o)) =
+                (slots.current_slot(e.topic(), e.partition()), e.offset())
+            {
+                t.commit_failed(slot, o);
+            }
+        }
+    }
+
+    /// Commits every offset that moved. Sync or async; returns whether the
+    /// commit (if any) succeeded.
+    fn commit(&self, consumer: &BaseConsumer<WorkerContext>, mode: CommitMode) -> bool {
         if self.mode == DeliveryMode::AtMostOnce {
-            return;
+            return true;
         }
         let moved = self
             .tracker
@@ -108,7 +122,7 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .take_committable();
         if moved.is_empty() {
-            return;
+            return true;
         }
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let mut tpl = TopicPartitionList::new();
@@ -119,14 +133,21 @@ impl Shared {
         }
         drop(slots);
         if tpl.count() == 0 {
-            return;
+            return true;
         }
         let result = consumer.commit(&tpl, mode);
         if matches!(mode, CommitMode::Sync) {
             self.count_commit(&result);
+            if result.is_err() {
+                self.commit_failed(&tpl);
+            }
         }
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "offset commit failed; will retry with later offsets");
+        match result {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "offset commit failed; it is retried");
+                false
+            }
         }
     }
 
@@ -280,8 +301,12 @@ impl ConsumerContext for WorkerContext {
         }
     }
 
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
         self.shared.count_commit(&result);
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "async commit failed; retried at the next interval");
+            self.shared.commit_failed(offsets);
+        }
     }
 }
 
@@ -523,7 +548,11 @@ pub fn run(
     if !drained {
         publisher.abort.store(true, Ordering::Relaxed);
     }
-    shared.commit(&consumer, CommitMode::Sync);
+    // the final commit, retried (e.g. while a rebalance completes) until the deadline
+    let final_deadline = deadline.max(Instant::now() + Duration::from_secs(2));
+    while !shared.commit(&consumer, CommitMode::Sync) && Instant::now() < final_deadline {
+        let _ = consumer.poll(Duration::from_millis(100));
+    }
     let in_flight_at_exit = shared.in_flight();
     if in_flight_at_exit > 0 {
         tracing::warn!(
