@@ -172,3 +172,95 @@ fn fastavro_reads_our_prediction_and_signal_datums() {
         serde_json::to_value(&s).unwrap()
     );
 }
+
+/// Sends SIGTERM and waits; the process must exit cleanly.
+fn terminate(mut child: std::process::Child, what: &str) {
+    let pid = child.id().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{what} exited with {status}");
+}
+
+/// The Python client, a real third-party Kafka client, drives the worker:
+/// `ml-worker broker` and `ml-worker run` as separate processes; Python
+/// produces feature events and checks every prediction and signal it reads
+/// back against the reference library's prediction for that row.
+fn python_drives_the_worker(format: &str) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let bin = env!("CARGO_BIN_EXE_ml-worker");
+    let dir = tempfile::tempdir().unwrap();
+    let addr_file = dir.path().join("bootstrap");
+    let broker = Command::new(bin)
+        .args(["broker", "--address-file"])
+        .arg(&addr_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !addr_file.exists() {
+        assert!(Instant::now() < deadline, "broker did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let bootstrap = std::fs::read_to_string(&addr_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    let shipped = std::fs::read_to_string(root.join("config/worker.yaml")).unwrap();
+    let yaml = shipped
+        .replace("\"avro-raw\"", &format!("\"{format}\""))
+        .replace(
+            "registry: \"models.yaml\"",
+            &format!(
+                "registry: \"{}\"",
+                root.join("config/models.yaml").display()
+            ),
+        )
+        .replace(
+            "audit_db: \"../data/audit.db\"",
+            &format!("audit_db: \"{}\"", dir.path().join("audit.db").display()),
+        )
+        .replace("127.0.0.1:9100", "127.0.0.1:0");
+    let config = dir.path().join("worker.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let worker = Command::new(bin)
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--brokers", &bootstrap, "--group", &format!("py-{format}")])
+        .current_dir(&root)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let samples = root.join("models/samples");
+    let out = interop(&[
+        "drive",
+        &bootstrap,
+        format,
+        samples.to_str().unwrap(),
+        "300",
+    ])
+    .output()
+    .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{format}: {report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(report.trim()).unwrap();
+    assert_eq!(r["predictions"], 300, "{report}");
+    assert_eq!(r["signals"], 300, "{report}");
+    terminate(worker, "ml-worker run");
+    terminate(broker, "ml-worker broker");
+}
+
+#[test]
+fn confluent_kafka_drives_the_worker_avro_raw() {
+    python_drives_the_worker("avro-raw");
+}
+
+#[test]
+fn confluent_kafka_drives_the_worker_json() {
+    python_drives_the_worker("json");
+}
