@@ -1,12 +1,18 @@
 # Every target does its own set-up; nothing needs to be installed by hand
 # beyond the Rust toolchain, Python 3 and make.
-.PHONY: demo test setup onnxruntime sqlite3 python-kafka lint build fixtures bench-models clean
+.PHONY: demo demo-offline bench test setup onnxruntime sqlite3 python-kafka lint build fixtures bench-models clean
 
 CARGO ?= cargo
 BIN := target/release/ml-worker
 
-## The README's first command: the model runtime on the shipped models.
+## The README's first command: the streaming worker end to end on the embedded
+## broker and the shipped models (feature events in; predictions, signals and
+## dead letters out; a summary with throughput, latency and the audit rows).
 demo: onnxruntime build
+	$(BIN) demo
+
+## The model runtime offline: registry, checksums, predictions, audit trail.
+demo-offline: onnxruntime build
 	@echo "== registered models (config/models.yaml)"
 	$(BIN) models list
 	@echo "== load and verify every model (SHA256, audit store data/audit.db)"
@@ -47,6 +53,11 @@ build:
 fixtures:
 	bash scripts/setup-python.sh
 	.cache/venv/bin/python tools/make_fixtures.py
+
+## End to end on the embedded broker: pass-through baseline, worker
+## throughput and latency at 20,000 events/s offered, in one run.
+bench: onnxruntime build
+	$(BIN) bench
 
 ## Native LightGBM evaluator vs LightGBM's Booster.predict, same run.
 bench-models:
