@@ -474,6 +474,8 @@ pub struct Codec {
     signal_id: u32,
     /// Other writer schemas for feature events, by Confluent id.
     writers: RwLock<HashMap<u32, Schema>>,
+    /// Ids (from a schema registry) under which the shipped schema is registered.
+    shipped_ids: Vec<u32>,
 }
 
 /// Confluent ids of the shipped schemas (as registered in a schema registry).
@@ -495,7 +497,13 @@ impl Codec {
             prediction_id: ids.prediction,
             signal_id: ids.signal,
             writers: RwLock::new(HashMap::new()),
+            shipped_ids: Vec::new(),
         }
+    }
+
+    /// Whether `id` names the shipped FeatureEvent schema.
+    fn is_shipped(&self, id: u32) -> bool {
+        Some(id) == self.feature_id || self.shipped_ids.contains(&id)
     }
 
     pub fn format(&self) -> WireFormat {
@@ -504,9 +512,20 @@ impl Codec {
 
     /// Makes feature events written with `schema_json` under Confluent id
     /// `id` decodable (resolved against the shipped reader schema).
-    pub fn register_feature_writer(&self, id: u32, schema_json: &str) -> Result<(), DecodeError> {
+    pub fn register_feature_writer(
+        &mut self,
+        id: u32,
+        schema_json: &str,
+    ) -> Result<(), DecodeError> {
         let schema = Schema::parse_str(schema_json)
             .map_err(|e| DecodeError::Avro(format!("schema {id}: {e}")))?;
+        if schema.canonical_form() == self.feature_reader.canonical_form() {
+            // the shipped schema under this id: the fast path reads it
+            if !self.is_shipped(id) {
+                self.shipped_ids.push(id);
+            }
+            return Ok(());
+        }
         GenericDatumReader::builder(&schema)
             .reader_schema(&self.feature_reader)
             .build()
@@ -534,8 +553,9 @@ impl Codec {
             WireFormat::Avro
                 if bytes.len() >= 5
                     && bytes[0] == MAGIC
-                    && Some(u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]))
-                        == self.feature_id =>
+                    && self.is_shipped(u32::from_be_bytes([
+                        bytes[1], bytes[2], bytes[3], bytes[4],
+                    ])) =>
             {
                 Some(scan_feature_datum(bytes, 5, out))
             }
@@ -555,7 +575,7 @@ impl Codec {
                 }
                 let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
                 let datum = &bytes[5..];
-                if Some(id) == self.feature_id {
+                if self.is_shipped(id) {
                     return read_feature_datum(datum);
                 }
                 let writers = self.writers.read().unwrap_or_else(|p| p.into_inner());

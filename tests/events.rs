@@ -177,7 +177,7 @@ fn confluent_frames_use_the_fast_path_or_a_registered_evolved_writer() {
         prediction: 8,
         signal: 9,
     };
-    let codec = Codec::new(WireFormat::Avro, ids);
+    let mut codec = Codec::new(WireFormat::Avro, ids);
     let e = sample_feature();
     let mut msg = vec![0, 0, 0, 0, 7];
     write_feature_datum(&e, &mut msg);

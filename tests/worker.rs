@@ -640,3 +640,137 @@ fn a_worker_killed_with_sigkill_and_restarted_loses_nothing() {
     assert!(status.success(), "{status}");
     assert_eq!(s.committed_total(4), n as i64);
 }
+
+/// A minimal Confluent Schema Registry: `GET /schemas/ids/N` from `known`,
+/// `POST /subjects/S/versions` registers (ids from 100). Returns its URL and
+/// the subjects registered.
+fn fake_schema_registry(known: Vec<(u32, String)>) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let subjects = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let registered = subjects.clone();
+    std::thread::spawn(move || {
+        let mut schemas: std::collections::HashMap<u32, String> = known.into_iter().collect();
+        for stream in listener.incoming() {
+            let mut s = stream.unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // headers, then Content-Length bytes of body
+            let (head, mut body) = loop {
+                let n = s.read(&mut chunk).unwrap();
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break (
+                        String::from_utf8_lossy(&buf[..i]).to_string(),
+                        buf[i + 4..].to_vec(),
+                    );
+                }
+            };
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            while body.len() < len {
+                let n = s.read(&mut chunk).unwrap();
+                body.extend_from_slice(&chunk[..n]);
+            }
+            let mut words = head.split_whitespace();
+            let (method, path) = (
+                words.next().unwrap().to_string(),
+                words.next().unwrap().to_string(),
+            );
+            let (status, reply) = if method == "POST" && path.starts_with("/subjects/") {
+                let schema: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                let id = 100 + schemas.len() as u32;
+                schemas.insert(id, schema["schema"].as_str().unwrap().to_string());
+                let subject = path
+                    .trim_start_matches("/subjects/")
+                    .trim_end_matches("/versions");
+                registered.lock().unwrap().push(subject.to_string());
+                ("200 OK", serde_json::json!({ "id": id }).to_string())
+            } else if let Some(id) = path.strip_prefix("/schemas/ids/") {
+                match schemas.get(&id.parse::<u32>().unwrap_or(0)) {
+                    Some(sc) => ("200 OK", serde_json::json!({ "schema": sc }).to_string()),
+                    None => (
+                        "404 Not Found",
+                        r#"{"error_code":40403,"message":"Schema not found"}"#.to_string(),
+                    ),
+                }
+            } else {
+                ("404 Not Found", "{}".to_string())
+            };
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                reply.len()
+            );
+        }
+    });
+    (url, subjects)
+}
+
+#[test]
+fn avro_with_a_schema_registry_reads_shipped_and_evolved_writers_and_registers_outputs() {
+    use ml_worker::events::{write_feature_datum, FEATURE_EVENT_SCHEMA};
+    // an evolved producer schema: one more field, with a default
+    let mut evolved: serde_json::Value = serde_json::from_str(FEATURE_EVENT_SCHEMA).unwrap();
+    evolved["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": "source", "type": "string", "default": "unknown"}));
+    let (url, subjects) = fake_schema_registry(vec![
+        (7, FEATURE_EVENT_SCHEMA.to_string()),
+        (8, evolved.to_string()),
+    ]);
+    let s = Setup::new(2);
+    let cfg = s.config("avro", &format!("schema_registry: {{url: \"{url}\"}}"));
+    let w = start(cfg);
+    let load = Load::new(&s.brokers()).unwrap();
+    let n = 100u64;
+    for i in 0..n {
+        let e = ml_worker::loadgen::event(&s.samples, "sr", i, 1);
+        let id: u32 = if i % 2 == 0 { 7 } else { 8 };
+        let mut msg = vec![0];
+        msg.extend_from_slice(&id.to_be_bytes());
+        write_feature_datum(&e, &mut msg);
+        if id == 8 {
+            msg.push(12); // "source": a 6-byte string
+            msg.extend_from_slice(b"feed-a");
+        }
+        load.send(&s.features, Some(e.symbol.as_bytes()), &msg)
+            .unwrap();
+    }
+    let mut unknown = vec![0, 0, 0, 0, 99];
+    write_feature_datum(
+        &ml_worker::loadgen::event(&s.samples, "sr", n, 1),
+        &mut unknown,
+    );
+    load.send(&s.features, Some(b"unknown-id"), &unknown)
+        .unwrap();
+    load.flush(Duration::from_secs(10)).unwrap();
+    let mut reader = s.reader(WireFormat::Avro);
+    reader.read(Duration::from_secs(30), |seen| {
+        seen.by_id.len() as u64 >= n && !seen.dead_letters.is_empty()
+    });
+    let seen = &reader.seen;
+    assert_eq!(seen.by_id.len() as u64, n, "both writer schemas decode");
+    check_against_reference(seen, &s.samples, "sr");
+    assert_eq!(seen.dead_letters.len(), 1);
+    let reason = &seen.dead_letters[0].headers["error.reason"];
+    assert!(reason.contains("99"), "{reason}");
+    let subjects = subjects.lock().unwrap().clone();
+    assert!(
+        subjects.contains(&format!("{}-value", s.predictions)),
+        "{subjects:?}"
+    );
+    assert!(
+        subjects.contains(&format!("{}-value", s.signals)),
+        "{subjects:?}"
+    );
+    assert!(w.stop().clean);
+}
