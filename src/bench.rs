@@ -1,11 +1,17 @@
 //! `ml-worker bench`: end-to-end throughput and latency on the embedded
 //! broker, with a pass-through baseline measured in the same run.
 //!
-//! 1. Baseline: a plain consumer-to-producer loop (same librdkafka settings,
-//!    no decode, no inference) copies N records while a producer writes them.
+//! 1. Baseline: a plain consumer-to-producer loop (no decode, no inference)
+//!    copies N records while a producer writes them.
 //! 2. Worker: the real worker serves N feature events for one model while the
 //!    same producer writes them; done when 2N outputs (prediction + signal)
 //!    are acknowledged.
+//!
+//! Both run side by side in one process; rounds alternate 1 and 2 and the
+//! medians are reported, so a drift in the shared machine's speed hits both.
+//! The producer never runs more than a window ahead (the embedded broker's
+//! log per partition is bounded).
+//!
 //! 3. Latency: events offered at a fixed rate; a downstream reader measures
 //!    each prediction's arrival minus its event time.
 
@@ -41,6 +47,8 @@ pub struct BenchOptions {
     pub latency_for: Duration,
     /// The model the events are for.
     pub model: String,
+    /// Throughput rounds (baseline then worker, alternating); medians reported.
+    pub rounds: usize,
     /// Sample rows (`models/samples`).
     pub samples: std::path::PathBuf,
 }
@@ -49,6 +57,9 @@ pub struct BenchOptions {
 pub struct BenchReport {
     pub model: String,
     pub events: u64,
+    pub rounds: usize,
+    /// worker / baseline of each round
+    pub round_ratios: Vec<f64>,
     pub baseline_events_per_s: f64,
     pub worker_events_per_s: f64,
     pub ratio: f64,
@@ -58,6 +69,9 @@ pub struct BenchReport {
     pub p95_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// Where the CPU went in each throughput run (µs per event by thread).
+    pub baseline_cpu: String,
+    pub worker_cpu: String,
 }
 
 struct Counting(Arc<AtomicU64>);
@@ -121,6 +135,63 @@ fn pass_through(
     Ok(())
 }
 
+/// CPU seconds used so far by this process's threads, by thread name
+/// (librdkafka names its threads `rdk:*`; the mock broker is `rdk:mock`).
+fn thread_cpu() -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let p = t.path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(p.join("comm")),
+            std::fs::read_to_string(p.join("stat")),
+        ) else {
+            continue;
+        };
+        let Some(rest) = stat.rsplit(')').next() else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let name = comm
+            .trim()
+            .trim_end_matches(|c: char| c.is_ascii_digit())
+            .to_string();
+        *out.entry(name).or_insert(0.0) += (ticks(11) + ticks(12)) / 100.0;
+    }
+    out
+}
+
+/// Per-thread-group CPU µs per event between two [`thread_cpu`] samples.
+fn cpu_per_event(
+    before: &std::collections::BTreeMap<String, f64>,
+    after: &std::collections::BTreeMap<String, f64>,
+    events: u64,
+) -> String {
+    let mut parts: Vec<(String, f64)> = after
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                (v - before.get(k).unwrap_or(&0.0)) * 1e6 / events as f64,
+            )
+        })
+        .filter(|(_, us)| *us >= 0.05)
+        .collect();
+    parts.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = parts.iter().map(|p| p.1).sum();
+    format!(
+        "{total:.2} us/event CPU: {}",
+        parts
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
 fn wait_for(what: &str, timeout: Duration, done: impl Fn() -> bool) -> Result<Duration> {
     let start = Instant::now();
     while !done() {
@@ -130,6 +201,69 @@ fn wait_for(what: &str, timeout: Duration, done: impl Fn() -> bool) -> Result<Du
         std::thread::sleep(Duration::from_millis(1));
     }
     Ok(start.elapsed())
+}
+
+/// A worker on its own topics, in this process.
+struct BenchWorker {
+    features: String,
+    predictions: String,
+    signals: String,
+    dead_letters: String,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<crate::worker::Summary, crate::worker::WorkerError>>,
+}
+
+impl BenchWorker {
+    fn start(
+        cfg: &WorkerConfig,
+        broker: &EmbeddedBroker,
+        name: &str,
+        registry: Arc<Registry>,
+    ) -> Result<BenchWorker> {
+        let mut wcfg = cfg.clone();
+        wcfg.brokers = broker.bootstrap_servers();
+        wcfg.group_id = format!("{name}-worker");
+        wcfg.input_topics = vec![topic(broker, &format!("{name}-features"), 8)?];
+        wcfg.input_format = WireFormat::AvroRaw;
+        wcfg.predictions = crate::worker::config::Output {
+            topic: topic(broker, &format!("{name}-predictions"), 8)?,
+            format: WireFormat::AvroRaw,
+        };
+        wcfg.signals = crate::worker::config::Output {
+            topic: topic(broker, &format!("{name}-signals"), 8)?,
+            format: WireFormat::AvroRaw,
+        };
+        wcfg.dead_letters = topic(broker, &format!("{name}-dead-letters"), 1)?;
+        wcfg.metrics_address = "127.0.0.1:0".parse().expect("literal address");
+        let metrics = Arc::new(Metrics::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let w = BenchWorker {
+            features: wcfg.input_topics[0].clone(),
+            predictions: wcfg.predictions.topic.clone(),
+            signals: wcfg.signals.topic.clone(),
+            dead_letters: wcfg.dead_letters.clone(),
+            metrics: metrics.clone(),
+            stop: stop.clone(),
+            thread: {
+                let b = wcfg.brokers.clone();
+                let c = Arc::new(wcfg);
+                std::thread::Builder::new()
+                    .name("consumer".into())
+                    .spawn(move || crate::worker::run(c, &b, registry, metrics, stop, |_| {}))?
+            },
+        };
+        Ok(w)
+    }
+
+    fn stop(self) -> Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("worker thread panicked"))?
+            .context("worker")?;
+        Ok(())
+    }
 }
 
 fn topic(broker: &EmbeddedBroker, name: &str, partitions: i32) -> Result<String> {
@@ -161,14 +295,14 @@ pub fn run(
     let brokers = broker.bootstrap_servers();
     let load = Load::new(&brokers)?;
     let never = AtomicBool::new(false);
+    let stop = Arc::new(AtomicBool::new(false));
 
-    // 1. pass-through baseline
+    // the pass-through baseline
     let (bin, bout) = (
         topic(&broker, "bench-in", 8)?,
         topic(&broker, "bench-out", 8)?,
     );
     let acked = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
     let pt = {
         let (b, a, s, i, o) = (
             brokers.clone(),
@@ -177,59 +311,25 @@ pub fn run(
             bin.clone(),
             bout.clone(),
         );
-        std::thread::spawn(move || pass_through(&b, &i, &o, a, s))
+        std::thread::Builder::new()
+            .name("pass-through".into())
+            .spawn(move || pass_through(&b, &i, &o, a, s))?
     };
-    // warm up: the group is joined once the first record comes back
-    let traffic = Traffic {
+    let base_traffic = Traffic {
         topic: &bin,
         format: WireFormat::AvroRaw,
         samples: &samples,
         prefix: "warm",
     };
-    load.events(&traffic, 0, 100, None, &never)?;
+    // warm up: the group is joined once the first record comes back
+    load.events(&base_traffic, 0, 100, None, &never)?;
     wait_for("the pass-through to join", Duration::from_secs(30), || {
         acked.load(Ordering::Relaxed) >= 100
     })?;
-    let base0 = acked.load(Ordering::Relaxed);
-    let start = Instant::now();
-    let traffic = Traffic {
-        prefix: "base",
-        ..traffic
-    };
-    load.events_windowed(&traffic, 0, opts.events, WINDOW, || {
-        acked.load(Ordering::Relaxed) - base0
-    })?;
-    wait_for("the pass-through", Duration::from_secs(300), || {
-        acked.load(Ordering::Relaxed) >= base0 + opts.events
-    })?;
-    let baseline = opts.events as f64 / start.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    pt.join()
-        .map_err(|_| anyhow::anyhow!("pass-through thread panicked"))??;
-    eprintln!("bench: pass-through baseline {baseline:.0} events/s");
 
-    // 2. the worker
-    let features = topic(&broker, "bench-features", 8)?;
-    let predictions = topic(&broker, "bench-predictions", 8)?;
-    let signals = topic(&broker, "bench-signals", 8)?;
-    let dead = topic(&broker, "bench-dead-letters", 1)?;
-    let mut wcfg = cfg.clone();
-    wcfg.brokers = brokers.clone();
-    wcfg.group_id = "bench-worker".into();
-    wcfg.input_topics = vec![features.clone()];
-    wcfg.input_format = WireFormat::AvroRaw;
-    wcfg.predictions = crate::worker::config::Output {
-        topic: predictions.clone(),
-        format: WireFormat::AvroRaw,
-    };
-    wcfg.signals = crate::worker::config::Output {
-        topic: signals.clone(),
-        format: WireFormat::AvroRaw,
-    };
-    wcfg.dead_letters = dead.clone();
-    wcfg.metrics_address = "127.0.0.1:0".parse().expect("literal address");
+    // the worker
     let registry = Arc::new(Registry::open(
-        &wcfg.registry,
+        &cfg.registry,
         None,
         RegistryOptions {
             onnx,
@@ -240,81 +340,109 @@ pub fn run(
         bail!(
             "model '{}' is not in {}",
             opts.model,
-            wcfg.registry.display()
+            cfg.registry.display()
         );
     };
     let outputs_per_event = 1 + spec.signal.is_some() as u64;
-    let metrics = Arc::new(Metrics::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let worker = {
-        let (c, m, s) = (Arc::new(wcfg.clone()), metrics.clone(), stop.clone());
-        let b = brokers.clone();
-        std::thread::spawn(move || crate::worker::run(c, &b, registry, m, s, |_| {}))
-    };
-    let traffic = Traffic {
+    let w = BenchWorker::start(cfg, &broker, "bench", registry.clone())?;
+    let (features, metrics) = (w.features.clone(), w.metrics.clone());
+    let worker_traffic = Traffic {
         topic: &features,
         format: WireFormat::AvroRaw,
         samples: &samples,
         prefix: "warm",
     };
-    load.events(&traffic, 0, 100, None, &never)?;
+    load.events(&worker_traffic, 0, 100, None, &never)?;
     wait_for("the worker to join", Duration::from_secs(30), || {
         metrics.acked.load(Ordering::Relaxed) >= 100 * outputs_per_event
     })?;
-    let w0 = metrics.acked.load(Ordering::Relaxed);
-    let start = Instant::now();
-    let sampler = {
-        let m = metrics.clone();
-        let until = opts.events * outputs_per_event + w0;
-        std::thread::spawn(move || {
-            let mut last = m.acked.load(Ordering::Relaxed);
-            while last < until {
-                std::thread::sleep(Duration::from_millis(100));
-                let now = m.acked.load(Ordering::Relaxed);
-                tracing::debug!(
-                    outputs_per_100ms = now - last,
-                    in_flight = m.in_flight.load(Ordering::Relaxed),
-                    paused = m.paused.load(Ordering::Relaxed),
-                    "bench progress"
-                );
-                last = now;
-            }
-        })
-    };
-    let traffic = Traffic {
-        prefix: "tput",
-        ..traffic
-    };
-    load.events_windowed(&traffic, 0, opts.events, WINDOW, || {
-        (metrics.acked.load(Ordering::Relaxed) - w0) / outputs_per_event
-    })?;
-    wait_for("the worker", Duration::from_secs(300), || {
-        metrics.acked.load(Ordering::Relaxed) >= w0 + outputs_per_event * opts.events
-    })?;
-    let worker_rate = opts.events as f64 / start.elapsed().as_secs_f64();
-    let _ = sampler.join();
-    eprintln!(
-        "bench: worker {worker_rate:.0} events/s ({:.2} of the baseline)",
-        worker_rate / baseline
-    );
 
-    // 3. latency at a fixed offered rate, read downstream
-    // the reader starts at the end: the throughput run's backlog is not read
-    let mut reader = Reader::with_start(
+    // throughput: rounds alternate baseline and worker, so drift in the
+    // machine's speed hits both; the medians are reported
+    let mut rounds = Vec::new();
+    for round in 0..opts.rounds.max(1) {
+        let first = round as u64 * opts.events;
+        let base0 = acked.load(Ordering::Relaxed);
+        let cpu0 = thread_cpu();
+        let start = Instant::now();
+        let t = Traffic {
+            prefix: "base",
+            ..base_traffic
+        };
+        load.events_windowed(&t, first, opts.events, WINDOW, || {
+            acked.load(Ordering::Relaxed) - base0
+        })?;
+        wait_for("the pass-through", Duration::from_secs(300), || {
+            acked.load(Ordering::Relaxed) >= base0 + opts.events
+        })?;
+        let baseline = opts.events as f64 / start.elapsed().as_secs_f64();
+        let baseline_cpu = cpu_per_event(&cpu0, &thread_cpu(), opts.events);
+
+        let w0 = metrics.acked.load(Ordering::Relaxed);
+        let cpu0 = thread_cpu();
+        let start = Instant::now();
+        let t = Traffic {
+            prefix: "tput",
+            ..worker_traffic
+        };
+        load.events_windowed(&t, first, opts.events, WINDOW, || {
+            (metrics.acked.load(Ordering::Relaxed) - w0) / outputs_per_event
+        })?;
+        wait_for("the worker", Duration::from_secs(300), || {
+            metrics.acked.load(Ordering::Relaxed) >= w0 + outputs_per_event * opts.events
+        })?;
+        let worker_rate = opts.events as f64 / start.elapsed().as_secs_f64();
+        let worker_cpu = cpu_per_event(&cpu0, &thread_cpu(), opts.events);
+        eprintln!(
+            "bench: round {}: baseline {baseline:.0}/s, worker {worker_rate:.0}/s = {:.2}",
+            round + 1,
+            worker_rate / baseline
+        );
+        rounds.push((baseline, worker_rate, baseline_cpu, worker_cpu));
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let baseline = median(rounds.iter().map(|r| r.0).collect());
+    let worker_rate = median(rounds.iter().map(|r| r.1).collect());
+    // the CPU breakdown of the round closest to the medians
+    let mid = rounds
+        .iter()
+        .min_by(|a, b| {
+            (a.1 - worker_rate)
+                .abs()
+                .total_cmp(&(b.1 - worker_rate).abs())
+        })
+        .expect("at least one round");
+    let (baseline_cpu, worker_cpu) = (mid.2.clone(), mid.3.clone());
+    let round_ratios: Vec<f64> = rounds.iter().map(|r| r.1 / r.0).collect();
+
+    stop.store(true, Ordering::Relaxed);
+    pt.join()
+        .map_err(|_| anyhow::anyhow!("pass-through thread panicked"))??;
+    w.stop()?;
+
+    // latency at a fixed offered rate, read downstream, by a fresh worker on
+    // fresh topics (the embedded broker slows down as its logs fill up: its
+    // fetch path scans a partition's log)
+    let w = BenchWorker::start(cfg, &broker, "latency", registry)?;
+    let features = w.features.clone();
+    wait_for(
+        "the latency worker to join",
+        Duration::from_secs(30),
+        || w.metrics.ready(),
+    )?;
+    let mut reader = Reader::new(
         &brokers,
-        (&predictions, WireFormat::AvroRaw),
-        (&signals, WireFormat::AvroRaw),
-        &dead,
-        rdkafka::Offset::End,
+        (&w.predictions, WireFormat::AvroRaw),
+        (&w.signals, WireFormat::AvroRaw),
+        &w.dead_letters,
     )?;
     reader.light = true;
     reader.read(Duration::from_secs(1), |_| false);
     let skip = reader.seen.latencies_ms.len();
     let n = (opts.rate * opts.latency_for.as_secs_f64()) as u64;
-    let traffic = Traffic {
-        prefix: "lat",
-        ..traffic
-    };
     let producer = {
         let (b, t) = (brokers.clone(), features.clone());
         let samples = samples.clone();
@@ -332,7 +460,6 @@ pub fn run(
             Ok(())
         })
     };
-    let _ = traffic;
     reader.read(opts.latency_for + Duration::from_secs(30), |s| {
         s.latencies_ms.len() >= skip + n as usize
     });
@@ -340,34 +467,28 @@ pub fn run(
         .join()
         .map_err(|_| anyhow::anyhow!("producer thread panicked"))??;
     let lat: Vec<f64> = reader.seen.latencies_ms[skip..].to_vec();
-    let to_out: Vec<f64> =
-        reader.seen.to_output_ms[skip.min(reader.seen.to_output_ms.len())..].to_vec();
-    tracing::info!(
-        "bench: until the worker produced: p50 {} p99 {} max {} ms",
-        quantile(&to_out, 0.5),
-        quantile(&to_out, 0.99),
-        quantile(&to_out, 1.0)
-    );
     if (lat.len() as u64) < n {
         bail!("latency run: {} of {n} predictions arrived", lat.len());
     }
-    stop.store(true, Ordering::Relaxed);
-    worker
-        .join()
-        .map_err(|_| anyhow::anyhow!("worker thread panicked"))?
-        .context("worker")?;
+    w.stop()?;
+    drop(reader);
+    drop(load);
     drop(broker);
     Ok(BenchReport {
         model: opts.model.clone(),
         events: opts.events,
+        rounds: rounds.len(),
         baseline_events_per_s: baseline,
         worker_events_per_s: worker_rate,
         ratio: worker_rate / baseline,
+        round_ratios,
         offered_rate: opts.rate,
         latency_events: lat.len(),
         p50_ms: quantile(&lat, 0.5),
         p95_ms: quantile(&lat, 0.95),
         p99_ms: quantile(&lat, 0.99),
         max_ms: quantile(&lat, 1.0),
+        baseline_cpu,
+        worker_cpu,
     })
 }

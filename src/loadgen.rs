@@ -321,7 +321,7 @@ impl Reader {
             .set("group.id", format!("reader-{}", now_ms()))
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "5")
+            .set("fetch.wait.max.ms", "1")
             .create()?;
         let mut tpl = TopicPartitionList::new();
         for t in [predictions.0, signals.0, dead_letters] {

@@ -93,11 +93,14 @@ enum Command {
         /// Events per throughput run.
         #[arg(long, default_value_t = 300_000)]
         events: u64,
+        /// Throughput rounds (baseline and worker alternate; medians reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// Offered rate of the latency run, events/s.
         #[arg(long, default_value_t = 20_000.0)]
         rate: f64,
         /// Length of the latency run, seconds.
-        #[arg(long, default_value_t = 10.0)]
+        #[arg(long, default_value_t = 5.0)]
         latency_secs: f64,
         /// Model the events are for.
         #[arg(long, default_value = "diabetes_lgbm")]
@@ -257,6 +260,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench {
             config,
             events,
+            rounds,
             rate,
             latency_secs,
             model,
@@ -269,13 +273,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 rate,
                 latency_for: std::time::Duration::from_secs_f64(latency_secs),
                 model,
+                rounds,
                 samples,
             };
             let r = ml_worker::bench::run(&cfg, &opts, onnx)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
-                println!("model {} ({} events per throughput run)", r.model, r.events);
+                println!(
+                    "model {} ({} events per throughput run, median of {} rounds; round ratios {})",
+                    r.model,
+                    r.events,
+                    r.rounds,
+                    r.round_ratios
+                        .iter()
+                        .map(|x| format!("{x:.2}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                );
                 println!(
                     "pass-through baseline  {:>10.0} events/s",
                     r.baseline_events_per_s
@@ -284,6 +299,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     "worker (pred + signal) {:>10.0} events/s  = {:.2} of baseline",
                     r.worker_events_per_s, r.ratio
                 );
+                println!("  baseline CPU: {}", r.baseline_cpu);
+                println!("  worker CPU:   {}", r.worker_cpu);
                 println!(
                     "latency at {:.0} events/s offered ({} events): p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
                     r.offered_rate, r.latency_events, r.p50_ms, r.p95_ms, r.p99_ms, r.max_ms

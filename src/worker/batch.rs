@@ -115,7 +115,7 @@ impl Route {
     /// features are NaN. Under `reject`, names the first absent or NaN one.
     fn fill<'a, I>(&self, features: I, row: &mut [f64]) -> Result<(), String>
     where
-        I: Iterator<Item = (&'a str, f64)> + Clone,
+        I: Iterator<Item = (&'a [u8], f64)> + Clone,
     {
         row.fill(f64::NAN);
         let names = &self.model.info().features;
@@ -124,7 +124,7 @@ impl Route {
         let mut in_order = true;
         for (slot, name) in row.iter_mut().zip(names) {
             match it.next() {
-                Some((k, v)) if k == name => *slot = v,
+                Some((k, v)) if k == name.as_bytes() => *slot = v,
                 _ => {
                     in_order = false;
                     break;
@@ -134,14 +134,15 @@ impl Route {
         if !in_order {
             row.fill(f64::NAN);
             for (k, v) in features.clone() {
-                if let Some(&i) = self.index.get(k) {
+                let i = std::str::from_utf8(k).ok().and_then(|k| self.index.get(k));
+                if let Some(&i) = i {
                     row[i] = v;
                 }
             }
         }
         if self.missing == MissingPolicy::Reject {
             if let Some(i) = row.iter().position(|v| v.is_nan()) {
-                let present = features.clone().any(|(k, _)| k == names[i]);
+                let present = features.clone().any(|(k, _)| k == names[i].as_bytes());
                 let what = if present { "NaN" } else { "missing" };
                 return Err(format!(
                     "feature '{}' is {what}; model '{}' rejects missing values",
@@ -204,6 +205,15 @@ pub struct Chunk {
 }
 
 impl Chunk {
+    /// Empties a processed chunk for reuse (its buffers keep their capacity).
+    pub fn recycle(&mut self) {
+        self.arena.clear();
+        self.records.clear();
+        self.groups.clear();
+        self.deadline = None;
+        self.full = false;
+    }
+
     fn new(now: Instant) -> Chunk {
         Chunk {
             arena: Vec::new(),
@@ -230,6 +240,9 @@ impl Chunk {
         start..self.arena.len()
     }
 }
+
+/// Processed chunks come back here so their buffers are reused.
+pub type ChunkPool = Arc<std::sync::Mutex<Vec<Chunk>>>;
 
 /// Per-batch tallies, merged into [`Metrics`] when a chunk is cut.
 #[derive(Default)]
@@ -272,6 +285,7 @@ pub struct Batcher {
     /// The last route used (most streams repeat a few models).
     last_route: Option<Arc<Route>>,
     last_topic: Option<Arc<str>>,
+    pool: ChunkPool,
 }
 
 impl Batcher {
@@ -282,6 +296,7 @@ impl Batcher {
         cfg: Arc<WorkerConfig>,
         shards: usize,
         metrics: Arc<Metrics>,
+        pool: ChunkPool,
     ) -> Batcher {
         Batcher {
             codec,
@@ -298,6 +313,7 @@ impl Batcher {
             scan: FeatureScan::default(),
             last_route: None,
             last_topic: None,
+            pool,
         }
     }
 
@@ -353,7 +369,16 @@ impl Batcher {
             }
         };
         let shard = slot as usize % self.open.len();
-        let mut chunk = self.open[shard].take().unwrap_or_else(|| Chunk::new(now));
+        let mut chunk = match self.open[shard].take() {
+            Some(c) => c,
+            None => match self.pool.lock().ok().and_then(|mut p| p.pop()) {
+                Some(mut c) => {
+                    c.started = now;
+                    c
+                }
+                None => Chunk::new(now),
+            },
+        };
         let payload_bytes = msg.payload().unwrap_or(&[]);
         let payload = chunk.push_bytes(payload_bytes);
         let key = msg.key().map(|k| chunk.push_bytes(k));
@@ -414,10 +439,7 @@ impl Batcher {
                         let event_time = scan.event_time;
                         let arena = std::mem::take(&mut chunk.arena);
                         let bytes = &arena[payload.clone()];
-                        let features = scan
-                            .features
-                            .iter()
-                            .map(|(r, v)| (FeatureScan::str(bytes, r), *v));
+                        let features = scan.features.iter().map(|(r, v)| (&bytes[r.clone()], *v));
                         let kind = place(chunk, route, features, now, event_id, symbol, event_time);
                         chunk.arena = arena;
                         kind
@@ -451,7 +473,7 @@ impl Batcher {
                             Ok(route) => {
                                 let event_id = chunk.push_bytes(e.event_id.as_bytes());
                                 let symbol = chunk.push_bytes(e.symbol.as_bytes());
-                                let features = e.features.iter().map(|(k, v)| (k.as_str(), *v));
+                                let features = e.features.iter().map(|(k, v)| (k.as_bytes(), *v));
                                 place(chunk, route, features, now, event_id, symbol, e.event_time)
                             }
                         }
@@ -540,7 +562,7 @@ impl Batcher {
 fn place<'a>(
     chunk: &mut Chunk,
     route: Arc<Route>,
-    features: impl Iterator<Item = (&'a str, f64)> + Clone,
+    features: impl Iterator<Item = (&'a [u8], f64)> + Clone,
     now: Instant,
     event_id: Range<usize>,
     symbol: Range<usize>,

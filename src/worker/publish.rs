@@ -17,7 +17,7 @@ use rdkafka::{ClientContext, Message};
 
 use crate::events::{Codec, PredictionEvent, Side, SignalEvent};
 use crate::model::{Batch, Prediction};
-use crate::worker::batch::{Chunk, Kind, Stage};
+use crate::worker::batch::{Chunk, ChunkPool, Kind, Stage};
 use crate::worker::metrics::{Histogram, Metrics};
 use crate::worker::offsets::{pack, unpack, OffsetTracker};
 
@@ -280,7 +280,8 @@ impl Publisher {
     }
 
     /// Scores a chunk and publishes its outputs in input order.
-    pub fn process(&self, mut chunk: Chunk, queued: &AtomicUsize) {
+    /// Returns the emptied chunk for reuse.
+    pub fn process(&self, mut chunk: Chunk, queued: &AtomicUsize) -> Chunk {
         // 1. inference, one call per model
         let mut results: Vec<Result<Prediction, String>> = Vec::with_capacity(chunk.groups.len());
         let mut latency_us = Vec::with_capacity(chunk.groups.len());
@@ -396,8 +397,8 @@ impl Publisher {
         let mut dead_counts = [0u64; 5];
         let mut e2e = Histogram::latency();
         let mut buf = Vec::with_capacity(256);
-        let records = std::mem::take(&mut chunk.records);
-        for mut rec in records {
+        let mut records = std::mem::take(&mut chunk.records);
+        for mut rec in records.drain(..) {
             let opaque = pack(rec.slot, rec.offset);
             match &mut rec.kind {
                 Kind::Event {
@@ -532,6 +533,9 @@ impl Publisher {
         }
         self.metrics
             .merge_histogram("ml_worker_end_to_end_latency_seconds", &[], &e2e);
+        chunk.records = records;
+        chunk.recycle();
+        chunk
     }
 
     /// An output that was tracked but never queued counts as done.
@@ -600,8 +604,18 @@ fn side_name(s: crate::events::Side) -> &'static str {
 }
 
 /// The body of an inference thread: scores chunks until the channel closes.
-pub fn inference_loop(publisher: Arc<Publisher>, rx: Receiver<Chunk>, queued: Arc<AtomicUsize>) {
+pub fn inference_loop(
+    publisher: Arc<Publisher>,
+    rx: Receiver<Chunk>,
+    queued: Arc<AtomicUsize>,
+    pool: ChunkPool,
+) {
     while let Ok(chunk) = rx.recv() {
-        publisher.process(chunk, &queued);
+        let empty = publisher.process(chunk, &queued);
+        if let Ok(mut p) = pool.lock() {
+            if p.len() < 8 {
+                p.push(empty);
+            }
+        }
     }
 }

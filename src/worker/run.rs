@@ -412,16 +412,17 @@ pub fn run(
 
     let shards = cfg.inference_threads;
     let queued = Arc::new(AtomicUsize::new(0));
+    let pool: crate::worker::batch::ChunkPool = Arc::default();
     let mut senders = Vec::new();
     let mut threads = Vec::new();
     for i in 0..shards {
         let (tx, rx) = channel::<Chunk>();
         senders.push(tx);
-        let (p, q) = (publisher.clone(), queued.clone());
+        let (p, q, pl) = (publisher.clone(), queued.clone(), pool.clone());
         threads.push(
             std::thread::Builder::new()
                 .name(format!("inference-{i}"))
-                .spawn(move || inference_loop(p, rx, q))
+                .spawn(move || inference_loop(p, rx, q, pl))
                 .map_err(|e| WorkerError::Thread(e.to_string()))?,
         );
     }
@@ -433,6 +434,7 @@ pub fn run(
             cfg.clone(),
             shards,
             metrics.clone(),
+            pool,
         )),
         tracker: tracker.clone(),
         slots: Mutex::new(Slots::default()),
