@@ -513,7 +513,16 @@ fn missing_ids(seen: &ml_worker::loadgen::Seen, prefix: &str, n: u64) -> Vec<Str
 #[test]
 fn broker_down_and_back_up_mid_stream_loses_nothing() {
     let s = Setup::new(4);
-    let w = start(s.config("avro-raw", ""));
+    // an outage shorter than the session timeout: the worker keeps its
+    // partitions (a longer one ends in a rebalance, which loses nothing
+    // either but re-reads from the last commit)
+    let yaml = s.yaml("avro-raw", "").replace(
+        "\"session.timeout.ms\": \"3000\"",
+        "\"session.timeout.ms\": \"20000\"",
+    );
+    let file = s.dir.path().join("worker.yaml");
+    let cfg = Arc::new(parse_worker_config(&yaml, &file, &Overrides::default()).unwrap());
+    let w = start(cfg);
     let n = 3000;
     let producer = produce_in_background(&s, "b", 0, n, 3000.0);
     std::thread::sleep(Duration::from_millis(400));
@@ -772,5 +781,69 @@ fn avro_with_a_schema_registry_reads_shipped_and_evolved_writers_and_registers_o
         subjects.contains(&format!("{}-value", s.signals)),
         "{subjects:?}"
     );
+    assert!(w.stop().clean);
+}
+
+#[test]
+fn slow_deliveries_pause_the_input_instead_of_piling_up_and_nothing_is_lost() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let s = Setup::new(4);
+    let yaml = s
+        .yaml("avro-raw", "")
+        .replace(
+            "batching: {max_batch_size: 200",
+            "batching: {max_batch_size: 50",
+        )
+        .replace(
+            "delivery: {commit_interval_ms: 100",
+            "delivery: {max_in_flight: 200, commit_interval_ms: 100",
+        );
+    let file = s.dir.path().join("worker.yaml");
+    let cfg = Arc::new(parse_worker_config(&yaml, &file, &Overrides::default()).unwrap());
+    assert_eq!(cfg.max_in_flight, 200);
+    // a backlog waits before the worker starts
+    let n = 2000;
+    produce_in_background(&s, "p", 0, n, 50_000.0)
+        .join()
+        .unwrap();
+    // then the broker refuses the next produce requests (a retriable error):
+    // the worker's outputs wait while its input could flow freely
+    s.broker.cluster().request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 25],
+    );
+    let w = start(cfg);
+    let mut reader = s.reader(WireFormat::AvroRaw);
+    reader.read(Duration::from_secs(60), |seen| seen.by_id.len() as u64 >= n);
+    let missing = missing_ids(&reader.seen, "p", n);
+    assert!(missing.is_empty(), "{} lost", missing.len());
+    let (_, metrics) = http_get(w.started.metrics_address, "/metrics");
+    let pauses: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ml_worker_backpressure_pauses_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(pauses >= 1, "never paused:\n{metrics}");
+    assert!(w.stop().clean);
+    assert_eq!(s.committed_total(4), n as i64);
+}
+
+#[test]
+fn at_most_once_commits_before_publishing_and_still_serves_every_event() {
+    let s = Setup::new(2);
+    let yaml = s.yaml("avro-raw", "").replace(
+        "delivery: {commit_interval_ms: 100",
+        "delivery: {mode: \"at-most-once\", commit_interval_ms: 100",
+    );
+    let file = s.dir.path().join("worker.yaml");
+    let cfg = Arc::new(parse_worker_config(&yaml, &file, &Overrides::default()).unwrap());
+    let w = start(cfg);
+    let n = 500;
+    produce_in_background(&s, "m", 0, n, 5000.0).join().unwrap();
+    let mut reader = s.reader(WireFormat::AvroRaw);
+    reader.read(Duration::from_secs(30), |seen| seen.by_id.len() as u64 >= n);
+    assert!(missing_ids(&reader.seen, "m", n).is_empty());
+    // offsets were committed as read, before the outputs were sent
+    assert_eq!(s.committed_total(2), n as i64);
     assert!(w.stop().clean);
 }

@@ -69,6 +69,11 @@ const METRICS: &[(&str, &str, &str)] = &[
         "Offset commits, by result.",
     ),
     (
+        "ml_worker_backpressure_pauses_total",
+        "counter",
+        "Times the input partitions were paused because too many events were in flight.",
+    ),
+    (
         "ml_worker_batch_size",
         "histogram",
         "Rows per inference call, by model.",
@@ -165,12 +170,21 @@ pub struct Metrics {
     pub stopping: AtomicBool,
 }
 
+/// Only declared metrics are rendered: catch a forgotten declaration in tests.
+fn declared(name: &str) {
+    debug_assert!(
+        METRICS.iter().any(|m| m.0 == name),
+        "metric {name} is not declared in METRICS"
+    );
+}
+
 fn labels(l: &[(&'static str, &str)]) -> Labels {
     l.iter().map(|(k, v)| (*k, v.to_string())).collect()
 }
 
 impl Metrics {
     pub fn add(&self, name: &'static str, l: &[(&'static str, &str)], n: u64) {
+        declared(name);
         if n == 0 {
             return;
         }
@@ -209,6 +223,7 @@ impl Metrics {
     }
 
     pub fn merge_histogram(&self, name: &'static str, l: &[(&'static str, &str)], h: &Histogram) {
+        declared(name);
         if h.count == 0 {
             return;
         }
@@ -221,6 +236,7 @@ impl Metrics {
     }
 
     pub fn set_gauge(&self, name: &'static str, l: &[(&'static str, &str)], v: f64) {
+        declared(name);
         self.gauges
             .lock()
             .unwrap_or_else(|p| p.into_inner())

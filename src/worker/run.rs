@@ -598,6 +598,11 @@ fn set_paused(
     };
     match r {
         Ok(()) => {
+            if pause {
+                shared
+                    .metrics
+                    .add("ml_worker_backpressure_pauses_total", &[], 1);
+            }
             shared.paused.store(pause, Ordering::Relaxed);
             shared.metrics.paused.store(pause, Ordering::Relaxed);
             tracing::info!(in_flight, paused = pause, "backpressure");
