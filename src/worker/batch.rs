@@ -244,7 +244,9 @@ impl Chunk {
 /// Processed chunks come back here so their buffers are reused.
 pub type ChunkPool = Arc<std::sync::Mutex<Vec<Chunk>>>;
 
-/// Per-batch tallies, merged into [`Metrics`] when a chunk is cut.
+/// Per-batch tallies, merged into [`Metrics`] when a chunk is cut. Model
+/// labels are registered names only ("" otherwise), so untrusted events
+/// cannot grow the metric's label set.
 #[derive(Default)]
 struct Tally {
     /// (topic, model) -> events; a handful of entries, searched linearly
@@ -344,10 +346,17 @@ impl Batcher {
             return r.clone();
         }
         let r = Route::new(name, &self.registry, &self.cfg).map(Arc::new);
-        if let Err(e) = &r {
-            tracing::warn!(model = %name, reason = %e, "events for this model go to the dead-letter topic");
+        // names come from untrusted events: only registered ones are cached
+        // (and logged once); unknown names are counted in the dead-letter
+        // metrics, not logged one by one
+        if self.registry.spec(name).is_some() {
+            if let Err(e) = &r {
+                tracing::warn!(model = %name, reason = %e, "events for this model go to the dead-letter topic");
+            }
+            self.routes.insert(name.to_string(), r.clone());
+        } else {
+            tracing::debug!(model = %name, "event for an unregistered model");
         }
-        self.routes.insert(name.to_string(), r.clone());
         r
     }
 
@@ -428,7 +437,12 @@ impl Batcher {
                 // the allocation-free path: every string stays in the arena
                 let at = |r: &Range<usize>| payload.start + r.start..payload.start + r.end;
                 let model = FeatureScan::str(chunk.bytes(&payload), &scan.model);
-                self.tally.count(topic, model);
+                let label = if self.registry.spec(model).is_some() {
+                    model
+                } else {
+                    ""
+                };
+                self.tally.count(topic, label);
                 match self.route(model) {
                     Err(reason) => Kind::Dead {
                         stage: Stage::Route,
@@ -464,7 +478,12 @@ impl Batcher {
                         }
                     }
                     Ok(e) => {
-                        self.tally.count(topic, &e.model);
+                        let label = if self.registry.spec(&e.model).is_some() {
+                            e.model.as_str()
+                        } else {
+                            ""
+                        };
+                        self.tally.count(topic, label);
                         match self.route(&e.model) {
                             Err(reason) => Kind::Dead {
                                 stage: Stage::Route,
