@@ -229,9 +229,12 @@ pub fn run(cfg: &WorkerConfig, opts: &DemoOptions, onnx: onnx::RuntimeConfig) ->
     if let Some(mut r) = Arc::into_inner(registry) {
         r.unload_all();
     }
+    // clients go before the broker they talk to (no disconnect noise)
+    let seen = std::mem::take(&mut reader.seen);
+    drop(reader);
     drop(broker);
 
-    let s = &reader.seen;
+    let s = &seen;
     let lat = &s.latencies_ms;
     println!("\nsummary");
     println!(
