@@ -212,8 +212,12 @@ pub struct Slots {
 impl Slots {
     /// Gives `topic`/`partition` a new slot (on assignment).
     pub fn assign(&mut self, topic: &str, partition: i32) -> Slot {
-        let slot = self.next;
-        self.next = (self.next + 1) & ((1 << SLOT_BITS) - 1);
+        // numbers wrap after 2^20 assignments: skip those still in use
+        let mut slot = self.next;
+        while self.names.contains_key(&slot) {
+            slot = (slot + 1) & ((1 << SLOT_BITS) - 1);
+        }
+        self.next = (slot + 1) & ((1 << SLOT_BITS) - 1);
         if let Some(old) = self.current_slot(topic, partition) {
             self.names.remove(&old);
         }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Message};
 
@@ -49,10 +49,26 @@ pub struct DeliveryContext {
     backoff: Mutex<Option<backon::ExponentialBackoff>>,
     /// A delivery failed since the last success (the backoff is running).
     failing: AtomicBool,
+    /// The producer hit a fatal error (e.g. idempotence broken): nothing
+    /// more can be delivered; the worker stops and restarts from its commits.
+    pub fatal: AtomicBool,
     dead_letters: String,
 }
 
-impl ClientContext for DeliveryContext {}
+impl ClientContext for DeliveryContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(
+            error,
+            KafkaError::Global(RDKafkaErrorCode::Fatal)
+                | KafkaError::MessageProduction(RDKafkaErrorCode::Fatal)
+        ) {
+            tracing::error!(%error, reason, "fatal producer error: the worker stops");
+            self.fatal.store(true, Ordering::Relaxed);
+        } else {
+            tracing::warn!(%error, reason, "producer error (librdkafka retries)");
+        }
+    }
+}
 
 /// Errors that sending again cannot fix.
 fn permanent(code: RDKafkaErrorCode) -> bool {
@@ -186,6 +202,7 @@ impl Publisher {
             retries: Mutex::new(Vec::new()),
             backoff: Mutex::new(None),
             failing: AtomicBool::new(false),
+            fatal: AtomicBool::new(false),
             dead_letters: dead_letters.clone(),
         };
         Ok(Publisher {
@@ -242,7 +259,8 @@ impl Publisher {
         }
     }
 
-    /// Sends again the outputs whose delivery failed, when due.
+    /// Sends again the outputs whose delivery failed, when due. Never
+    /// blocks: a full local queue puts the record back for the next call.
     pub fn send_retries(&self) {
         let due: Vec<Retry> = {
             let mut r = self
@@ -259,14 +277,45 @@ impl Publisher {
             *r = later;
             due
         };
+        let mut back = Vec::new();
         for x in due {
-            self.metrics
-                .add("ml_worker_publish_retries_total", &[("topic", &x.topic)], 1);
-            if let Err(e) = self.send(&x.topic, x.key.as_deref(), &x.payload, x.headers, x.opaque) {
-                let (slot, offset) = unpack(x.opaque);
-                tracing::error!(topic = %x.topic, error = %e, slot, offset, "retry could not be queued; its input stays uncommitted");
+            let mut record = BaseRecord::with_opaque_to(&x.topic, x.opaque).payload(&x.payload);
+            if let Some(k) = &x.key {
+                record = record.key(k);
+            }
+            if let Some(h) = &x.headers {
+                record = record.headers(h.clone());
+            }
+            match self.producer.send(record) {
+                Ok(()) => {
+                    self.metrics
+                        .add("ml_worker_publish_retries_total", &[("topic", &x.topic)], 1)
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    back.push(Retry {
+                        due: Instant::now() + Duration::from_millis(10),
+                        ..x
+                    });
+                }
+                Err((e, _)) => {
+                    let (slot, offset) = unpack(x.opaque);
+                    tracing::error!(topic = %x.topic, error = %e, slot, offset, "retry could not be queued; its input stays uncommitted");
+                }
             }
         }
+        if !back.is_empty() {
+            self.producer
+                .context()
+                .retries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(back);
+        }
+    }
+
+    /// Whether the producer can no longer deliver anything.
+    pub fn fatal(&self) -> bool {
+        self.producer.context().fatal.load(Ordering::Relaxed)
     }
 
     /// Outputs waiting to be sent again.
@@ -438,7 +487,7 @@ impl Publisher {
                     } else {
                         out.predictions += 1;
                         if let Some(ts) = rec.timestamp {
-                            e2e.observe((now_ms - ts).max(0) as f64 / 1000.0);
+                            e2e.observe(now_ms.saturating_sub(ts).max(0) as f64 / 1000.0);
                         }
                     }
                     if let Some(rule) = &route.signal {
@@ -555,32 +604,54 @@ impl Publisher {
         reason: &str,
         opaque: usize,
     ) {
-        let mut h = OwnedHeaders::new();
-        if let Some(orig) = &rec.headers {
-            for x in orig.iter() {
-                h = h.insert(Header {
-                    key: x.key,
-                    value: x.value,
-                });
-            }
-        }
+        // reasons can quote untrusted input (a model name): keep them short
+        let reason = truncate(reason, MAX_REASON);
         let partition = rec.partition.to_string();
         let offset = rec.offset.to_string();
-        h = h
-            .insert(header("error.stage", stage.as_str()))
-            .insert(header("error.reason", reason))
-            .insert(header("source.topic", &rec.topic))
-            .insert(header("source.partition", &partition))
-            .insert(header("source.offset", &offset));
+        // the original headers are copied natively: their keys are never
+        // parsed (they need not be UTF-8)
+        let with_error = |extra: Option<(&str, &str)>| {
+            let mut h = rec.headers.clone().unwrap_or_default();
+            h = h
+                .insert(header("error.stage", stage.as_str()))
+                .insert(header("error.reason", reason))
+                .insert(header("source.topic", &rec.topic))
+                .insert(header("source.partition", &partition))
+                .insert(header("source.offset", &offset));
+            if let Some((k, v)) = extra {
+                h = h.insert(header(k, v));
+            }
+            h
+        };
         tracing::debug!(stage = stage.as_str(), reason, topic = %rec.topic, partition = rec.partition, offset = rec.offset, "dead letter");
         let key = rec.key.as_ref().map(|k| chunk.bytes(k));
-        if let Err(e) = self.send(
+        let mut result = self.send(
             &self.dead_letters,
             key,
             chunk.bytes(&rec.payload),
-            Some(h),
+            Some(with_error(None)),
             opaque,
+        );
+        if matches!(
+            result,
+            Err(KafkaError::MessageProduction(
+                RDKafkaErrorCode::MessageSizeTooLarge
+            ))
         ) {
+            // too large with the headers: the dead letter says where the
+            // original is instead of carrying it
+            result = self.send(
+                &self.dead_letters,
+                key,
+                &[],
+                Some(with_error(Some((
+                    "payload.omitted",
+                    "too large to copy; read it at source.topic/partition/offset",
+                )))),
+                opaque,
+            );
+        }
+        if let Err(e) = result {
             tracing::error!(error = %e, topic = %rec.topic, partition = rec.partition, offset = rec.offset,
                 "dead letter could not be queued; its input stays uncommitted");
         }
@@ -595,6 +666,21 @@ impl Publisher {
     }
 }
 
+/// Longest `error.reason` header, in bytes.
+const MAX_REASON: usize = 1024;
+
+/// `s` cut to at most `max` bytes on a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 fn side_name(s: crate::events::Side) -> &'static str {
     match s {
         crate::events::Side::Buy => "BUY",
@@ -604,14 +690,24 @@ fn side_name(s: crate::events::Side) -> &'static str {
 }
 
 /// The body of an inference thread: scores chunks until the channel closes.
+/// A panic here (a bug) must not leave a shard silently dead: it sets
+/// `failed`, and the worker stops (its inputs stay uncommitted).
 pub fn inference_loop(
     publisher: Arc<Publisher>,
     rx: Receiver<Chunk>,
     queued: Arc<AtomicUsize>,
     pool: ChunkPool,
+    failed: Arc<AtomicBool>,
 ) {
     while let Ok(chunk) = rx.recv() {
-        let empty = publisher.process(chunk, &queued);
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            publisher.process(chunk, &queued)
+        }));
+        let Ok(empty) = run else {
+            tracing::error!("inference thread panicked; the worker stops");
+            failed.store(true, Ordering::Relaxed);
+            return;
+        };
         if let Ok(mut p) = pool.lock() {
             if p.len() < 8 {
                 p.push(empty);

@@ -63,6 +63,9 @@ struct Shared {
     mode: DeliveryMode,
     drain_timeout: Duration,
     paused: AtomicBool,
+    publisher: Arc<Publisher>,
+    /// Shutting down: revocations do not wait for a second drain.
+    stopping: AtomicBool,
 }
 
 impl Shared {
@@ -235,8 +238,14 @@ impl ConsumerContext for WorkerContext {
             (b.take(Instant::now(), true), n)
         };
         s.dispatch(consumer, chunks.0, chunks.1);
-        let deadline = Instant::now() + s.drain_timeout;
+        // the shutdown drain already waited; a revocation during close does not
+        let deadline = if s.stopping.load(Ordering::Relaxed) {
+            Instant::now()
+        } else {
+            Instant::now() + s.drain_timeout
+        };
         let drained = s.wait_until(deadline, || {
+            s.publisher.send_retries();
             s.queued.load(Ordering::Relaxed) == 0 && {
                 let t = s.tracker.lock().unwrap_or_else(|p| p.into_inner());
                 revoked
@@ -413,16 +422,22 @@ pub fn run(
     let shards = cfg.inference_threads;
     let queued = Arc::new(AtomicUsize::new(0));
     let pool: crate::worker::batch::ChunkPool = Arc::default();
+    let failed = Arc::new(AtomicBool::new(false));
     let mut senders = Vec::new();
     let mut threads = Vec::new();
     for i in 0..shards {
         let (tx, rx) = channel::<Chunk>();
         senders.push(tx);
-        let (p, q, pl) = (publisher.clone(), queued.clone(), pool.clone());
+        let (p, q, pl, f) = (
+            publisher.clone(),
+            queued.clone(),
+            pool.clone(),
+            failed.clone(),
+        );
         threads.push(
             std::thread::Builder::new()
                 .name(format!("inference-{i}"))
-                .spawn(move || inference_loop(p, rx, q, pl))
+                .spawn(move || inference_loop(p, rx, q, pl, f))
                 .map_err(|e| WorkerError::Thread(e.to_string()))?,
         );
     }
@@ -444,6 +459,8 @@ pub fn run(
         mode: cfg.mode,
         drain_timeout: cfg.shutdown_timeout,
         paused: AtomicBool::new(false),
+        publisher: publisher.clone(),
+        stopping: AtomicBool::new(false),
     });
     let consumer: BaseConsumer<WorkerContext> =
         consumer_cfg.create_with_context(WorkerContext {
@@ -461,6 +478,12 @@ pub fn run(
     let mut last_tick = Instant::now();
     let resume_below = cfg.max_in_flight / 2;
     while !stop.load(Ordering::Relaxed) {
+        if failed.load(Ordering::Relaxed) || publisher.fatal() {
+            tracing::error!(
+                "stopping: an inference thread failed or the producer hit a fatal error"
+            );
+            break;
+        }
         let now = Instant::now();
         let wait = shared
             .batcher
@@ -531,6 +554,7 @@ pub fn run(
 
     // drain: stop reading, finish what was read, commit, leave the group
     metrics.stopping.store(true, Ordering::Relaxed);
+    let failure = failed.load(Ordering::Relaxed) || publisher.fatal();
     let deadline = Instant::now() + cfg.shutdown_timeout;
     tracing::info!(in_flight = shared.in_flight(), timeout = ?cfg.shutdown_timeout, "stopping: draining in-flight events");
     if let Ok(assignment) = consumer.assignment() {
@@ -562,6 +586,7 @@ pub fn run(
             "drain deadline passed: these events stay uncommitted and are read again on restart"
         );
     }
+    shared.stopping.store(true, Ordering::Relaxed);
     consumer.unsubscribe();
     // close shard channels so the threads end
     drop(consumer);
@@ -579,6 +604,11 @@ pub fn run(
         clean: drained,
     };
     tracing::info!(?summary, "worker stopped");
+    if failure {
+        return Err(WorkerError::Thread(
+            "an inference thread failed or the producer hit a fatal error; uncommitted events are read again on restart".into(),
+        ));
+    }
     Ok(summary)
 }
 
