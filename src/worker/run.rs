@@ -342,7 +342,7 @@ fn client_configs(cfg: &WorkerConfig, brokers: &str) -> (ClientConfig, ClientCon
         .set("message.timeout.ms", "0")
         // Java clients' partitioner: a symbol lands where they would put it
         .set("partitioner", "murmur2_random")
-        .set("linger.ms", "1")
+        .set("linger.ms", "5")
         .set(
             "queue.buffering.max.messages",
             (cfg.max_in_flight * 3 + 10_000).min(10_000_000).to_string(),
