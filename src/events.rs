@@ -235,22 +235,8 @@ fn scan_feature_datum(
     out.symbol = c.str_range("symbol")?;
     out.event_time = c.long("event_time")?;
     out.features.clear();
-    loop {
-        let mut count = c.long("features")?;
-        if count == 0 {
-            break;
-        }
-        if count < 0 {
-            count = count
-                .checked_neg()
-                .ok_or_else(|| c.err("'features': bad block count"))?;
-            c.long("features")?;
-        }
-        if count as u64 > (bytes.len() - c.pos) as u64 / 9 {
-            return Err(c.err(&format!(
-                "'features': block of {count} entries exceeds the message"
-            )));
-        }
+    // each entry is at least 9 bytes (a length and a double)
+    while let Some(count) = c.block("features", 9)? {
         for _ in 0..count {
             let k = c.str_range("features key")?;
             let v = c.double("features value")?;
@@ -262,68 +248,50 @@ fn scan_feature_datum(
 
 /// Reads a FeatureEvent datum written with the shipped schema.
 fn read_feature_datum(bytes: &[u8]) -> Result<FeatureEvent, DecodeError> {
-    let mut c = Cursor { b: bytes, pos: 0 };
-    let event_id = c.string("event_id")?;
-    let model = c.string("model")?;
-    let symbol = c.string("symbol")?;
-    let event_time = c.long("event_time")?;
-    let mut features = Vec::new();
-    loop {
-        let mut count = c.long("features")?;
-        if count == 0 {
-            break;
-        }
-        if count < 0 {
-            // a negative block count is followed by the block's size in bytes
-            count = count
-                .checked_neg()
-                .ok_or_else(|| c.err("'features': bad block count"))?;
-            c.long("features")?;
-        }
-        // each entry is at least 9 bytes: bound the count by what is left
-        if count as u64 > (bytes.len() - c.pos) as u64 / 9 {
-            return Err(c.err(&format!(
-                "'features': block of {count} entries exceeds the message"
-            )));
-        }
-        features.reserve(count as usize);
-        for _ in 0..count {
-            let k = c.string("features key")?;
-            let v = c.double("features value")?;
-            features.push((k, v));
-        }
-    }
-    c.done()?;
+    let mut scan = FeatureScan::default();
+    scan_feature_datum(bytes, 0, &mut scan)?;
+    let text = |r: &Range<usize>| FeatureScan::str(bytes, r).to_string();
     Ok(FeatureEvent {
-        event_id,
-        model,
-        symbol,
-        event_time,
-        features,
+        event_id: text(&scan.event_id),
+        model: text(&scan.model),
+        symbol: text(&scan.symbol),
+        event_time: scan.event_time,
+        features: scan.features.iter().map(|(k, v)| (text(k), *v)).collect(),
     })
 }
 
 impl Cursor<'_> {
+    /// The next block header of an Avro array or map: its entry count, or
+    /// `None` at the end. A negative count is followed by the block's size
+    /// in bytes; the count is bounded by what is left of the message
+    /// (each entry takes at least `min_entry` bytes).
+    fn block(&mut self, field: &str, min_entry: usize) -> Result<Option<usize>, DecodeError> {
+        let mut count = self.long(field)?;
+        if count == 0 {
+            return Ok(None);
+        }
+        if count < 0 {
+            count = count
+                .checked_neg()
+                .ok_or_else(|| self.err(&format!("'{field}': bad block count")))?;
+            self.long(field)?;
+        }
+        if count as u64 > ((self.b.len() - self.pos) / min_entry) as u64 {
+            return Err(self.err(&format!(
+                "'{field}': block of {count} entries exceeds the message"
+            )));
+        }
+        Ok(Some(count as usize))
+    }
+
     fn doubles(&mut self, field: &str) -> Result<Vec<f64>, DecodeError> {
         let mut out = Vec::new();
-        loop {
-            let mut count = self.long(field)?;
-            if count == 0 {
-                return Ok(out);
-            }
-            if count < 0 {
-                count = count
-                    .checked_neg()
-                    .ok_or_else(|| self.err(&format!("'{field}': bad block count")))?;
-                self.long(field)?;
-            }
-            if count as u64 > (self.b.len() - self.pos) as u64 / 8 {
-                return Err(self.err(&format!("'{field}': block of {count} exceeds the message")));
-            }
+        while let Some(count) = self.block(field, 8)? {
             for _ in 0..count {
                 out.push(self.double(field)?);
             }
         }
+        Ok(out)
     }
 
     fn byte(&mut self, field: &str) -> Result<u8, DecodeError> {

@@ -113,11 +113,14 @@ metrics: {{address: "127.0.0.1:0"}}
     }
 
     fn config(&self, format: &str, extra: &str) -> Arc<WorkerConfig> {
+        self.config_from(&self.yaml(format, extra))
+    }
+
+    /// Writes `yaml` as this setup's worker.yaml and parses it.
+    fn config_from(&self, yaml: &str) -> Arc<WorkerConfig> {
         let file = self.dir.path().join("worker.yaml");
-        std::fs::write(&file, self.yaml(format, extra)).unwrap();
-        Arc::new(
-            parse_worker_config(&self.yaml(format, extra), &file, &Overrides::default()).unwrap(),
-        )
+        std::fs::write(&file, yaml).unwrap();
+        Arc::new(parse_worker_config(yaml, &file, &Overrides::default()).unwrap())
     }
 
     fn traffic<'a>(&'a self, format: WireFormat, prefix: &'a str) -> Traffic<'a> {
@@ -520,8 +523,7 @@ fn broker_down_and_back_up_mid_stream_loses_nothing() {
         "\"session.timeout.ms\": \"3000\"",
         "\"session.timeout.ms\": \"20000\"",
     );
-    let file = s.dir.path().join("worker.yaml");
-    let cfg = Arc::new(parse_worker_config(&yaml, &file, &Overrides::default()).unwrap());
+    let cfg = s.config_from(&yaml);
     let w = start(cfg);
     let n = 3000;
     let producer = produce_in_background(&s, "b", 0, n, 3000.0);
@@ -798,8 +800,7 @@ fn slow_deliveries_pause_the_input_instead_of_piling_up_and_nothing_is_lost() {
             "delivery: {commit_interval_ms: 100",
             "delivery: {max_in_flight: 200, commit_interval_ms: 100",
         );
-    let file = s.dir.path().join("worker.yaml");
-    let cfg = Arc::new(parse_worker_config(&yaml, &file, &Overrides::default()).unwrap());
+    let cfg = s.config_from(&yaml);
     assert_eq!(cfg.max_in_flight, 200);
     // a backlog waits before the worker starts
     let n = 2000;
@@ -835,8 +836,7 @@ fn at_most_once_commits_before_publishing_and_still_serves_every_event() {
         "delivery: {commit_interval_ms: 100",
         "delivery: {mode: \"at-most-once\", commit_interval_ms: 100",
     );
-    let file = s.dir.path().join("worker.yaml");
-    let cfg = Arc::new(parse_worker_config(&yaml, &file, &Overrides::default()).unwrap());
+    let cfg = s.config_from(&yaml);
     let w = start(cfg);
     let n = 500;
     produce_in_background(&s, "m", 0, n, 5000.0).join().unwrap();
