@@ -197,8 +197,6 @@ pub struct Chunk {
     pub arena: Vec<u8>,
     pub records: Vec<Record>,
     pub groups: Vec<Group>,
-    /// When the first record arrived.
-    pub started: Instant,
     /// Closes at this instant even if no group is full.
     deadline: Option<Instant>,
     full: bool,
@@ -214,12 +212,11 @@ impl Chunk {
         self.full = false;
     }
 
-    fn new(now: Instant) -> Chunk {
+    fn new() -> Chunk {
         Chunk {
             arena: Vec::new(),
             records: Vec::new(),
             groups: Vec::new(),
-            started: now,
             deadline: None,
             full: false,
         }
@@ -380,13 +377,12 @@ impl Batcher {
         let shard = slot as usize % self.open.len();
         let mut chunk = match self.open[shard].take() {
             Some(c) => c,
-            None => match self.pool.lock().ok().and_then(|mut p| p.pop()) {
-                Some(mut c) => {
-                    c.started = now;
-                    c
-                }
-                None => Chunk::new(now),
-            },
+            None => self
+                .pool
+                .lock()
+                .ok()
+                .and_then(|mut p| p.pop())
+                .unwrap_or_else(Chunk::new),
         };
         let payload_bytes = msg.payload().unwrap_or(&[]);
         let payload = chunk.push_bytes(payload_bytes);
@@ -566,14 +562,6 @@ impl Batcher {
             }
         }
         out
-    }
-
-    /// Shard a chunk belongs to.
-    pub fn shard_of(&self, chunk: &Chunk) -> usize {
-        chunk
-            .records
-            .first()
-            .map_or(0, |r| r.slot as usize % self.open.len())
     }
 }
 

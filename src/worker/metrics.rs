@@ -150,9 +150,6 @@ impl Histogram {
         self.sum += o.sum;
         self.count += o.count;
     }
-    pub fn count(&self) -> u64 {
-        self.count
-    }
 }
 
 /// The worker's metrics and readiness.
@@ -194,18 +191,6 @@ impl Metrics {
             .unwrap_or_else(|p| p.into_inner())
             .entry((name, labels(l)))
             .or_insert(0) += n;
-    }
-
-    pub fn counter(&self, name: &'static str, l: &[(&'static str, &str)]) -> u64 {
-        if name == "ml_worker_outputs_acked_total" {
-            return self.acked.load(Ordering::Relaxed);
-        }
-        self.counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&(name, labels(l)))
-            .copied()
-            .unwrap_or(0)
     }
 
     /// Sum of a counter over all its label values.
