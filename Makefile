@@ -1,6 +1,6 @@
 # Every target does its own set-up; nothing needs to be installed by hand
 # beyond the Rust toolchain, Python 3 and make.
-.PHONY: demo demo-offline bench test setup onnxruntime sqlite3 python-kafka lint build fixtures bench-models clean
+.PHONY: demo demo-offline bench test setup onnxruntime libtorch sqlite3 python-kafka lint build fixtures bench-models clean
 
 CARGO ?= cargo
 BIN := target/release/ml-worker
@@ -25,11 +25,13 @@ demo-offline: onnxruntime build
 	$(BIN) audit show --limit 12
 	$(BIN) audit verify
 
-## The README's second command: everything CI runs.
+## The README's second command: everything CI runs. The build without
+## libtorch (--no-default-features) is linted and its registry tests run too.
 test: setup lint
 	$(CARGO) test --all-targets
+	$(CARGO) test --no-default-features --test registry
 
-setup: onnxruntime sqlite3 python-kafka
+setup: onnxruntime libtorch sqlite3 python-kafka
 
 # confluent-kafka + fastavro: third-party clients for the interoperability tests
 python-kafka:
@@ -38,15 +40,20 @@ python-kafka:
 onnxruntime:
 	bash scripts/fetch-onnxruntime.sh
 
+# CPU-only libtorch for the torch feature, from PyPI wheels (.cache/libtorch)
+libtorch:
+	bash scripts/fetch-libtorch.sh
+
 # the audit tamper test edits the store through the real sqlite3 shell
 sqlite3:
 	@command -v sqlite3 >/dev/null || (apt-get update -qq && apt-get install -y -qq sqlite3 >/dev/null)
 
-lint:
+lint: libtorch
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --no-default-features -- -D warnings
 
-build:
+build: libtorch
 	$(CARGO) build --release
 
 ## Regenerate tests/fixtures and models/ with the reference libraries.

@@ -52,6 +52,9 @@ struct RawModel {
     /// ONNX only: which graph input and outputs to use, when ambiguous.
     #[serde(default)]
     onnx: Option<OnnxOptions>,
+    /// torch only: what the output holds, the device and thread count.
+    #[serde(default)]
+    torch: Option<RawTorchOptions>,
     /// How predictions become trading signals (none: no signals).
     #[serde(default)]
     signal: Option<SignalRule>,
@@ -64,7 +67,7 @@ struct RawModel {
 }
 
 /// How absent or NaN features are treated by the streaming worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MissingPolicy {
     /// Absent features become NaN (the model's own missing-value handling).
@@ -90,6 +93,133 @@ pub struct OnnxOptions {
     pub probabilities: Option<String>,
 }
 
+/// `torch:` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTorchOptions {
+    /// Classification: `logits` (softmax, or sigmoid for one column, is
+    /// applied) or `probabilities` (used as they are).
+    #[serde(default)]
+    output: Option<String>,
+    /// `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available). Default `cpu`.
+    #[serde(default)]
+    device: Option<String>,
+    /// libtorch intra-op threads for this model's forward passes (default 1:
+    /// the worker already runs one inference thread per core).
+    #[serde(default)]
+    intra_op_threads: Option<i64>,
+}
+
+/// What a classifier's TorchScript output holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TorchOutput {
+    /// Raw scores: softmax across columns (sigmoid for a single column).
+    Logits,
+    /// Already probabilities.
+    Probabilities,
+}
+
+/// Where a torch model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TorchDevice {
+    Cpu,
+    /// A CUDA device by index (`cuda` is `cuda:0`).
+    Cuda(usize),
+    /// CUDA device 0 when libtorch reports one, else the CPU.
+    Auto,
+}
+
+impl std::fmt::Display for TorchDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TorchDevice::Cpu => f.write_str("cpu"),
+            TorchDevice::Cuda(n) => write!(f, "cuda:{n}"),
+            TorchDevice::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+/// Validated `torch:` options (defaults when the block is absent).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TorchOptions {
+    /// `None` for regression models.
+    pub output: Option<TorchOutput>,
+    pub device: TorchDevice,
+    pub intra_op_threads: usize,
+}
+
+impl Default for TorchOptions {
+    fn default() -> Self {
+        TorchOptions {
+            output: None,
+            device: TorchDevice::Cpu,
+            intra_op_threads: 1,
+        }
+    }
+}
+
+/// Most intra-op threads a model may ask for.
+const MAX_TORCH_THREADS: i64 = 256;
+
+fn torch_options(
+    raw: Option<RawTorchOptions>,
+    task_type: TaskType,
+) -> Result<TorchOptions, (&'static str, String)> {
+    let raw = raw.unwrap_or_default();
+    let output = match (raw.output.as_deref(), task_type) {
+        (None, TaskType::Regression) => None,
+        (None, TaskType::Classification) => {
+            return Err((
+                "torch",
+                "a classification model needs 'output: logits' or 'output: probabilities' (what its tensor holds)".into(),
+            ))
+        }
+        (Some(_), TaskType::Regression) => {
+            return Err((
+                "torch",
+                "'output' applies to classification models only; a regression model's output is the value".into(),
+            ))
+        }
+        (Some("logits"), _) => Some(TorchOutput::Logits),
+        (Some("probabilities"), _) => Some(TorchOutput::Probabilities),
+        (Some(other), _) => {
+            return Err((
+                "torch",
+                format!("unknown output '{other}' (expected logits or probabilities)"),
+            ))
+        }
+    };
+    let device = match raw.device.as_deref().map(str::trim) {
+        None | Some("cpu") => TorchDevice::Cpu,
+        Some("auto") => TorchDevice::Auto,
+        Some("cuda") => TorchDevice::Cuda(0),
+        Some(d) => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => TorchDevice::Cuda(n),
+            _ => {
+                return Err((
+                    "torch",
+                    format!("unknown device '{d}' (expected cpu, cuda, cuda:N or auto)"),
+                ))
+            }
+        },
+    };
+    let intra_op_threads = match raw.intra_op_threads {
+        None => 1,
+        Some(n) if (1..=MAX_TORCH_THREADS).contains(&n) => n as usize,
+        Some(n) => {
+            return Err((
+                "torch",
+                format!("intra_op_threads {n} is out of range (1 to {MAX_TORCH_THREADS})"),
+            ))
+        }
+    };
+    Ok(TorchOptions {
+        output,
+        device,
+        intra_op_threads,
+    })
+}
+
 /// A validated registry entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelSpec {
@@ -107,6 +237,7 @@ pub struct ModelSpec {
     pub fallback: Option<String>,
     pub description: Option<String>,
     pub onnx: OnnxOptions,
+    pub torch: TorchOptions,
     pub signal: Option<SignalRule>,
     pub missing: MissingPolicy,
 }
@@ -267,6 +398,17 @@ fn validate(raw: RawRegistry, file: &Path, base: &Path) -> Result<Vec<ModelSpec>
                 format!("only applies to kind onnx, this model is {kind}"),
             ));
         }
+        if m.torch.is_some() && kind != ModelKind::Torch {
+            return Err(field(
+                "torch",
+                format!("only applies to kind torch, this model is {kind}"),
+            ));
+        }
+        let torch = if kind == ModelKind::Torch {
+            torch_options(m.torch, task_type).map_err(|(f, msg)| field(f, msg))?
+        } else {
+            TorchOptions::default()
+        };
         let path = Path::new(&m.path);
         let path = if path.is_absolute() {
             path.to_path_buf()
@@ -286,6 +428,7 @@ fn validate(raw: RawRegistry, file: &Path, base: &Path) -> Result<Vec<ModelSpec>
             fallback: m.fallback,
             description: m.description,
             onnx: m.onnx.unwrap_or_default(),
+            torch,
             signal: m.signal,
             missing: m.missing.unwrap_or(match kind {
                 ModelKind::Lightgbm | ModelKind::Xgboost => MissingPolicy::Nan,

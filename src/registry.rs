@@ -10,7 +10,9 @@ use std::time::Instant;
 
 use crate::audit::{AuditEntry, AuditError, AuditEvent, AuditStore};
 use crate::checksum::read_and_hash;
-use crate::config::{load_registry_file, ConfigError, ModelSpec, OnnxOptions};
+use crate::config::{
+    load_registry_file, ConfigError, MissingPolicy, ModelSpec, OnnxOptions, TorchOptions,
+};
 use crate::model::tree::{ParsedTrees, TreeModel};
 use crate::model::{
     lightgbm, onnx, xgboost, Aliased, Model, ModelError, ModelInfo, ModelKind, TaskType,
@@ -49,6 +51,9 @@ struct CacheKey {
     task_type: TaskType,
     n_features: usize,
     onnx: OnnxOptions,
+    torch: TorchOptions,
+    /// torch models check NaN inputs against it themselves.
+    missing: MissingPolicy,
 }
 
 /// The load state of one entry.
@@ -316,6 +321,8 @@ impl Registry {
             task_type: spec.task_type,
             n_features: spec.features.len(),
             onnx: spec.onnx.clone(),
+            torch: spec.torch.clone(),
+            missing: spec.missing,
         };
         let cached = self
             .by_checksum
@@ -457,9 +464,18 @@ fn load_file(
                 "kind 'pickle' is not supported yet: convert the model to LightGBM text, XGBoost JSON/UBJ or ONNX".into(),
             ))
         }
+        #[cfg(feature = "torch")]
+        ModelKind::Torch => {
+            let mut m = crate::model::torch::TorchModel::load(spec, bytes, info)?;
+            m.info.load_time = elapsed();
+            Arc::new(m)
+        }
+        #[cfg(not(feature = "torch"))]
         ModelKind::Torch => {
             return Err(ModelError::Unsupported(
-                "kind 'torch' is not supported yet: export the model to ONNX (torch.onnx.export)".into(),
+                "kind 'torch' needs ml-worker built with the `torch` feature (`make build`, or \
+                 `cargo build --release --features torch` after `make libtorch`); or export the model to ONNX"
+                    .into(),
             ))
         }
     })

@@ -85,12 +85,21 @@ fn shipped_registry_lists_and_verifies() {
 #[test]
 fn predict_from_csv_matches_the_reference() {
     let dir = tempfile::tempdir().unwrap();
-    for (case, file, kind) in [
-        ("lgb_regression", "lgb_regression.txt", "lightgbm"),
-        ("lgb_binary", "lgb_binary.txt", "lightgbm"),
-        ("xgb_multiclass", "xgb_multiclass.ubj", "xgboost"),
-    ] {
-        let reg = registry_with(dir.path(), case, file, kind, "");
+    #[allow(unused_mut)]
+    let mut cases = vec![
+        ("lgb_regression", "lgb_regression.txt", "lightgbm", ""),
+        ("lgb_binary", "lgb_binary.txt", "lightgbm", ""),
+        ("xgb_multiclass", "xgb_multiclass.ubj", "xgboost", ""),
+    ];
+    #[cfg(feature = "torch")]
+    cases.push((
+        "torch_mlp_classifier",
+        "torch_mlp_classifier.pt",
+        "torch",
+        "    torch: {output: logits}\n",
+    ));
+    for (case, file, kind, extra) in cases {
+        let reg = registry_with(dir.path(), case, file, kind, extra);
         let csv = fixture(&format!("{case}.inputs.csv"));
         let o = predict(
             dir.path(),
@@ -106,7 +115,11 @@ fn predict_from_csv_matches_the_reference() {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         assert_eq!(lines.len(), want.len(), "{case}");
-        let tol = if kind == "xgboost" { 1e-6 } else { 1e-9 };
+        let tol = match kind {
+            "xgboost" => 1e-6,
+            "torch" => 1e-5,
+            _ => 1e-9,
+        };
         for (i, (line, w)) in lines.iter().zip(want).enumerate() {
             assert_eq!(line["row"], i);
             let (got, w) = (line["prediction"].as_f64().unwrap(), w.as_f64().unwrap());
@@ -351,8 +364,9 @@ fn feature_count_mismatch_and_unsupported_kinds_are_named() {
         out.contains("model 'pk'") && out.contains("'pickle' is not supported yet"),
         "{out}"
     );
+    // a LightGBM text file registered as torch is not TorchScript
     assert!(
-        out.contains("model 'pt'") && out.contains("'torch' is not supported yet"),
+        out.contains("model 'pt'") && out.contains("not a valid TorchScript model"),
         "{out}"
     );
     assert!(!out.contains("panicked"), "{out}");

@@ -160,3 +160,24 @@ fn a_signal_rule_naming_a_class_the_model_lacks_is_refused() {
         "{e}"
     );
 }
+
+/// Built without the `torch` feature (`--no-default-features`), a torch
+/// model fails to load saying how to get it; the other models still serve.
+#[cfg(not(feature = "torch"))]
+#[test]
+fn without_the_torch_feature_torch_models_fail_with_a_fix_and_others_still_work() {
+    let yaml = format!(
+        "models:\n  - name: net\n    path: torch_mlp_regressor.pt\n    kind: torch\n    features: {DIABETES}\n    target: y\n    task_type: regression\n    lazy: true\n  - name: trees\n    path: lgb_regression.txt\n    kind: lightgbm\n    features: {DIABETES}\n    target: y\n    task_type: regression\n"
+    );
+    let reg = registry(&yaml, None);
+    let e = reg.get("net").err().expect("no torch support").to_string();
+    assert!(e.contains("`torch` feature") && e.contains("ONNX"), "{e}");
+    let m = reg.get("trees").unwrap().model;
+    assert_eq!(
+        m.predict(Batch::new(&[0.0; 10], 10).unwrap())
+            .unwrap()
+            .values
+            .len(),
+        1
+    );
+}

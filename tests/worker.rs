@@ -269,7 +269,7 @@ fn every_event_gets_one_prediction_matching_the_reference_and_offsets_are_commit
         let cfg = s.config(format, "");
         let w = start(cfg.clone());
         let load = Load::new(&s.brokers()).unwrap();
-        let n = 1500u64;
+        let n = 1200u64; // a multiple of the number of sample models (round-robin)
         let stop = AtomicBool::new(false);
         load.events(&s.traffic(cfg.input_format, "e"), 0, n, None, &stop)
             .unwrap();
@@ -307,8 +307,18 @@ fn every_event_gets_one_prediction_matching_the_reference_and_offsets_are_commit
         assert!(text.contains("ml_worker_inference_latency_seconds_bucket{model=\"diabetes_lgbm\""));
         assert!(
             text.contains(&format!(
-                "ml_worker_events_in_total{{topic=\"{}\",model=\"wine_rf\"}} 500",
-                s.features
+                "ml_worker_events_in_total{{topic=\"{}\",model=\"wine_rf\"}} {}",
+                s.features,
+                n / s.samples.len() as u64
+            )),
+            "{text}"
+        );
+        // the PyTorch model (TorchScript through libtorch) served its share
+        assert!(
+            text.contains(&format!(
+                "ml_worker_events_in_total{{topic=\"{}\",model=\"wine_mlp\"}} {}",
+                s.features,
+                n / s.samples.len() as u64
             )),
             "{text}"
         );

@@ -9,12 +9,15 @@
 //! | `lightgbm` | [`lightgbm`] text model  | native, [`tree::TreeEnsemble`]     |
 //! | `xgboost`  | [`xgboost`] JSON / UBJSON| native, [`tree::TreeEnsemble`]     |
 //! | `onnx`     | [`onnx`]                 | ONNX Runtime (loaded dynamically)  |
+//! | `torch`    | `torch` TorchScript      | libtorch via tch (`torch` feature) |
 //!
 //! Inference is synchronous and batch-shaped; callers on an async runtime run
 //! it on a dedicated thread.
 
 pub mod lightgbm;
 pub mod onnx;
+#[cfg(feature = "torch")]
+pub mod torch;
 pub mod tree;
 pub mod ubjson;
 pub mod xgboost;
