@@ -460,9 +460,9 @@ fn load_file(
             Arc::new(m)
         }
         ModelKind::Pickle => {
-            return Err(ModelError::Unsupported(
-                "kind 'pickle' is not supported yet: convert the model to LightGBM text, XGBoost JSON/UBJ or ONNX".into(),
-            ))
+            let mut m = crate::model::pickle::load(spec, bytes, info)?;
+            m.info.load_time = elapsed();
+            Arc::new(m)
         }
         #[cfg(feature = "torch")]
         ModelKind::Torch => {
@@ -481,7 +481,10 @@ fn load_file(
     })
 }
 
-fn tree_model(parsed: ParsedTrees, mut info: ModelInfo) -> Result<TreeModel, ModelError> {
+pub(crate) fn tree_model(
+    parsed: ParsedTrees,
+    mut info: ModelInfo,
+) -> Result<TreeModel, ModelError> {
     let ens = parsed.ensemble;
     if info.features.len() != ens.n_features {
         return Err(ModelError::Input(format!(

@@ -29,6 +29,9 @@ struct Golden {
     /// torch classifiers: what the model's output tensor holds.
     #[serde(default)]
     torch_output: Option<String>,
+    /// pickle cases: the missing-value policy the case is served with.
+    #[serde(default)]
+    missing: Option<String>,
 }
 
 fn fixtures() -> PathBuf {
@@ -62,7 +65,15 @@ fn close(a: f64, b: f64, rel: f64, abs: f64) -> bool {
 /// libtorch, whose kernels block by batch size, both are held to the
 /// tolerance instead. Returns the number of (file, row) pairs checked.
 fn check_kind(kind: &str, rel: f64, abs: f64) -> usize {
-    let cases = goldens(kind);
+    check_cases(kind, rel, abs, |_| true)
+}
+
+/// [`check_kind`] for the cases whose name passes `which`.
+fn check_cases(kind: &str, rel: f64, abs: f64, which: impl Fn(&str) -> bool) -> usize {
+    let cases: Vec<Golden> = goldens(kind)
+        .into_iter()
+        .filter(|g| which(&g.case))
+        .collect();
     assert!(
         !cases.is_empty(),
         "no {kind} fixtures: run tools/make_fixtures.py"
@@ -78,6 +89,7 @@ fn check_kind(kind: &str, rel: f64, abs: f64) -> usize {
                     "lightgbm" => ModelKind::Lightgbm,
                     "xgboost" => ModelKind::Xgboost,
                     "torch" => ModelKind::Torch,
+                    "pickle" => ModelKind::Pickle,
                     _ => ModelKind::Onnx,
                 },
                 features: g.features.clone(),
@@ -101,7 +113,11 @@ fn check_kind(kind: &str, rel: f64, abs: f64) -> usize {
                     ..TorchOptions::default()
                 },
                 signal: None,
-                missing: MissingPolicy::Nan,
+                missing: if g.missing.as_deref() == Some("reject") {
+                    MissingPolicy::Reject
+                } else {
+                    MissingPolicy::Nan
+                },
             };
             let reg = Registry::from_specs(vec![spec], None, RegistryOptions::default());
             let model = reg
@@ -218,6 +234,20 @@ fn onnx_matches_onnxruntime_within_1e5_relative() {
 fn torch_matches_python_torch_within_1e5_relative() {
     let n = check_kind("torch", 1e-5, 1e-6);
     assert!(n >= 3000, "only {n} rows checked");
+}
+
+/// Pickles read without running them, served by the native evaluators:
+/// LightGBM 1e-9 relative, XGBoost 1e-6, scikit-learn 1e-9 relative and
+/// 1e-12 absolute (linear models, trees, forests, gradient boosting,
+/// pipelines).
+#[test]
+fn pickles_match_the_training_libraries() {
+    let lgb = check_cases("pickle", 1e-9, 1e-12, |c| c.starts_with("pkl_lgb"));
+    let xgb = check_cases("pickle", 1e-6, 1e-7, |c| c.starts_with("pkl_xgb"));
+    let skl = check_cases("pickle", 1e-9, 1e-12, |c| {
+        !c.starts_with("pkl_lgb") && !c.starts_with("pkl_xgb")
+    });
+    assert!(lgb >= 300 && xgb >= 400 && skl >= 1500, "{lgb} {xgb} {skl}");
 }
 
 #[test]

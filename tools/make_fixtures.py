@@ -9,10 +9,11 @@ Deterministic and rerunnable: `make fixtures` (or
 `.cache/venv/bin/python tools/make_fixtures.py`).
 
 Golden file format (tests/fixtures/<case>.golden.json):
-  case, kind (lightgbm|xgboost|onnx|torch), model_files (relative to tests/fixtures),
+  case, kind (lightgbm|xgboost|onnx|torch|pickle), model_files (relative to tests/fixtures),
   task_type, features, n_classes, library, inputs (NaN as null),
   prediction (value, or class index), probabilities (null for regression);
-  torch cases add torch_output (logits|probabilities) for classifiers.
+  torch cases add torch_output (logits|probabilities) for classifiers;
+  pickle cases add pickle_protocol and missing (nan|reject).
 """
 import json
 import math
@@ -363,6 +364,14 @@ def main():
     # ---- PyTorch (TorchScript); also the shipped models/wine_mlp.pt
     import torch_fixtures
     torch_ver = torch_fixtures.make(FIX, MODELS, write_golden, write_samples, {
+        "diabetes": ((xd_tr, xd_te, yd_tr), fd),
+        "wine": ((xw_tr, xw_te, yw_tr), fw),
+        "breast_cancer": ((xb_tr, xb_te, yb_tr), fb),
+    }, SEED)
+
+    # ---- pickles of every allowlisted class, and hostile pickles
+    import pickle_fixtures
+    pickle_fixtures.make(FIX, write_golden, {
         "diabetes": ((xd_tr, xd_te, yd_tr), fd),
         "wine": ((xw_tr, xw_te, yw_tr), fw),
         "breast_cancer": ((xb_tr, xb_te, yb_tr), fb),

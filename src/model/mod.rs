@@ -10,12 +10,15 @@
 //! | `xgboost`  | [`xgboost`] JSON / UBJSON| native, [`tree::TreeEnsemble`]     |
 //! | `onnx`     | [`onnx`]                 | ONNX Runtime (loaded dynamically)  |
 //! | `torch`    | `torch` TorchScript      | libtorch via tch (`torch` feature) |
+//! | `pickle`   | [`pickle`] (never run)   | native trees / [`linear`] models   |
 //!
 //! Inference is synchronous and batch-shaped; callers on an async runtime run
 //! it on a dedicated thread.
 
 pub mod lightgbm;
+pub mod linear;
 pub mod onnx;
+pub mod pickle;
 #[cfg(feature = "torch")]
 pub mod torch;
 pub mod tree;

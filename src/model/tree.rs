@@ -116,6 +116,10 @@ pub struct TreeRoot {
 pub enum FlavorKind {
     LightGbm,
     XgBoost,
+    /// scikit-learn trees: `x` is cast to `f32` (as sklearn validates input
+    /// to float32), compared `x <= threshold` in `f64`, NaN to the side
+    /// recorded at fit time; sums in `f64`.
+    Sklearn,
 }
 
 /// The transform from raw scores (margins) to outputs.
@@ -225,6 +229,7 @@ impl TreeEnsemble {
             (FlavorKind::LightGbm, true) => self.walk::<LightGbm, true>(data, n_rows),
             (FlavorKind::XgBoost, false) => self.walk::<XgBoost, false>(data, n_rows),
             (FlavorKind::XgBoost, true) => self.walk::<XgBoost, true>(data, n_rows),
+            (FlavorKind::Sklearn, _) => self.walk::<Sklearn, false>(data, n_rows),
         }
     }
 
@@ -294,7 +299,9 @@ impl TreeEnsemble {
             }
         }
         match self.flavor {
-            FlavorKind::LightGbm => apply_transform_f64(self.transform, &mut scores, self.n_groups),
+            FlavorKind::LightGbm | FlavorKind::Sklearn => {
+                apply_transform_f64(self.transform, &mut scores, self.n_groups)
+            }
             FlavorKind::XgBoost => apply_transform_f32(self.transform, &mut scores, self.n_groups),
         }
         scores
@@ -347,7 +354,7 @@ pub fn predict_trees(
         for s in scores {
             // as the libraries' predict_proba: XGBoost works in f32
             p.push(match ens.flavor {
-                FlavorKind::LightGbm => 1.0 - s,
+                FlavorKind::LightGbm | FlavorKind::Sklearn => 1.0 - s,
                 FlavorKind::XgBoost => (1.0 - s as f32) as f64,
             });
             p.push(s);
@@ -449,6 +456,35 @@ fn in_bitset(ens: &TreeEnsemble, node: &Node, cat: u32) -> bool {
     let (start, len) = ens.cat_ranges[node.value as usize];
     let word = (cat / 32) as usize;
     word < len as usize && (ens.cat_bits[start as usize + word] >> (cat % 32)) & 1 == 1
+}
+
+struct Sklearn;
+
+impl Flavor for Sklearn {
+    type Acc = f64;
+    fn from_f64(v: f64) -> f64 {
+        v
+    }
+    fn to_f64(a: f64) -> f64 {
+        a
+    }
+    #[inline(always)]
+    fn add(a: &mut f64, leaf: f64) {
+        *a += leaf;
+    }
+
+    // the negated comparison is the point: it is true for NaN
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    #[inline(always)]
+    fn fast_left(node: &Node, x: f64) -> bool {
+        // sklearn's `X[i, f] <= threshold` on float32 X
+        let x = (x as f32) as f64;
+        select_unpredictable(node.nan_left, !(x > node.value), x <= node.value)
+    }
+
+    fn slow_left(_: &TreeEnsemble, node: &Node, x: f64) -> bool {
+        Self::fast_left(node, x)
+    }
 }
 
 struct LightGbm;
@@ -660,7 +696,9 @@ impl TreeEnsemble {
                 (SLOW, idx, false)
             } else {
                 match (self.flavor, s.flags & MISSING_MASK) {
-                    (FlavorKind::XgBoost, _) => (FAST, s.threshold, default_left),
+                    (FlavorKind::XgBoost | FlavorKind::Sklearn, _) => {
+                        (FAST, s.threshold, default_left)
+                    }
                     (FlavorKind::LightGbm, MISSING_NAN) => (FAST, s.threshold, default_left),
                     // NaN is read as 0.0
                     (FlavorKind::LightGbm, MISSING_NONE) => (FAST, s.threshold, 0.0 <= s.threshold),

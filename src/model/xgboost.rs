@@ -170,6 +170,12 @@ impl Link {
 }
 
 fn from_document(doc: &Value) -> Result<ParsedTrees, String> {
+    // the memory snapshot (`Booster.__getstate__`, XGBoosterSerializeToBuffer)
+    // wraps the model as {"Config": ..., "Model": {"learner": ...}}
+    let doc = match doc.get("Model") {
+        Some(model) if doc.get("learner").is_none() => model,
+        _ => doc,
+    };
     let learner = at(doc, &["learner"])?;
     let param = at(learner, &["learner_model_param"])?;
     let n_features = count(at(param, &["num_feature"])?, "num_feature")?;
