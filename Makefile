@@ -1,6 +1,6 @@
 # Every target does its own set-up; nothing needs to be installed by hand
 # beyond the Rust toolchain, Python 3 and make.
-.PHONY: demo demo-offline bench test setup onnxruntime libtorch sqlite3 python-kafka lint build fixtures bench-models clean
+.PHONY: demo demo-offline bench test setup onnxruntime libtorch sqlite3 python-kafka lint build fixtures bench-models fuzz clean
 
 CARGO ?= cargo
 BIN := target/release/ml-worker
@@ -69,6 +69,17 @@ bench: onnxruntime build
 ## Native LightGBM evaluator vs LightGBM's Booster.predict, same run.
 bench-models:
 	bash scripts/bench-models.sh
+
+## Coverage-guided fuzzing of the pickle reader (cargo-fuzz, libFuzzer), seeded
+## with the fixture pickles; FUZZ_SECONDS (default 600). CI runs the bounded
+## property test tests/pickle_props.rs instead.
+FUZZ_SECONDS ?= 600
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	mkdir -p fuzz/corpus/pickle_reader
+	cp tests/fixtures/*.pkl tests/fixtures/hostile/*.pkl fuzz/corpus/pickle_reader/
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run pickle_reader corpus/pickle_reader -- \
+		-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 -max_len=262144
 
 clean:
 	$(CARGO) clean

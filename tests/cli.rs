@@ -361,7 +361,7 @@ fn feature_count_mismatch_and_unsupported_kinds_are_named() {
         "{out}"
     );
     assert!(
-        out.contains("model 'pk'") && out.contains("'pickle' is not supported yet"),
+        out.contains("model 'pk'") && out.contains("not a valid pickle model"),
         "{out}"
     );
     // a LightGBM text file registered as torch is not TorchScript

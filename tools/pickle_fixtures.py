@@ -175,3 +175,9 @@ def make(fix, write_golden, data, seed):
          .fit(xd_tr, yd_tr), xd, 4, False)
 
     hostile(fix / "hostile")
+
+    # protocol 5 with an out-of-band buffer: the array's bytes live outside the pickle
+    arr = np.arange(12, dtype=np.float64).reshape(3, 4) * 0.5
+    buffers = []
+    (fix / "oob_array.pkl").write_bytes(pickle.dumps(arr, protocol=5, buffer_callback=buffers.append))
+    (fix / "oob_array.buf0").write_bytes(bytes(buffers[0].raw()))

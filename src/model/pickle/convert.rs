@@ -291,6 +291,9 @@ fn estimator(g: &Graph, id: Id, spec: &ModelSpec, info: &ModelInfo) -> Result<Co
                 [k, nf] => (*k, *nf),
                 _ => return Err(format!("{name} coef_ has shape {shape:?}")),
             };
+            if nf == 0 || k == 0 {
+                return Err(format!("{name} coef_ has shape {shape:?}"));
+            }
             let intercept = match intercept.len() {
                 n if n == k => intercept,
                 1 => vec![intercept[0]; k],
@@ -401,7 +404,7 @@ fn tree_converted(
 
 fn n_features_in(g: &Graph, st: &[(Id, Id)], name: &str) -> Result<usize, String> {
     let v = number(g, need(g, st, "n_features_in_", name)?)?;
-    if v >= 1.0 && v <= 1e7 {
+    if (1.0..=1e7).contains(&v) {
         Ok(v as usize)
     } else {
         Err(format!("{name} n_features_in_ is {v}"))
@@ -412,7 +415,7 @@ fn n_classes(g: &Graph, st: &[(Id, Id)], name: &str) -> Result<usize, String> {
     let id = need(g, st, "n_classes_", name)?;
     let v =
         number(g, id).map_err(|_| format!("{name}: multi-output classifiers are not supported"))?;
-    if v >= 1.0 && v <= 1e6 {
+    if (1.0..=1e6).contains(&v) {
         Ok(v as usize)
     } else {
         Err(format!("{name} n_classes_ is {v}"))
@@ -461,6 +464,9 @@ fn tree_of(g: &Graph, est: Id) -> Result<SkTree, String> {
         return Err(format!("Tree values have shape {vshape:?} for {n} nodes"));
     }
     let value_width = vshape[1] * vshape[2];
+    if value_width == 0 {
+        return Err("Tree values have no outputs".into());
+    }
     Ok(SkTree {
         left,
         right,
@@ -612,6 +618,9 @@ fn gradient_boosting(
     let n_features = n_features_in(g, st, name)?;
     let est = numpy::array(g, need(g, st, "estimators_", name)?)
         .map_err(|e| format!("estimators_: {e}"))?;
+    if est.dtype.kind != 'O' {
+        return Err("estimators_ is not an array of trees".into());
+    }
     let (stages, k) = match est.shape.as_slice() {
         [s, k] => (*s, *k),
         s => return Err(format!("estimators_ has shape {s:?}")),

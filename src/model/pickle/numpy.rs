@@ -132,8 +132,13 @@ pub fn dtype(g: &Graph, id: Id, depth: usize) -> Result<Dtype, String> {
         little: true,
         fields: Vec::new(),
     };
-    if !matches!(kind, 'f' | 'i' | 'u' | 'b' | 'V' | 'O') {
-        return Err(format!("unsupported dtype '{spec}'"));
+    let numeric_size = matches!(size, 1 | 2 | 4 | 8);
+    match kind {
+        'f' if size == 4 || size == 8 => {}
+        'i' | 'u' | 'b' if numeric_size => {}
+        'O' if size == 8 => {}
+        'V' if (1..=1 << 20).contains(&size) => {}
+        _ => return Err(format!("unsupported dtype '{spec}'")),
     }
     if let Some(st) = state {
         let st = seq(g, *st)?;

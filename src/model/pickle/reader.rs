@@ -127,6 +127,14 @@ pub fn read_with_buffers(
             ),
         });
     }
+    if data.first() != Some(&0x80) {
+        return Err(ReadError {
+            offset: 0,
+            reason:
+                "not a pickle of protocol 2 or later (it does not start with the PROTO opcode 0x80)"
+                    .into(),
+        });
+    }
     let mut r = Reader {
         data,
         pos: 0,
@@ -668,7 +676,7 @@ impl Reader<'_> {
     }
 
     fn pairs(&self, items: Vec<Id>) -> Result<Vec<(Id, Id)>, ReadError> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return self.err("an odd number of items for a dict");
         }
         Ok(items.chunks(2).map(|p| (p[0], p[1])).collect())
@@ -755,6 +763,8 @@ mod tests {
             (b"\x80\x05\x97.", "out-of-band buffer #0"),
             (b"\x80\x02K\x01K\x02b.", "BUILD on an int"),
             (b"\x80\x02\xff", "unknown opcode 0xff"),
+            (b"tree\nversion=v4\n", "does not start with the PROTO"),
+            (b"", "does not start with the PROTO"),
             (b"\x80\x02Q", "persistent ids"),
         ] {
             let e = read(data).unwrap_err().to_string();
