@@ -251,6 +251,22 @@ pub trait Model: Send + Sync {
     }
 }
 
+/// An error naming the first NaN (missing) feature of `batch`, for models
+/// registered with `missing: reject` that would otherwise take NaN silently.
+pub fn reject_nan(batch: &Batch<'_>, info: &ModelInfo) -> Result<(), ModelError> {
+    match batch.data().iter().position(|v| v.is_nan()) {
+        None => Ok(()),
+        Some(i) => {
+            let (row, col) = (i / batch.n_features(), i % batch.n_features());
+            Err(ModelError::Input(format!(
+                "feature '{}' is missing or NaN in row {row}; model '{}' does not accept missing values (missing: reject)",
+                info.features.get(col).map_or("?", String::as_str),
+                info.name
+            )))
+        }
+    }
+}
+
 /// Serves a loaded model under another registry entry's name, so that two
 /// entries pointing at the same file share one loaded copy.
 pub struct Aliased {

@@ -130,21 +130,6 @@ impl TorchModel {
             .map_err(|e| ModelError::Runtime(brief(&e)))?;
         Ok(Output { values, width })
     }
-
-    fn reject_nan(&self, batch: &Batch<'_>) -> Result<(), ModelError> {
-        if self.allow_nan {
-            return Ok(());
-        }
-        if let Some(i) = batch.data().iter().position(|v| v.is_nan()) {
-            let (row, col) = (i / batch.n_features(), i % batch.n_features());
-            return Err(ModelError::Input(format!(
-                "feature '{}' is missing or NaN in row {row}; model '{}' does not accept missing values (missing: reject)",
-                self.info.features.get(col).map_or("?", String::as_str),
-                self.info.name
-            )));
-        }
-        Ok(())
-    }
 }
 
 impl Model for TorchModel {
@@ -154,7 +139,9 @@ impl Model for TorchModel {
 
     fn predict_full(&self, batch: Batch<'_>) -> Result<Prediction, ModelError> {
         batch.expect_features(self.info.features.len())?;
-        self.reject_nan(&batch)?;
+        if !self.allow_nan {
+            super::reject_nan(&batch, &self.info)?;
+        }
         let rows = batch.n_rows();
         if rows == 0 {
             return Ok(Prediction {

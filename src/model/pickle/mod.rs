@@ -109,23 +109,6 @@ pub struct PickleModel {
     allow_nan: bool,
 }
 
-impl PickleModel {
-    fn reject_nan(&self, batch: &Batch<'_>) -> Result<(), ModelError> {
-        if self.allow_nan {
-            return Ok(());
-        }
-        if let Some(i) = batch.data().iter().position(|v| v.is_nan()) {
-            let (row, col) = (i / batch.n_features(), i % batch.n_features());
-            return Err(ModelError::Input(format!(
-                "feature '{}' is missing or NaN in row {row}; model '{}' does not accept missing values (missing: reject)",
-                self.info.features.get(col).map_or("?", String::as_str),
-                self.info.name
-            )));
-        }
-        Ok(())
-    }
-}
-
 impl Model for PickleModel {
     fn info(&self) -> &ModelInfo {
         &self.info
@@ -133,7 +116,9 @@ impl Model for PickleModel {
 
     fn predict_full(&self, batch: Batch<'_>) -> Result<Prediction, ModelError> {
         batch.expect_features(self.info.features.len())?;
-        self.reject_nan(&batch)?;
+        if !self.allow_nan {
+            super::reject_nan(&batch, &self.info)?;
+        }
         if self.steps.is_empty() {
             return self.inner.predict_full(batch);
         }
