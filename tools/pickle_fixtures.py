@@ -6,7 +6,8 @@ Cases (tests/fixtures/<case>.pkl + <case>.golden.json, kind "pickle"):
   LightGBM Booster / LGBMRegressor / LGBMClassifier, XGBoost Booster /
   XGBRegressor / XGBClassifier, LinearRegression, Ridge, Lasso,
   LogisticRegression (binary and multinomial), DecisionTree*, RandomForest*,
-  ExtraTrees*, GradientBoosting*, Pipeline(StandardScaler|MinMaxScaler, ...).
+  ExtraTrees*, GradientBoosting*, Pipeline(StandardScaler|MinMaxScaler, ...),
+  and two files written by joblib.dump (uncompressed).
 Hostile (tests/fixtures/hostile/*.pkl): code-execution payloads (os.system,
 subprocess, builtins.eval/exec/getattr, importlib, marshal) that would
 create a file named in the payload, truncated files, deep nesting, huge
@@ -31,6 +32,10 @@ PWNED = "/tmp/ml-worker-pickle-payload-ran"
 
 
 def dump(obj, path, protocol):
+    if protocol == "joblib":
+        import joblib
+        joblib.dump(obj, path)
+        return
     data = pickle.dumps(obj, protocol=protocol)
     path.write_bytes(pickletools.optimize(data) if protocol >= 2 else data)
 
@@ -77,6 +82,8 @@ def hostile(out):
     (out / "huge_bytes8.pkl").write_bytes(b"\x80\x04\x8e" + (2**63 - 1).to_bytes(8, "little") + b".")
     (out / "not_a_pickle.pkl").write_bytes(b"tree\nversion=v4\n")
     (out / "empty.pkl").write_bytes(b"")
+    import joblib
+    joblib.dump(LinearRegression().fit([[0.0], [1.0]], [0.0, 1.0]), out / "joblib_compressed.pkl", compress=3)
 
 
 def make(fix, write_golden, data, seed):
@@ -100,7 +107,8 @@ def make(fix, write_golden, data, seed):
             pred, probs = probs.argmax(1), probs
         else:
             pred, probs = model.predict(x).astype(np.float64), None
-        extra = {"pickle_protocol": protocol, "missing": "nan" if allow_nan else "reject"}
+        extra = {"pickle_protocol": protocol if protocol != "joblib" else 4, "joblib": protocol == "joblib",
+                 "missing": "nan" if allow_nan else "reject"}
         write_golden(name, "pickle", [f"{name}.pkl"], "classification" if classifier else "regression",
                      data_features[id(x)], x, pred, probs, ver,
                      n_classes=None if probs is None else probs.shape[1], extra=extra)
@@ -173,6 +181,15 @@ def make(fix, write_golden, data, seed):
                                                  ("rf", RandomForestRegressor(n_estimators=10, max_depth=5,
                                                                               random_state=seed, n_jobs=1))])
          .fit(xd_tr, yd_tr), xd, 4, False)
+
+    # joblib.dump (uncompressed): arrays follow the pickle opcodes; object
+    # arrays (gradient boosting's estimators_) are nested pickle streams
+    case("pkl_joblib_random_forest_classifier",
+         RandomForestClassifier(n_estimators=8, max_depth=5, random_state=seed, n_jobs=1).fit(xw_tr, yw_tr),
+         xw, "joblib", True)
+    case("pkl_joblib_gradient_boosting_regressor",
+         GradientBoostingRegressor(n_estimators=20, max_depth=3, random_state=seed).fit(xd_tr, yd_tr),
+         xd, "joblib", False)
 
     hostile(fix / "hostile")
 

@@ -49,6 +49,8 @@ pub fn is_allowed(module: &str, name: &str) -> bool {
         ("builtins", "str"),
         ("collections", "OrderedDict"),
         ("collections", "defaultdict"),
+        // joblib.dump's array placeholder, read by the reader as the array
+        ("joblib.numpy_pickle", "NumpyArrayWrapper"),
         ("lightgbm.basic", "Booster"),
         ("lightgbm.sklearn", "LGBMRegressor"),
         ("lightgbm.sklearn", "LGBMClassifier"),

@@ -34,7 +34,6 @@ const DANGEROUS_MODULES: &[&str] = &[
     "_pickle",
     "dill",
     "cloudpickle",
-    "joblib",
     "runpy",
     "code",
     "codeop",
@@ -57,8 +56,6 @@ const DANGEROUS_MODULES: &[&str] = &[
     "inspect",
     "operator",
     "functools",
-    "torch",
-    "numpy.testing",
     "pip",
     "setuptools",
 ];

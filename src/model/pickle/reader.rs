@@ -148,8 +148,9 @@ pub fn read_with_buffers(
         memo: HashMap::new(),
         limits,
         next_buffer: 0,
+        nesting: 0,
     };
-    r.run()?;
+    r.graph.root = r.run()?;
     Ok(r.graph)
 }
 
@@ -171,6 +172,8 @@ struct Reader<'a> {
     memo: HashMap<u32, Id>,
     limits: Limits,
     next_buffer: usize,
+    /// Depth of nested pickle streams (joblib object arrays).
+    nesting: usize,
 }
 
 impl Reader<'_> {
@@ -347,7 +350,7 @@ impl Reader<'_> {
     }
 
     /// Runs opcodes until STOP.
-    fn run(&mut self) -> Result<(), ReadError> {
+    fn run(&mut self) -> Result<Id, ReadError> {
         loop {
             self.op_at = self.pos;
             let op = match self.data.get(self.pos) {
@@ -370,9 +373,7 @@ impl Reader<'_> {
                 }
                 b'.' => {
                     // STOP
-                    let root = self.pop()?;
-                    self.graph.root = root;
-                    return Ok(());
+                    return self.pop();
                 }
                 b'N' => self.push_new(Obj::None)?,
                 0x88 => self.push_new(Obj::Bool(true))?,
@@ -650,6 +651,13 @@ impl Reader<'_> {
                 b'b' => {
                     let st = self.pop()?;
                     let obj = self.top()?;
+                    if self.is_joblib_wrapper(obj) {
+                        // joblib.dump: the array's bytes follow in the file
+                        let array = self.joblib_array(st)?;
+                        self.stack.pop();
+                        self.push(array)?;
+                        continue;
+                    }
                     match &mut self.graph.nodes[obj as usize] {
                         Obj::Call { state, .. } => *state = Some(st),
                         other => {
@@ -673,6 +681,91 @@ impl Reader<'_> {
                 other => return self.err(format!("unknown opcode 0x{other:02x}")),
             }
         }
+    }
+
+    fn is_joblib_wrapper(&self, obj: Id) -> bool {
+        let Obj::Call {
+            func, newobj: true, ..
+        } = self.graph.get(obj)
+        else {
+            return false;
+        };
+        matches!(self.graph.get(*func), Obj::Global { module, name }
+            if module == "joblib.numpy_pickle" && name == "NumpyArrayWrapper")
+    }
+
+    /// The array a joblib `NumpyArrayWrapper` stands for: its bytes follow
+    /// the BUILD opcode in the file (after an alignment padding), or, for
+    /// object arrays, a nested pickle stream does. Returns an ndarray node.
+    fn joblib_array(&mut self, state: Id) -> Result<Id, ReadError> {
+        let Obj::Dict(st) = self.graph.get(state).clone() else {
+            return self.err("joblib NumpyArrayWrapper state is not a dict");
+        };
+        let key = |k: &str| {
+            st.iter()
+                .find(|(n, _)| matches!(self.graph.get(*n), Obj::Str(s) if s == k))
+                .map(|(_, v)| *v)
+        };
+        let (Some(dtype_id), Some(shape_id)) = (key("dtype"), key("shape")) else {
+            return self.err("joblib NumpyArrayWrapper without dtype and shape");
+        };
+        let fortran = key("order").map(|o| self.graph.get(o)) == Some(&Obj::Str("F".into()));
+        let dtype = match super::numpy::dtype(&self.graph, dtype_id, 0) {
+            Ok(d) => d,
+            Err(e) => return self.err(format!("joblib array: {e}")),
+        };
+        if dtype.kind == 'O' {
+            if self.nesting >= 8 {
+                return self.err("joblib object arrays nested more than 8 deep");
+            }
+            // a fresh stack and memo for the nested stream, as joblib reads it
+            let saved = (
+                std::mem::take(&mut self.stack),
+                std::mem::take(&mut self.marks),
+                std::mem::take(&mut self.memo),
+            );
+            self.nesting += 1;
+            let inner = self.run();
+            self.nesting -= 1;
+            (self.stack, self.marks, self.memo) = saved;
+            return inner;
+        }
+        let count = match super::numpy::seq(&self.graph, shape_id) {
+            Ok(dims) => dims.iter().try_fold(1u64, |a, &d| match self.graph.get(d) {
+                Obj::Int(n) if *n >= 0 => a.checked_mul(*n as u64),
+                _ => None,
+            }),
+            Err(_) => None,
+        };
+        let Some(count) = count else {
+            return self.err("joblib array shape is not a tuple of sizes");
+        };
+        if key("numpy_array_alignment_bytes").is_some() {
+            let pad = self.u8()? as usize;
+            self.take(pad)?;
+        }
+        let Some(n) = count.checked_mul(dtype.size as u64) else {
+            return self.err("joblib array size overflows");
+        };
+        let n = self.len(n)?;
+        let data = self.take(n)?.to_vec();
+        // the ndarray as pickle would have written it: _reconstruct + state
+        let func = self.node(Obj::Global {
+            module: "numpy._core.multiarray".into(),
+            name: "_reconstruct".into(),
+        })?;
+        let args = self.node(Obj::Tuple(Vec::new()))?;
+        let version = self.node(Obj::Int(1))?;
+        let order = self.node(Obj::Bool(fortran))?;
+        let bytes = self.node(Obj::Bytes(data))?;
+        let st = self.node(Obj::Tuple(vec![version, shape_id, dtype_id, order, bytes]))?;
+        self.node(Obj::Call {
+            func,
+            args,
+            kwargs: None,
+            newobj: false,
+            state: Some(st),
+        })
     }
 
     fn pairs(&self, items: Vec<Id>) -> Result<Vec<(Id, Id)>, ReadError> {
