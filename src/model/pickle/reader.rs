@@ -19,7 +19,7 @@
 //! (persistent ids, the extension registry, out-of-band buffers not given)
 //! are refused. Errors name the opcode and its byte offset.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// Index of a node in [`Graph::nodes`].
 pub type Id = u32;
@@ -149,6 +149,7 @@ pub fn read_with_buffers(
         limits,
         next_buffer: 0,
         nesting: 0,
+        seen_globals: HashSet::new(),
     };
     r.graph.root = r.run()?;
     Ok(r.graph)
@@ -174,6 +175,8 @@ struct Reader<'a> {
     next_buffer: usize,
     /// Depth of nested pickle streams (joblib object arrays).
     nesting: usize,
+    /// The globals already listed in `graph.globals`.
+    seen_globals: HashSet<(String, String)>,
 }
 
 impl Reader<'_> {
@@ -307,12 +310,7 @@ impl Reader<'_> {
     }
 
     fn global(&mut self, module: String, name: String) -> Result<(), ReadError> {
-        if !self
-            .graph
-            .globals
-            .iter()
-            .any(|(m, n)| *m == module && *n == name)
-        {
+        if self.seen_globals.insert((module.clone(), name.clone())) {
             self.graph.globals.push((module.clone(), name.clone()));
         }
         self.push_new(Obj::Global { module, name })
