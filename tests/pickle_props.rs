@@ -6,8 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
-use ml_worker::config::{MissingPolicy, ModelSpec};
-use ml_worker::model::{pickle, Batch, ModelInfo, ModelKind, TaskType};
+use ml_worker::config::MissingPolicy;
+use ml_worker::model::{pickle, Batch, Model, TaskType};
 use proptest::prelude::*;
 
 fn fixtures() -> PathBuf {
@@ -29,39 +29,7 @@ fn corpus() -> Vec<Vec<u8>> {
 
 /// Reads and converts `bytes` as a pickle model; predicts a row if it loads.
 fn exercise(bytes: &[u8], task: TaskType) {
-    let spec = ModelSpec {
-        name: "m".into(),
-        path: "m.pkl".into(),
-        kind: ModelKind::Pickle,
-        features: (0..10).map(|i| format!("f{i}")).collect(),
-        target: "y".into(),
-        task_type: task,
-        version: None,
-        sha256: None,
-        lazy: false,
-        fallback: None,
-        description: None,
-        onnx: Default::default(),
-        torch: Default::default(),
-        signal: None,
-        missing: MissingPolicy::Nan,
-    };
-    let info = ModelInfo {
-        name: "m".into(),
-        version: "v".into(),
-        kind: ModelKind::Pickle,
-        sha256: String::new(),
-        path: "m.pkl".into(),
-        features: spec.features.clone(),
-        target: "y".into(),
-        task_type: task,
-        n_outputs: 1,
-        n_classes: None,
-        detail: String::new(),
-        load_time: Default::default(),
-    };
-    if let Ok(m) = pickle::load(&spec, bytes, info) {
-        use ml_worker::model::Model;
+    if let Ok(m) = pickle::load_unregistered(bytes, 10, task, MissingPolicy::Nan) {
         let _ = m.predict_full(Batch::new(&[0.5; 10], 10).unwrap());
     }
 }

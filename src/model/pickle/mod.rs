@@ -132,6 +132,50 @@ impl Model for PickleModel {
     }
 }
 
+/// Loads a pickle outside any registry, as a model of `n_features` features
+/// named `f0`, `f1`, ... (the fuzzer, the property tests, tools that inspect
+/// a file).
+pub fn load_unregistered(
+    bytes: &[u8],
+    n_features: usize,
+    task_type: super::TaskType,
+    missing: MissingPolicy,
+) -> Result<PickleModel, ModelError> {
+    let features: Vec<String> = (0..n_features).map(|i| format!("f{i}")).collect();
+    let spec = ModelSpec {
+        name: "unregistered".into(),
+        path: "unregistered.pkl".into(),
+        kind: super::ModelKind::Pickle,
+        features: features.clone(),
+        target: "y".into(),
+        task_type,
+        version: None,
+        sha256: None,
+        lazy: false,
+        fallback: None,
+        description: None,
+        onnx: Default::default(),
+        torch: Default::default(),
+        signal: None,
+        missing,
+    };
+    let info = ModelInfo {
+        name: spec.name.clone(),
+        version: String::new(),
+        kind: spec.kind,
+        sha256: String::new(),
+        path: spec.path.clone(),
+        features,
+        target: spec.target.clone(),
+        task_type,
+        n_outputs: 1,
+        n_classes: None,
+        detail: String::new(),
+        load_time: Default::default(),
+    };
+    load(&spec, bytes, info)
+}
+
 /// Reads a pickle file and converts what it holds, per the allowlist.
 pub fn load(
     spec: &ModelSpec,
