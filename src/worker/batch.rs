@@ -263,13 +263,64 @@ impl Tally {
     }
 }
 
+/// How long a schema id the registry could not give is answered from memory.
+const MISS_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+/// Most such ids remembered (a stream of random ids must not grow memory).
+const MISS_CACHE_CAP: usize = 1024;
+
+/// Schema ids the registry could not give, with the reason, each answered
+/// from memory until `retry` has passed; at most `cap` are kept (expired
+/// ones, then the oldest, are forgotten first).
+struct MissCache {
+    entries: HashMap<u32, (Instant, String)>,
+    cap: usize,
+    retry: std::time::Duration,
+}
+
+impl MissCache {
+    fn new(cap: usize, retry: std::time::Duration) -> Self {
+        MissCache {
+            entries: HashMap::new(),
+            cap: cap.max(1),
+            retry,
+        }
+    }
+
+    /// The remembered reason, if `id` failed less than `retry` before `now`.
+    fn get(&self, id: u32, now: Instant) -> Option<&str> {
+        self.entries
+            .get(&id)
+            .filter(|(at, _)| now.saturating_duration_since(*at) < self.retry)
+            .map(|(_, why)| why.as_str())
+    }
+
+    fn insert(&mut self, id: u32, why: String, now: Instant) {
+        if self.entries.len() >= self.cap && !self.entries.contains_key(&id) {
+            let retry = self.retry;
+            self.entries
+                .retain(|_, (at, _)| now.saturating_duration_since(*at) < retry);
+            if self.entries.len() >= self.cap {
+                if let Some(oldest) = self
+                    .entries
+                    .iter()
+                    .min_by_key(|(_, (at, _))| *at)
+                    .map(|(k, _)| *k)
+                {
+                    self.entries.remove(&oldest);
+                }
+            }
+        }
+        self.entries.insert(id, (now, why));
+    }
+}
+
 /// Builds chunks for `shards` inference threads.
 pub struct Batcher {
     codec: Codec,
     /// Fetches writer schemas of `avro` input by id.
     schema_registry: Option<SchemaRegistry>,
-    /// Schema ids the registry could not give, and when it was asked.
-    unknown_ids: HashMap<u32, (Instant, String)>,
+    /// Schema ids the registry could not give.
+    unknown_ids: MissCache,
     registry: Arc<Registry>,
     cfg: Arc<WorkerConfig>,
     routes: HashMap<String, Result<Arc<Route>, String>>,
@@ -300,7 +351,7 @@ impl Batcher {
         Batcher {
             codec,
             schema_registry,
-            unknown_ids: HashMap::new(),
+            unknown_ids: MissCache::new(MISS_CACHE_CAP, MISS_RETRY),
             registry,
             cfg,
             routes: HashMap::new(),
@@ -505,11 +556,9 @@ impl Batcher {
     fn decode(&mut self, bytes: &[u8]) -> Result<FeatureEvent, String> {
         match self.codec.decode_feature(bytes) {
             Err(DecodeError::UnknownSchemaId(id)) if self.schema_registry.is_some() => {
-                // asked again at most every 30 s
-                if let Some((at, why)) = self.unknown_ids.get(&id) {
-                    if at.elapsed() < std::time::Duration::from_secs(30) {
-                        return Err(why.clone());
-                    }
+                // asked again at most every MISS_RETRY
+                if let Some(why) = self.unknown_ids.get(id, Instant::now()) {
+                    return Err(why.to_string());
                 }
                 let sr = self.schema_registry.as_ref().expect("checked");
                 let fetched = sr.schema(id).and_then(|schema| {
@@ -525,7 +574,7 @@ impl Batcher {
                     Err(e) => {
                         let why = format!("schema id {id}: {e}");
                         tracing::warn!(reason = %why, "undecodable schema id");
-                        self.unknown_ids.insert(id, (Instant::now(), why.clone()));
+                        self.unknown_ids.insert(id, why.clone(), Instant::now());
                         Err(why)
                     }
                 }
@@ -615,5 +664,35 @@ fn place<'a>(
         event_id,
         symbol,
         event_time,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn schema_misses_expire_and_stay_bounded() {
+        let t0 = Instant::now();
+        let mut c = MissCache::new(3, Duration::from_secs(30));
+        c.insert(1, "gone".into(), t0);
+        assert_eq!(c.get(1, t0 + Duration::from_secs(29)), Some("gone"));
+        assert_eq!(c.get(1, t0 + Duration::from_secs(30)), None);
+        // full: the oldest is forgotten first
+        c.insert(2, "b".into(), t0 + Duration::from_secs(1));
+        c.insert(3, "c".into(), t0 + Duration::from_secs(2));
+        c.insert(4, "d".into(), t0 + Duration::from_secs(3));
+        assert_eq!(c.entries.len(), 3);
+        assert_eq!(c.get(1, t0 + Duration::from_secs(3)), None);
+        assert_eq!(c.get(4, t0 + Duration::from_secs(3)), Some("d"));
+        // expired entries go before live ones
+        c.insert(5, "e".into(), t0 + Duration::from_secs(32));
+        assert_eq!(c.entries.len(), 2);
+        // a flood of distinct ids never grows past the cap
+        for id in 100..10_000 {
+            c.insert(id, "x".into(), t0 + Duration::from_secs(40));
+        }
+        assert_eq!(c.entries.len(), 3);
     }
 }
