@@ -458,30 +458,26 @@ fn in_bitset(ens: &TreeEnsemble, node: &Node, cat: u32) -> bool {
     word < len as usize && (ens.cat_bits[start as usize + word] >> (cat % 32)) & 1 == 1
 }
 
+/// LightGBM's rule and arithmetic on the input rounded to `f32`.
 struct Sklearn;
 
 impl Flavor for Sklearn {
     type Acc = f64;
     fn from_f64(v: f64) -> f64 {
-        v
+        LightGbm::from_f64(v)
     }
     fn to_f64(a: f64) -> f64 {
-        a
+        LightGbm::to_f64(a)
     }
     #[inline(always)]
     fn add(a: &mut f64, leaf: f64) {
-        *a += leaf;
+        LightGbm::add(a, leaf)
     }
-
-    // the negated comparison is the point: it is true for NaN
-    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    /// sklearn's `X[i, f] <= threshold` on float32 `X`, NaN to `nan_left`.
     #[inline(always)]
     fn fast_left(node: &Node, x: f64) -> bool {
-        // sklearn's `X[i, f] <= threshold` on float32 X
-        let x = (x as f32) as f64;
-        select_unpredictable(node.nan_left, !(x > node.value), x <= node.value)
+        LightGbm::fast_left(node, (x as f32) as f64)
     }
-
     fn slow_left(_: &TreeEnsemble, node: &Node, x: f64) -> bool {
         Self::fast_left(node, x)
     }
