@@ -251,9 +251,14 @@ pub trait Model: Send + Sync {
     }
 }
 
-/// An error naming the first NaN (missing) feature of `batch`, for models
-/// registered with `missing: reject` that would otherwise take NaN silently.
-pub fn reject_nan(batch: &Batch<'_>, info: &ModelInfo) -> Result<(), ModelError> {
+/// Checks a batch against a model's registered features: the feature count,
+/// and, unless `allow_nan` (`missing: nan`), an error naming the first NaN
+/// (missing) feature, for models that would otherwise take NaN silently.
+pub fn check_input(batch: &Batch<'_>, info: &ModelInfo, allow_nan: bool) -> Result<(), ModelError> {
+    batch.expect_features(info.features.len())?;
+    if allow_nan {
+        return Ok(());
+    }
     match batch.data().iter().position(|v| v.is_nan()) {
         None => Ok(()),
         Some(i) => {

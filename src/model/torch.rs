@@ -138,10 +138,7 @@ impl Model for TorchModel {
     }
 
     fn predict_full(&self, batch: Batch<'_>) -> Result<Prediction, ModelError> {
-        batch.expect_features(self.info.features.len())?;
-        if !self.allow_nan {
-            super::reject_nan(&batch, &self.info)?;
-        }
+        super::check_input(&batch, &self.info, self.allow_nan)?;
         let rows = batch.n_rows();
         if rows == 0 {
             return Ok(Prediction {

@@ -112,10 +112,7 @@ impl Model for PickleModel {
     }
 
     fn predict_full(&self, batch: Batch<'_>) -> Result<Prediction, ModelError> {
-        batch.expect_features(self.info.features.len())?;
-        if !self.allow_nan {
-            super::reject_nan(&batch, &self.info)?;
-        }
+        super::check_input(&batch, &self.info, self.allow_nan)?;
         if self.steps.is_empty() {
             return self.inner.predict_full(batch);
         }
