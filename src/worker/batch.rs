@@ -13,8 +13,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
-use rdkafka::message::{BorrowedMessage, Headers, OwnedHeaders};
-use rdkafka::Message;
+use rdkafka::message::OwnedHeaders;
 
 use crate::config::MissingPolicy;
 use crate::events::{Codec, DecodeError, FeatureEvent, FeatureScan};
@@ -22,6 +21,7 @@ use crate::model::{Model, TaskType};
 use crate::registry::Registry;
 use crate::signal::SignalRule;
 use crate::worker::config::{BatchLimits, WorkerConfig};
+use crate::worker::fetch::Incoming;
 use crate::worker::metrics::Metrics;
 use crate::worker::offsets::Slot;
 use crate::worker::schema_registry::SchemaRegistry;
@@ -409,15 +409,15 @@ impl Batcher {
     }
 
     /// Adds one record read from `slot`.
-    pub fn add(&mut self, msg: &BorrowedMessage<'_>, slot: Slot, now: Instant) {
+    pub fn add(&mut self, msg: Incoming<'_>, slot: Slot, now: Instant) {
         let topic = match &self.last_topic {
-            Some(t) if **t == *msg.topic() => t.clone(),
+            Some(t) if **t == *msg.topic => t.clone(),
             _ => {
-                let t = match self.topics.get(msg.topic()) {
+                let t = match self.topics.get(msg.topic) {
                     Some(t) => t.clone(),
                     None => {
-                        let t: Arc<str> = Arc::from(msg.topic());
-                        self.topics.insert(msg.topic().to_string(), t.clone());
+                        let t: Arc<str> = Arc::from(msg.topic);
+                        self.topics.insert(msg.topic.to_string(), t.clone());
                         t
                     }
                 };
@@ -435,11 +435,9 @@ impl Batcher {
                 .and_then(|mut p| p.pop())
                 .unwrap_or_else(Chunk::new),
         };
-        let payload_bytes = msg.payload().unwrap_or(&[]);
-        let payload = chunk.push_bytes(payload_bytes);
-        let key = msg.key().map(|k| chunk.push_bytes(k));
-        let headers = msg.headers().filter(|h| h.count() > 0).map(|h| h.detach());
-        let kind = if msg.payload().is_none() {
+        let payload = chunk.push_bytes(msg.payload.unwrap_or(&[]));
+        let key = msg.key.map(|k| chunk.push_bytes(k));
+        let kind = if msg.payload.is_none() {
             self.tally.count(&topic, "");
             Kind::Dead {
                 stage: Stage::Decode,
@@ -451,12 +449,12 @@ impl Batcher {
         chunk.records.push(Record {
             slot,
             topic,
-            partition: msg.partition(),
-            offset: msg.offset(),
-            timestamp: msg.timestamp().to_millis(),
+            partition: msg.partition,
+            offset: msg.offset,
+            timestamp: msg.timestamp,
             payload,
             key,
-            headers,
+            headers: msg.headers,
             kind,
         });
         self.held += 1;

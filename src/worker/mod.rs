@@ -3,10 +3,12 @@
 //!
 //! - [`config`]: `config/worker.yaml`, parsed raw with unknown fields refused
 //!   and validated in one pass; errors name the file and the dotted field.
+//! - [`fetch`]: assigned partitions' records read in batches from one queue.
 //! - [`offsets`]: which input offsets may be committed (at-least-once).
 
 pub mod batch;
 pub mod config;
+pub mod fetch;
 pub mod metrics;
 pub mod offsets;
 pub mod publish;

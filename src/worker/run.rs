@@ -13,12 +13,13 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
-use rdkafka::{ClientConfig, ClientContext, Message, Offset, Statistics, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Offset, Statistics, TopicPartitionList};
 
 use crate::events::{Codec, SchemaIds, WireFormat};
 use crate::registry::Registry;
 use crate::worker::batch::{Batcher, Chunk};
 use crate::worker::config::{DeliveryMode, WorkerConfig};
+use crate::worker::fetch::{FetchQueue, Incoming, MAX_BURST};
 use crate::worker::metrics::Metrics;
 use crate::worker::offsets::{OffsetTracker, Slot, Slots};
 use crate::worker::publish::{inference_loop, Publisher};
@@ -66,6 +67,9 @@ struct Shared {
     publisher: Arc<Publisher>,
     /// Shutting down: revocations do not wait for a second drain.
     stopping: AtomicBool,
+    /// Where newly assigned partitions forward their records; taken out
+    /// before the consumer is dropped (the queue must not outlive it).
+    fetch: Mutex<Option<Arc<FetchQueue>>>,
 }
 
 impl Shared {
@@ -207,11 +211,25 @@ impl ClientContext for WorkerContext {
 
 impl ConsumerContext for WorkerContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(tpl) = rebalance else {
-            if let Rebalance::Error(e) = rebalance {
-                tracing::warn!(error = %e, "rebalance error");
+        let tpl = match rebalance {
+            Rebalance::Revoke(tpl) => tpl,
+            Rebalance::Assign(tpl) => {
+                // before librdkafka starts fetching them
+                if let Some(fetch) = self
+                    .shared
+                    .fetch
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                {
+                    fetch.attach(tpl);
+                }
+                return;
             }
-            return;
+            Rebalance::Error(e) => {
+                tracing::warn!(error = %e, "rebalance error");
+                return;
+            }
         };
         let s = &self.shared;
         let revoked: Vec<(String, i32, Option<Slot>)> = {
@@ -461,12 +479,15 @@ pub fn run(
         paused: AtomicBool::new(false),
         publisher: publisher.clone(),
         stopping: AtomicBool::new(false),
+        fetch: Mutex::new(None),
     });
     let consumer: BaseConsumer<WorkerContext> =
         consumer_cfg.create_with_context(WorkerContext {
             shared: shared.clone(),
         })?;
     let topics: Vec<&str> = cfg.input_topics.iter().map(String::as_str).collect();
+    let fetch = Arc::new(FetchQueue::new(&consumer));
+    *shared.fetch.lock().unwrap_or_else(|p| p.into_inner()) = Some(fetch.clone());
     consumer.subscribe(&topics)?;
     tracing::info!(brokers, group = %cfg.group_id, topics = ?cfg.input_topics, shards, metrics = %metrics_address, "worker started");
     on_start(Started {
@@ -494,37 +515,49 @@ pub fn run(
                 d.saturating_duration_since(now)
             })
             .min(Duration::from_millis(100));
-        let mut polled = 0;
-        let mut next = consumer.poll(wait);
-        let burst = Instant::now();
-        while let Some(result) = next {
-            match result {
-                Ok(msg) => {
-                    let slot = shared
-                        .slots
+        // the main queue first (rebalances, commit results, errors, and
+        // records fetched before their partition forwarded to `fetch`), then
+        // a burst of records from the fetch queue, waiting there when idle
+        let mut burst: Option<Instant> = None;
+        let mut add = |result: Result<Incoming<'_>, rdkafka::error::KafkaError>| match result {
+            Ok(msg) => {
+                let now = *burst.get_or_insert_with(Instant::now);
+                let slot = shared
+                    .slots
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .current_slot(msg.topic, msg.partition);
+                match slot {
+                    Some(slot) => shared
+                        .batcher
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .current_slot(msg.topic(), msg.partition());
-                    match slot {
-                        Some(slot) => shared
-                            .batcher
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .add(&msg, slot, burst),
-                        None => tracing::warn!(
-                            topic = msg.topic(),
-                            partition = msg.partition(),
-                            "record from a partition not assigned here; skipped (not committed)"
-                        ),
-                    }
+                        .add(msg, slot, now),
+                    None => tracing::warn!(
+                        topic = msg.topic,
+                        partition = msg.partition,
+                        "record from a partition not assigned here; skipped (not committed)"
+                    ),
                 }
-                Err(e) => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
+            }
+            Err(e) => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
+        };
+        let assigned = metrics.assigned.load(Ordering::Relaxed) > 0;
+        let mut polled = 0;
+        let mut next = consumer.poll(if assigned { Duration::ZERO } else { wait });
+        while let Some(result) = next {
+            match result {
+                Ok(m) => add(Ok(Incoming::from_message(&m))),
+                Err(e) => add(Err(e)),
             }
             polled += 1;
-            if polled >= 512 {
+            if polled >= MAX_BURST {
                 break;
             }
             next = consumer.poll(Duration::ZERO);
+        }
+        if assigned {
+            fetch.consume(if polled > 0 { Duration::ZERO } else { wait }, &mut add);
         }
         let now = Instant::now();
         let chunks = shared
@@ -588,6 +621,13 @@ pub fn run(
     }
     shared.stopping.store(true, Ordering::Relaxed);
     consumer.unsubscribe();
+    // the fetch queue goes before its client
+    shared
+        .fetch
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    drop(fetch);
     // close shard channels so the threads end
     drop(consumer);
     let shared = Arc::into_inner(shared);
