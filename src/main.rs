@@ -179,10 +179,24 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain_message(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes, `: `-joined, leaving out a cause whose text the
+/// message already ends with (many errors here name their cause themselves).
+fn chain_message(e: &anyhow::Error) -> String {
+    let mut message = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.ends_with(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+    }
+    message
 }
 
 fn init_logging(json: bool) {

@@ -411,6 +411,21 @@ fn bad_registry_files_name_file_model_and_field() {
 }
 
 #[test]
+fn a_missing_file_is_named_once_with_its_reason_once() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["models", "list", "--registry", "nope.yaml"][..],
+        &["run", "--config", "nope.yaml"][..],
+    ] {
+        let o = ml_worker(dir.path(), args);
+        let out = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{out}");
+        assert!(out.contains("nope.yaml: cannot read"), "{out}");
+        assert_eq!(out.matches("(os error 2)").count(), 1, "{out}");
+    }
+}
+
+#[test]
 fn wrong_csv_header_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let reg = registry_with(
