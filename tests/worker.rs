@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ml_worker::broker::{EmbeddedBroker, TopicSpec};
 use ml_worker::events::WireFormat;
@@ -855,6 +855,26 @@ fn slow_deliveries_pause_the_input_instead_of_piling_up_and_nothing_is_lost() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
     assert!(pauses >= 1, "never paused:\n{metrics}");
+    // the byte count returns to zero once everything went out (no leak that
+    // would pause the input for good)
+    let gauge = |m: &str, name: &str| -> Option<f64> {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    assert!(
+        gauge(&metrics, "ml_worker_in_flight_bytes ").is_some(),
+        "{metrics}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, m) = http_get(w.started.metrics_address, "/metrics");
+        if gauge(&m, "ml_worker_in_flight_bytes ") == Some(0.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bytes never drained:\n{m}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(w.stop().clean);
     assert_eq!(s.committed_total(4), n as i64);
 }

@@ -376,6 +376,11 @@ impl Batcher {
         self.held
     }
 
+    /// Bytes of the held records' values and keys.
+    pub fn held_bytes(&self) -> usize {
+        self.open.iter().flatten().map(|c| c.arena.len()).sum()
+    }
+
     fn route(&mut self, name: &str) -> Result<Arc<Route>, String> {
         if let Some(r) = &self.last_route {
             if r.name == name {

@@ -174,6 +174,10 @@ struct RawDelivery {
     /// Events read but not yet committed, at most (backpressure pauses partitions).
     #[serde(default = "default_in_flight")]
     max_in_flight: usize,
+    /// Bytes of input records read and not yet handed to the producer, at
+    /// most, in MiB (backpressure for big messages).
+    #[serde(default = "default_in_flight_mb")]
+    max_in_flight_mb: usize,
     /// How often stored offsets are committed.
     #[serde(default = "default_commit")]
     commit_interval_ms: u64,
@@ -187,6 +191,7 @@ impl Default for RawDelivery {
         RawDelivery {
             mode: default_mode(),
             max_in_flight: default_in_flight(),
+            max_in_flight_mb: default_in_flight_mb(),
             commit_interval_ms: default_commit(),
             shutdown_timeout_ms: default_shutdown(),
         }
@@ -195,6 +200,9 @@ impl Default for RawDelivery {
 
 fn default_mode() -> DeliveryMode {
     DeliveryMode::AtLeastOnce
+}
+fn default_in_flight_mb() -> usize {
+    256
 }
 fn default_in_flight() -> usize {
     100_000
@@ -266,6 +274,8 @@ pub struct WorkerConfig {
     pub inference_threads: usize,
     pub mode: DeliveryMode,
     pub max_in_flight: usize,
+    /// `delivery.max_in_flight_mb` in bytes.
+    pub max_in_flight_bytes: usize,
     pub commit_interval: Duration,
     pub shutdown_timeout: Duration,
     pub registry: PathBuf,
@@ -482,6 +492,15 @@ fn validate(
             ),
         ));
     }
+    if !(1..=65_536).contains(&raw.delivery.max_in_flight_mb) {
+        return Err(err(
+            "delivery.max_in_flight_mb",
+            format!(
+                "{} is not within 1..=65536 (MiB)",
+                raw.delivery.max_in_flight_mb
+            ),
+        ));
+    }
     if !(10..=60_000).contains(&raw.delivery.commit_interval_ms) {
         return Err(err(
             "delivery.commit_interval_ms",
@@ -528,6 +547,7 @@ fn validate(
         inference_threads,
         mode: raw.delivery.mode,
         max_in_flight: raw.delivery.max_in_flight,
+        max_in_flight_bytes: raw.delivery.max_in_flight_mb << 20,
         commit_interval: Duration::from_millis(raw.delivery.commit_interval_ms),
         shutdown_timeout: Duration::from_millis(raw.delivery.shutdown_timeout_ms),
         registry,

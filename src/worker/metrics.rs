@@ -94,6 +94,11 @@ const METRICS: &[(&str, &str, &str)] = &[
         "Events read but not yet fully acknowledged.",
     ),
     (
+        "ml_worker_in_flight_bytes",
+        "gauge",
+        "Bytes of input values and keys read and not yet handed to the producer.",
+    ),
+    (
         "ml_worker_paused",
         "gauge",
         "1 while input partitions are paused for backpressure.",
@@ -161,6 +166,7 @@ pub struct Metrics {
     /// Acks are counted on the producer's thread, without a lock.
     pub acked: AtomicU64,
     pub in_flight: AtomicUsize,
+    pub in_flight_bytes: AtomicUsize,
     pub paused: AtomicBool,
     pub assigned: AtomicUsize,
     pub models_loaded: AtomicBool,
@@ -265,6 +271,10 @@ impl Metrics {
         gauges.insert(
             ("ml_worker_in_flight_events", vec![]),
             self.in_flight.load(Ordering::Relaxed) as f64,
+        );
+        gauges.insert(
+            ("ml_worker_in_flight_bytes", vec![]),
+            self.in_flight_bytes.load(Ordering::Relaxed) as f64,
         );
         gauges.insert(
             ("ml_worker_paused", vec![]),

@@ -330,7 +330,8 @@ impl Publisher {
 
     /// Scores a chunk and publishes its outputs in input order.
     /// Returns the emptied chunk for reuse.
-    pub fn process(&self, mut chunk: Chunk, queued: &AtomicUsize) -> Chunk {
+    pub fn process(&self, mut chunk: Chunk, queued: &Queued) -> Chunk {
+        let arena_bytes = chunk.arena.len();
         // 1. inference, one call per model
         let mut results: Vec<Result<Prediction, String>> = Vec::with_capacity(chunk.groups.len());
         let mut latency_us = Vec::with_capacity(chunk.groups.len());
@@ -403,7 +404,9 @@ impl Publisher {
                 t.track(rec.slot, rec.offset, outputs);
             }
         }
-        queued.fetch_sub(chunk.records.len(), Ordering::Relaxed);
+        queued
+            .events
+            .fetch_sub(chunk.records.len(), Ordering::Relaxed);
         // 3. publish in input order
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -583,6 +586,7 @@ impl Publisher {
         self.metrics
             .merge_histogram("ml_worker_end_to_end_latency_seconds", &[], &e2e);
         chunk.records = records;
+        queued.bytes.fetch_sub(arena_bytes, Ordering::Relaxed);
         chunk.recycle();
         chunk
     }
@@ -689,13 +693,39 @@ fn side_name(s: crate::events::Side) -> &'static str {
     }
 }
 
+/// Records handed to inference shards and not yet through them: counted
+/// by the consumer thread when it dispatches a chunk, and by the shard when
+/// it is done with it.
+#[derive(Debug, Default)]
+pub struct Queued {
+    /// Records not yet tracked for acknowledgement.
+    pub events: AtomicUsize,
+    /// Bytes of their values and keys (the chunks' arenas), until the
+    /// chunk's outputs are handed to the producer.
+    pub bytes: AtomicUsize,
+}
+
+impl Queued {
+    pub fn add(&self, chunk: &Chunk) {
+        self.events
+            .fetch_add(chunk.records.len(), Ordering::Relaxed);
+        self.bytes.fetch_add(chunk.arena.len(), Ordering::Relaxed);
+    }
+
+    pub fn remove(&self, chunk: &Chunk) {
+        self.events
+            .fetch_sub(chunk.records.len(), Ordering::Relaxed);
+        self.bytes.fetch_sub(chunk.arena.len(), Ordering::Relaxed);
+    }
+}
+
 /// The body of an inference thread: scores chunks until the channel closes.
 /// A panic here (a bug) must not leave a shard silently dead: it sets
 /// `failed`, and the worker stops (its inputs stay uncommitted).
 pub fn inference_loop(
     publisher: Arc<Publisher>,
     rx: Receiver<Chunk>,
-    queued: Arc<AtomicUsize>,
+    queued: Arc<Queued>,
     pool: ChunkPool,
     failed: Arc<AtomicBool>,
 ) {

@@ -6,7 +6,7 @@
 //! its outputs keep input order), librdkafka's own threads, and the metrics
 //! endpoint.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,7 +22,7 @@ use crate::worker::config::{DeliveryMode, WorkerConfig};
 use crate::worker::fetch::{FetchQueue, Incoming, MAX_BURST};
 use crate::worker::metrics::Metrics;
 use crate::worker::offsets::{OffsetTracker, Slot, Slots};
-use crate::worker::publish::{inference_loop, Publisher};
+use crate::worker::publish::{inference_loop, Publisher, Queued};
 use crate::worker::schema_registry::SchemaRegistry;
 
 /// Why the worker could not start or stopped with an error.
@@ -59,7 +59,7 @@ struct Shared {
     slots: Mutex<Slots>,
     senders: Vec<Sender<Chunk>>,
     /// Records handed to shards and not yet tracked.
-    queued: Arc<AtomicUsize>,
+    queued: Arc<Queued>,
     metrics: Arc<Metrics>,
     mode: DeliveryMode,
     drain_timeout: Duration,
@@ -83,11 +83,10 @@ impl Shared {
                 self.commit_read(consumer, &chunk);
             }
             let shard = chunk.records[0].slot as usize % shards;
-            self.queued
-                .fetch_add(chunk.records.len(), Ordering::Relaxed);
+            self.queued.add(&chunk);
             if let Err(e) = self.senders[shard].send(chunk) {
                 // the shard is gone (only at exit): these inputs stay uncommitted
-                self.queued.fetch_sub(e.0.records.len(), Ordering::Relaxed);
+                self.queued.remove(&e.0);
                 tracing::error!("inference shard {shard} stopped; batch left uncommitted");
             }
         }
@@ -182,7 +181,13 @@ impl Shared {
             .unwrap_or_else(|p| p.into_inner())
             .in_flight();
         let held = self.batcher.lock().map(|b| b.held()).unwrap_or(0);
-        tracked + self.queued.load(Ordering::Relaxed) + held
+        tracked + self.queued.events.load(Ordering::Relaxed) + held
+    }
+
+    /// Bytes of input values and keys read and not yet handed to the producer.
+    fn in_flight_bytes(&self) -> usize {
+        let held = self.batcher.lock().map(|b| b.held_bytes()).unwrap_or(0);
+        self.queued.bytes.load(Ordering::Relaxed) + held
     }
 }
 
@@ -264,7 +269,7 @@ impl ConsumerContext for WorkerContext {
         };
         let drained = s.wait_until(deadline, || {
             s.publisher.send_retries();
-            s.queued.load(Ordering::Relaxed) == 0 && {
+            s.queued.events.load(Ordering::Relaxed) == 0 && {
                 let t = s.tracker.lock().unwrap_or_else(|p| p.into_inner());
                 revoked
                     .iter()
@@ -438,7 +443,7 @@ pub fn run(
     )?);
 
     let shards = cfg.inference_threads;
-    let queued = Arc::new(AtomicUsize::new(0));
+    let queued = Arc::new(Queued::default());
     let pool: crate::worker::batch::ChunkPool = Arc::default();
     let failed = Arc::new(AtomicBool::new(false));
     let mut senders = Vec::new();
@@ -497,7 +502,6 @@ pub fn run(
 
     let mut last_commit = Instant::now();
     let mut last_tick = Instant::now();
-    let resume_below = cfg.max_in_flight / 2;
     while !stop.load(Ordering::Relaxed) {
         if failed.load(Ordering::Relaxed) || publisher.fatal() {
             tracing::error!(
@@ -571,12 +575,12 @@ pub fn run(
             last_tick = now;
             publisher.send_retries();
             let in_flight = shared.in_flight();
+            let bytes = shared.in_flight_bytes();
             metrics.in_flight.store(in_flight, Ordering::Relaxed);
+            metrics.in_flight_bytes.store(bytes, Ordering::Relaxed);
             let paused = shared.paused.load(Ordering::Relaxed);
-            if !paused && in_flight >= cfg.max_in_flight {
-                set_paused(&consumer, &shared, true, in_flight);
-            } else if paused && in_flight <= resume_below {
-                set_paused(&consumer, &shared, false, in_flight);
+            if let Some(pause) = backpressure(paused, in_flight, bytes, &cfg) {
+                set_paused(&consumer, &shared, pause, in_flight, bytes);
             }
         }
         if now.duration_since(last_commit) >= cfg.commit_interval {
@@ -652,11 +656,25 @@ pub fn run(
     Ok(summary)
 }
 
+/// Whether to pause (`Some(true)`) or resume (`Some(false)`) the input:
+/// pause at `max_in_flight` events or `max_in_flight_mb` of input bytes,
+/// resume once both are down to half.
+fn backpressure(paused: bool, events: usize, bytes: usize, cfg: &WorkerConfig) -> Option<bool> {
+    let over = events >= cfg.max_in_flight || bytes >= cfg.max_in_flight_bytes;
+    let under = events <= cfg.max_in_flight / 2 && bytes <= cfg.max_in_flight_bytes / 2;
+    match paused {
+        false if over => Some(true),
+        true if under => Some(false),
+        _ => None,
+    }
+}
+
 fn set_paused(
     consumer: &BaseConsumer<WorkerContext>,
     shared: &Shared,
     pause: bool,
     in_flight: usize,
+    bytes: usize,
 ) {
     let Ok(assignment) = consumer.assignment() else {
         return;
@@ -675,7 +693,7 @@ fn set_paused(
             }
             shared.paused.store(pause, Ordering::Relaxed);
             shared.metrics.paused.store(pause, Ordering::Relaxed);
-            tracing::info!(in_flight, paused = pause, "backpressure");
+            tracing::info!(in_flight, bytes, paused = pause, "backpressure");
         }
         Err(e) => tracing::warn!(error = %e, "pause/resume failed"),
     }
@@ -686,5 +704,42 @@ struct StopOnDrop(Arc<AtomicBool>);
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backpressure_pauses_on_events_or_bytes_and_resumes_when_both_are_at_half() {
+        let shipped = include_str!("../../config/worker.yaml");
+        let yaml = shipped.replace(
+            "max_in_flight: 100000",
+            "max_in_flight: 1000\n  max_in_flight_mb: 2",
+        );
+        assert_ne!(yaml, shipped);
+        let mut cfg = crate::worker::config::parse_worker_config(
+            &yaml,
+            std::path::Path::new("config/worker.yaml"),
+            &crate::worker::config::Overrides::default(),
+        )
+        .unwrap();
+        let mb = 1 << 20;
+        assert_eq!(cfg.max_in_flight_bytes, 2 * mb);
+        // running: pause on either limit
+        assert_eq!(backpressure(false, 999, 2 * mb - 1, &cfg), None);
+        assert_eq!(backpressure(false, 1000, 0, &cfg), Some(true));
+        assert_eq!(
+            backpressure(false, 1, 2 * mb, &cfg),
+            Some(true),
+            "a few huge records"
+        );
+        // paused: resume only when both are at half
+        assert_eq!(backpressure(true, 500, mb + 1, &cfg), None);
+        assert_eq!(backpressure(true, 501, mb, &cfg), None);
+        assert_eq!(backpressure(true, 500, mb, &cfg), Some(false));
+        cfg.max_in_flight = 10;
+        assert_eq!(backpressure(true, 6, 0, &cfg), None);
     }
 }
