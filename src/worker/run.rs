@@ -714,10 +714,9 @@ mod tests {
     #[test]
     fn backpressure_pauses_on_events_or_bytes_and_resumes_when_both_are_at_half() {
         let shipped = include_str!("../../config/worker.yaml");
-        let yaml = shipped.replace(
-            "max_in_flight: 100000",
-            "max_in_flight: 1000\n  max_in_flight_mb: 2",
-        );
+        let yaml = shipped
+            .replace("max_in_flight: 100000", "max_in_flight: 1000")
+            .replace("max_in_flight_mb: 256", "max_in_flight_mb: 2");
         assert_ne!(yaml, shipped);
         let mut cfg = crate::worker::config::parse_worker_config(
             &yaml,
