@@ -880,6 +880,51 @@ fn slow_deliveries_pause_the_input_instead_of_piling_up_and_nothing_is_lost() {
 }
 
 #[test]
+fn at_most_once_serves_nothing_whose_offsets_could_not_be_committed() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let s = Setup::new(2);
+    let yaml = s.yaml("avro-raw", "").replace(
+        "delivery: {commit_interval_ms: 100",
+        "delivery: {mode: \"at-most-once\", commit_interval_ms: 100",
+    );
+    let cfg = s.config_from(&yaml);
+    let n = 500;
+    produce_in_background(&s, "q", 0, n, 50_000.0)
+        .join()
+        .unwrap();
+    // the first batch's commit fails on every try
+    s.broker.cluster().request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 3],
+    );
+    let w = start(cfg);
+    // later commits cover everything read
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s.committed_total(2) < n as i64 {
+        assert!(Instant::now() < deadline, "offsets never committed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, metrics) = http_get(w.started.metrics_address, "/metrics");
+    let skipped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ml_worker_at_most_once_skipped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(skipped >= 1 && skipped < n, "skipped {skipped}:\n{metrics}");
+    let mut reader = s.reader(WireFormat::AvroRaw);
+    reader.read(Duration::from_secs(30), |seen| {
+        seen.by_id.len() as u64 + skipped >= n
+    });
+    assert_eq!(
+        reader.seen.by_id.len() as u64 + skipped,
+        n,
+        "served + skipped"
+    );
+    assert_eq!(reader.seen.duplicates, 0);
+    assert!(w.stop().clean);
+}
+
+#[test]
 fn at_most_once_commits_before_publishing_and_still_serves_every_event() {
     let s = Setup::new(2);
     let yaml = s.yaml("avro-raw", "").replace(

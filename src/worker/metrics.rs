@@ -69,6 +69,11 @@ const METRICS: &[(&str, &str, &str)] = &[
         "Offset commits, by result.",
     ),
     (
+        "ml_worker_at_most_once_skipped_total",
+        "counter",
+        "At-most-once: events read but not served because their offsets could not be committed first.",
+    ),
+    (
         "ml_worker_backpressure_pauses_total",
         "counter",
         "Times the input partitions were paused because too many events were in flight.",

@@ -6,6 +6,7 @@
 //! its outputs keep input order), librdkafka's own threads, and the metrics
 //! endpoint.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
@@ -79,8 +80,17 @@ impl Shared {
             if chunk.records.is_empty() {
                 continue;
             }
-            if self.mode == DeliveryMode::AtMostOnce {
-                self.commit_read(consumer, &chunk);
+            if self.mode == DeliveryMode::AtMostOnce && !self.commit_read(consumer, &chunk) {
+                // served now, they could be served again by whoever reads
+                // from the last commit: at most once means not at all
+                let n = chunk.records.len();
+                tracing::error!(
+                    events = n,
+                    "at-most-once: offsets could not be committed; these events are not served"
+                );
+                self.metrics
+                    .add("ml_worker_at_most_once_skipped_total", &[], n as u64);
+                continue;
             }
             let shard = chunk.records[0].slot as usize % shards;
             self.queued.add(&chunk);
@@ -92,15 +102,30 @@ impl Shared {
         }
     }
 
-    /// At-most-once: the chunk's offsets are committed before any output.
-    fn commit_read(&self, consumer: &BaseConsumer<WorkerContext>, chunk: &Chunk) {
-        let mut tpl = TopicPartitionList::new();
+    /// At-most-once: the chunk's offsets are committed before any output
+    /// (a few tries). Returns whether they were.
+    fn commit_read(&self, consumer: &BaseConsumer<WorkerContext>, chunk: &Chunk) -> bool {
+        let mut next: HashMap<(&str, i32), i64> = HashMap::new();
         for r in &chunk.records {
-            let _ = tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.offset + 1));
+            let o = next.entry((&r.topic, r.partition)).or_insert(0);
+            *o = (*o).max(r.offset + 1);
         }
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-            tracing::warn!(error = %e, "at-most-once commit failed");
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in next {
+            let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(offset));
         }
+        for attempt in 1..=3 {
+            let r = consumer.commit(&tpl, CommitMode::Sync);
+            self.count_commit(&r);
+            match r {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, "at-most-once commit failed");
+                    std::thread::sleep(Duration::from_millis(50 * attempt));
+                }
+            }
+        }
+        false
     }
 
     /// A commit failed: its offsets are handed out again next time.
