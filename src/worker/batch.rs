@@ -24,7 +24,7 @@ use crate::worker::config::{BatchLimits, WorkerConfig};
 use crate::worker::fetch::Incoming;
 use crate::worker::metrics::Metrics;
 use crate::worker::offsets::Slot;
-use crate::worker::schema_registry::SchemaRegistry;
+use crate::worker::schema_registry::{LookupError, SchemaRegistry};
 
 /// Where an event was refused (the `error.stage` header of a dead letter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -567,7 +567,7 @@ impl Batcher {
                 let fetched = sr.schema(id).and_then(|schema| {
                     self.codec
                         .register_feature_writer(id, &schema)
-                        .map_err(|e| e.to_string())
+                        .map_err(|e| LookupError::Refused(e.to_string()))
                 });
                 match fetched {
                     Ok(()) => {
@@ -577,7 +577,11 @@ impl Batcher {
                     Err(e) => {
                         let why = format!("schema id {id}: {e}");
                         tracing::warn!(reason = %why, "undecodable schema id");
-                        self.unknown_ids.insert(id, why.clone(), Instant::now());
+                        // an answer is remembered for the id; an outage is
+                        // remembered by the client, for every id
+                        if matches!(e, LookupError::Refused(_)) {
+                            self.unknown_ids.insert(id, why.clone(), Instant::now());
+                        }
                         Err(why)
                     }
                 }
