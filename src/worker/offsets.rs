@@ -38,11 +38,11 @@ pub fn unpack(v: usize) -> (Slot, i64) {
 
 #[derive(Debug)]
 struct Partition {
-    /// offset of `counts[0]`
-    base: i64,
-    /// outputs still unacknowledged, per offset from `base` (0: done or gap);
-    /// the front is never 0
-    counts: VecDeque<u32>,
+    /// `(offset, outputs still unacknowledged)` of the events waiting,
+    /// by increasing offset; the front's count is never 0. Only events are
+    /// stored, not the offsets between them, so gaps (compaction,
+    /// transaction markers) cost nothing.
+    waiting: VecDeque<(i64, u32)>,
     /// one past the highest offset tracked (or the first offset to expect)
     next: i64,
     /// last offset handed out for commit
@@ -56,8 +56,7 @@ struct Partition {
 impl Partition {
     fn new(active: bool) -> Partition {
         Partition {
-            base: 0,
-            counts: VecDeque::new(),
+            waiting: VecDeque::new(),
             next: 0,
             committed: None,
             pending: 0,
@@ -66,17 +65,29 @@ impl Partition {
     }
 
     fn committable(&self) -> Option<i64> {
-        if self.counts.is_empty() {
-            (self.next > 0 || self.committed.is_some()).then_some(self.next)
-        } else {
-            Some(self.base)
+        match self.waiting.front() {
+            Some(&(offset, _)) => Some(offset),
+            None => (self.next > 0 || self.committed.is_some()).then_some(self.next),
         }
     }
 
+    /// Where `offset` is in `waiting` (found) or would go (not found).
+    fn find(&self, offset: i64) -> Result<usize, usize> {
+        // acknowledgements come mostly in order and offsets mostly without
+        // gaps: try the dense position first
+        if let Some(&(front, _)) = self.waiting.front() {
+            if let Ok(i) = usize::try_from(offset - front) {
+                if self.waiting.get(i).is_some_and(|e| e.0 == offset) {
+                    return Ok(i);
+                }
+            }
+        }
+        self.waiting.binary_search_by_key(&offset, |e| e.0)
+    }
+
     fn pop_done(&mut self) {
-        while self.counts.front() == Some(&0) {
-            self.counts.pop_front();
-            self.base += 1;
+        while self.waiting.front().is_some_and(|e| e.1 == 0) {
+            self.waiting.pop_front();
         }
     }
 }
@@ -101,28 +112,28 @@ impl OffsetTracker {
             .partitions
             .entry(slot)
             .or_insert_with(|| Partition::new(false));
-        if p.counts.is_empty() {
-            p.base = offset;
+        p.next = p.next.max(offset + 1);
+        if outputs == 0 {
+            return;
         }
-        if offset < p.base {
-            // out of order (not expected): widen the window to the front
-            for _ in offset..p.base {
-                p.counts.push_front(0);
+        if p.waiting.back().is_none_or(|e| e.0 < offset) {
+            p.waiting.push_back((offset, outputs));
+            p.pending += 1;
+            return;
+        }
+        // tracked again, or out of order (not expected)
+        match p.find(offset) {
+            Ok(i) => {
+                if p.waiting[i].1 == 0 {
+                    p.pending += 1;
+                }
+                p.waiting[i].1 += outputs;
             }
-            p.base = offset;
-        }
-        let i = (offset - p.base) as usize;
-        while p.counts.len() <= i {
-            p.counts.push_back(0);
-        }
-        if outputs > 0 {
-            if p.counts[i] == 0 {
+            Err(i) => {
+                p.waiting.insert(i, (offset, outputs));
                 p.pending += 1;
             }
-            p.counts[i] += outputs;
         }
-        p.next = p.next.max(offset + 1);
-        p.pop_done();
     }
 
     /// One output of the event at `offset` was acknowledged. Returns false
@@ -131,12 +142,10 @@ impl OffsetTracker {
         let Some(p) = self.partitions.get_mut(&slot) else {
             return false;
         };
-        if offset < p.base {
-            return false;
-        }
-        let Some(n) = p.counts.get_mut((offset - p.base) as usize) else {
+        let Ok(i) = p.find(offset) else {
             return false;
         };
+        let n = &mut p.waiting[i].1;
         if *n == 0 {
             return false;
         }
@@ -299,6 +308,57 @@ mod tests {
         assert_eq!(t.take_committable(), vec![(3, 105)]);
         t.ack(3, 105);
         assert_eq!(t.take_committable(), vec![(3, 106)]);
+    }
+
+    #[test]
+    fn a_huge_gap_costs_nothing_and_acks_find_their_event_after_it() {
+        let mut t = OffsetTracker::default();
+        t.assign(1);
+        t.track(1, 5, 1);
+        // a compacted topic: the next record is 10^12 offsets later
+        let far = 1_000_000_000_005;
+        for o in far..far + 1000 {
+            t.track(1, o, 2);
+        }
+        assert_eq!(t.partitions[&1].waiting.len(), 1001, "events, not offsets");
+        assert_eq!(t.take_committable(), vec![(1, 5)]);
+        // acks out of order, across the gap
+        for o in (far..far + 1000).rev() {
+            assert!(t.ack(1, o));
+        }
+        assert!(t.ack(1, 5));
+        assert_eq!(
+            t.take_committable(),
+            vec![(1, far)],
+            "the far events still wait"
+        );
+        for o in (far..far + 1000).step_by(7) {
+            assert!(t.ack(1, o));
+        }
+        assert!(!t.ack(1, far), "already done");
+        assert!(!t.ack(1, far - 1), "never read");
+        for o in far..far + 1000 {
+            if (o - far) % 7 != 0 {
+                assert!(t.ack(1, o));
+            }
+        }
+        assert_eq!(t.take_committable(), vec![(1, far + 1000)]);
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn an_event_tracked_out_of_order_still_holds_the_commit() {
+        let mut t = OffsetTracker::default();
+        t.assign(0);
+        t.track(0, 10, 1);
+        t.track(0, 20, 1);
+        t.track(0, 15, 1); // not expected, but kept in place
+        t.ack(0, 10);
+        assert_eq!(t.take_committable(), vec![(0, 15)]);
+        t.ack(0, 20);
+        assert!(t.take_committable().is_empty(), "15 still waits");
+        t.ack(0, 15);
+        assert_eq!(t.take_committable(), vec![(0, 21)]);
     }
 
     #[test]
