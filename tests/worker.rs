@@ -816,6 +816,13 @@ fn avro_with_a_schema_registry_reads_shipped_and_evolved_writers_and_registers_o
     assert!(w.stop().clean);
 }
 
+/// The value of an unlabelled metric in a `/metrics` page.
+fn metric(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 #[test]
 fn slow_deliveries_pause_the_input_instead_of_piling_up_and_nothing_is_lost() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
@@ -849,27 +856,18 @@ fn slow_deliveries_pause_the_input_instead_of_piling_up_and_nothing_is_lost() {
     let missing = missing_ids(&reader.seen, "p", n);
     assert!(missing.is_empty(), "{} lost", missing.len());
     let (_, metrics) = http_get(w.started.metrics_address, "/metrics");
-    let pauses: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("ml_worker_backpressure_pauses_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    assert!(pauses >= 1, "never paused:\n{metrics}");
+    let pauses = metric(&metrics, "ml_worker_backpressure_pauses_total").unwrap_or(0.0);
+    assert!(pauses >= 1.0, "never paused:\n{metrics}");
     // the byte count returns to zero once everything went out (no leak that
     // would pause the input for good)
-    let gauge = |m: &str, name: &str| -> Option<f64> {
-        m.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse().ok())
-    };
     assert!(
-        gauge(&metrics, "ml_worker_in_flight_bytes ").is_some(),
+        metric(&metrics, "ml_worker_in_flight_bytes").is_some(),
         "{metrics}"
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (_, m) = http_get(w.started.metrics_address, "/metrics");
-        if gauge(&m, "ml_worker_in_flight_bytes ") == Some(0.0) {
+        if metric(&m, "ml_worker_in_flight_bytes") == Some(0.0) {
             break;
         }
         assert!(Instant::now() < deadline, "bytes never drained:\n{m}");
@@ -905,11 +903,7 @@ fn at_most_once_serves_nothing_whose_offsets_could_not_be_committed() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let (_, metrics) = http_get(w.started.metrics_address, "/metrics");
-    let skipped: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("ml_worker_at_most_once_skipped_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
+    let skipped = metric(&metrics, "ml_worker_at_most_once_skipped_total").unwrap_or(0.0) as u64;
     assert!(skipped >= 1 && skipped < n, "skipped {skipped}:\n{metrics}");
     let mut reader = s.reader(WireFormat::AvroRaw);
     reader.read(Duration::from_secs(30), |seen| {
