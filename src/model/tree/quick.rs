@@ -131,10 +131,12 @@ impl QuickScorer {
             leaf_values,
             group: ens.trees.iter().map(|t| t.group).collect(),
         };
+        // one pass: `placed` is sorted by feature
+        let mut at = 0;
         for f in 0..nf {
             let start = q.thresholds.len() as u32;
             let nan_start = q.nan_tree_of.len() as u32;
-            for p in placed.iter().filter(|p| p.feature as usize == f) {
+            while let Some(p) = placed.get(at).filter(|p| p.feature as usize == f) {
                 q.thresholds.push(p.threshold);
                 q.tree_of.push(p.tree);
                 q.mask.push(p.mask);
@@ -142,11 +144,12 @@ impl QuickScorer {
                     q.nan_tree_of.push(p.tree);
                     q.nan_mask.push(p.mask);
                 }
+                at += 1;
             }
             q.by_feature[f] = (start, q.thresholds.len() as u32);
             q.nan_by_feature[f] = (nan_start, q.nan_tree_of.len() as u32);
         }
-        if q.thresholds.len() != placed.len() {
+        if at != placed.len() {
             return None; // a split on a feature the model does not have
         }
         Some(q)
