@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -68,9 +68,10 @@ struct Shared {
     publisher: Arc<Publisher>,
     /// Shutting down: revocations do not wait for a second drain.
     stopping: AtomicBool,
-    /// Where newly assigned partitions forward their records; taken out
-    /// before the consumer is dropped (the queue must not outlive it).
-    fetch: Mutex<Option<Arc<FetchQueue>>>,
+    /// Where newly assigned partitions forward their records. Weak: the
+    /// run loop holds the queue and drops it before the consumer, on every
+    /// path (the queue must not outlive its client).
+    fetch: OnceLock<Weak<FetchQueue>>,
 }
 
 impl Shared {
@@ -245,13 +246,7 @@ impl ConsumerContext for WorkerContext {
             Rebalance::Revoke(tpl) => tpl,
             Rebalance::Assign(tpl) => {
                 // before librdkafka starts fetching them
-                if let Some(fetch) = self
-                    .shared
-                    .fetch
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .as_ref()
-                {
+                if let Some(fetch) = self.shared.fetch.get().and_then(Weak::upgrade) {
                     fetch.attach(tpl);
                 }
                 return;
@@ -509,15 +504,16 @@ pub fn run(
         paused: AtomicBool::new(false),
         publisher: publisher.clone(),
         stopping: AtomicBool::new(false),
-        fetch: Mutex::new(None),
+        fetch: OnceLock::new(),
     });
     let consumer: BaseConsumer<WorkerContext> =
         consumer_cfg.create_with_context(WorkerContext {
             shared: shared.clone(),
         })?;
     let topics: Vec<&str> = cfg.input_topics.iter().map(String::as_str).collect();
+    // declared after the consumer: dropped before it on every return path
     let fetch = Arc::new(FetchQueue::new(&consumer));
-    *shared.fetch.lock().unwrap_or_else(|p| p.into_inner()) = Some(fetch.clone());
+    let _ = shared.fetch.set(Arc::downgrade(&fetch));
     consumer.subscribe(&topics)?;
     tracing::info!(brokers, group = %cfg.group_id, topics = ?cfg.input_topics, shards, metrics = %metrics_address, "worker started");
     on_start(Started {
@@ -651,11 +647,6 @@ pub fn run(
     shared.stopping.store(true, Ordering::Relaxed);
     consumer.unsubscribe();
     // the fetch queue goes before its client
-    shared
-        .fetch
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .take();
     drop(fetch);
     // close shard channels so the threads end
     drop(consumer);
