@@ -6,25 +6,14 @@
 //! does the same in Python torch (same model, rows and thread count);
 //! `make bench-models` runs both and prints the ratio.
 
+mod common;
+
 use std::path::Path;
 
-use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, Criterion};
 use ml_worker::config::load_registry_file;
 use ml_worker::model::Batch;
 use ml_worker::registry::{Registry, RegistryOptions};
-
-/// The xorshift stream of benches/tree_eval.rs, without missing values.
-fn rows(n: usize, nf: usize) -> Vec<f64> {
-    let mut state = 0x9e3779b97f4a7c15u64;
-    (0..n * nf)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 0.2
-        })
-        .collect()
-}
 
 fn bench(c: &mut Criterion) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -37,22 +26,10 @@ fn bench(c: &mut Criterion) {
     let model = reg.get("wine_mlp").expect("wine_mlp loads").model;
     let nf = model.info().features.len();
     let mut g = c.benchmark_group("torch_wine_mlp");
-    const POOL: usize = 10_000;
-    let pool = rows(POOL, nf);
-    for batch in [1usize, 1000] {
-        g.throughput(Throughput::Elements(batch as u64));
-        g.bench_function(BenchmarkId::new("native", batch), |b| {
-            let mut at = 0;
-            b.iter(|| {
-                if at + batch > POOL {
-                    at = 0;
-                }
-                let data = &pool[at * nf..(at + batch) * nf];
-                at += batch;
-                black_box(model.predict_full(Batch::new(black_box(data), nf).unwrap()))
-            })
-        });
-    }
+    let pool = common::rows(common::POOL, nf, false);
+    common::bench_batches(&mut g, &pool, nf, &[1, 1000], |data, _| {
+        model.predict_full(Batch::new(data, nf).unwrap())
+    });
     g.finish();
 }
 

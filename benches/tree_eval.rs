@@ -5,31 +5,12 @@
 //! LightGBM's own `Booster.predict` (one thread) on the same model and rows;
 //! `make bench-models` runs both and prints the ratio.
 
+mod common;
+
 use std::path::Path;
 
-use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, Criterion};
 use ml_worker::model::lightgbm;
-
-/// Deterministic rows in roughly the training range (standardised diabetes
-/// features), with about 5% missing values.
-fn rows(n: usize, nf: usize) -> Vec<f64> {
-    let mut state = 0x9e3779b97f4a7c15u64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 11) as f64 / (1u64 << 53) as f64
-    };
-    (0..n * nf)
-        .map(|_| {
-            if next() < 0.05 {
-                f64::NAN
-            } else {
-                (next() - 0.5) * 0.2
-            }
-        })
-        .collect()
-}
 
 fn bench(c: &mut Criterion) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/diabetes_lgbm.txt");
@@ -39,22 +20,10 @@ fn bench(c: &mut Criterion) {
     let ens = parsed.ensemble;
     let nf = ens.n_features;
     let mut g = c.benchmark_group(format!("lightgbm_{}_trees", ens.n_trees()));
-    const POOL: usize = 10_000;
-    let pool = rows(POOL, nf);
-    for batch in [1usize, 100, 10_000] {
-        g.throughput(Throughput::Elements(batch as u64));
-        g.bench_function(BenchmarkId::new("native", batch), |b| {
-            let mut at = 0;
-            b.iter(|| {
-                if at + batch > POOL {
-                    at = 0;
-                }
-                let data = &pool[at * nf..(at + batch) * nf];
-                at += batch;
-                black_box(ens.transformed(black_box(data), batch))
-            })
-        });
-    }
+    let pool = common::rows(common::POOL, nf, true);
+    common::bench_batches(&mut g, &pool, nf, &[1, 100, 10_000], |data, n| {
+        ens.transformed(data, n)
+    });
     g.finish();
 }
 

@@ -504,7 +504,7 @@ impl Flavor for Sklearn {
     }
     #[inline(always)]
     fn quick_right(threshold: f64, x: f64) -> bool {
-        threshold < x
+        LightGbm::quick_right(threshold, x)
     }
     fn from_f64(v: f64) -> f64 {
         LightGbm::from_f64(v)
