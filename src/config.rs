@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -16,6 +17,25 @@ use crate::signal::SignalRule;
 struct RawRegistry {
     /// The registered models.
     models: Vec<RawModel>,
+    /// Limits for every model (each has a documented default).
+    #[serde(default)]
+    limits: Option<RawLimits>,
+}
+
+/// `limits:` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    /// Largest model file, in MiB (default 1024); a larger file is refused
+    /// from its size, without being read.
+    #[serde(default)]
+    max_model_mb: Option<u64>,
+    /// Default deadline of a model's load, including its warm-up (ms).
+    #[serde(default)]
+    load_timeout_ms: Option<u64>,
+    /// Default deadline of one inference call (ms).
+    #[serde(default)]
+    inference_timeout_ms: Option<u64>,
 }
 
 /// One entry of `models:` as written.
@@ -64,6 +84,49 @@ struct RawModel {
     /// xgboost, `reject` otherwise.
     #[serde(default)]
     missing: Option<MissingPolicy>,
+    /// This model's load deadline, including its warm-up (ms); default
+    /// `limits.load_timeout_ms`.
+    #[serde(default)]
+    load_timeout_ms: Option<u64>,
+    /// This model's deadline for one inference call (ms); default
+    /// `limits.inference_timeout_ms`.
+    #[serde(default)]
+    inference_timeout_ms: Option<u64>,
+}
+
+/// What one model may cost: file size and time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ModelLimits {
+    /// Largest model file, in bytes.
+    pub max_bytes: u64,
+    /// A load (read, verify, parse, warm-up) that takes longer is refused.
+    pub load_timeout: Duration,
+    /// An inference call that takes longer fails its rows and marks the
+    /// model unhealthy.
+    pub inference_timeout: Duration,
+}
+
+/// Default `limits.load_timeout_ms`.
+pub const DEFAULT_LOAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default `limits.inference_timeout_ms`.
+pub const DEFAULT_INFERENCE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest deadline either timeout may be set to (one hour).
+const MAX_TIMEOUT_MS: u64 = 3_600_000;
+/// Largest `limits.max_model_mb` (64 GiB).
+const MAX_MODEL_MB: u64 = 65_536;
+/// Most features a model may list.
+pub const MAX_FEATURES: usize = 1_000_000;
+/// Largest registry file read (16 MiB).
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+impl Default for ModelLimits {
+    fn default() -> Self {
+        ModelLimits {
+            max_bytes: crate::checksum::DEFAULT_MAX_MODEL_BYTES,
+            load_timeout: DEFAULT_LOAD_TIMEOUT,
+            inference_timeout: DEFAULT_INFERENCE_TIMEOUT,
+        }
+    }
 }
 
 /// How absent or NaN features are treated by the streaming worker.
@@ -240,6 +303,7 @@ pub struct ModelSpec {
     pub torch: TorchOptions,
     pub signal: Option<SignalRule>,
     pub missing: MissingPolicy,
+    pub limits: ModelLimits,
 }
 
 /// A registry file problem, with the file, the model and the field.
@@ -272,12 +336,29 @@ pub enum ConfigError {
 
 /// Reads and validates a registry file.
 pub fn load_registry_file(file: &Path) -> Result<Vec<ModelSpec>, ConfigError> {
-    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
-        file: file.to_path_buf(),
-        source,
-    })?;
+    let text = read_config_file(file)?;
     let base = file.parent().unwrap_or(Path::new("."));
     parse_registry(&text, file, base)
+}
+
+/// Reads a configuration file: a regular file of at most
+/// [`MAX_CONFIG_BYTES`], UTF-8.
+pub fn read_config_file(file: &Path) -> Result<String, ConfigError> {
+    let read = |source: std::io::Error| ConfigError::Read {
+        file: file.to_path_buf(),
+        source,
+    };
+    let (bytes, _) =
+        crate::checksum::read_and_hash(file, MAX_CONFIG_BYTES).map_err(|e| match e {
+            crate::checksum::FileError::Io(e) | crate::checksum::FileError::Missing(e) => read(e),
+            other => read(std::io::Error::other(other.to_string())),
+        })?;
+    String::from_utf8(bytes).map_err(|_| {
+        read(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not UTF-8 text",
+        ))
+    })
 }
 
 /// Parses and validates registry YAML; `base` resolves relative model paths.
@@ -296,6 +377,7 @@ fn validate(raw: RawRegistry, file: &Path, base: &Path) -> Result<Vec<ModelSpec>
             message: "'models' is empty: register at least one model".into(),
         });
     }
+    let defaults = registry_limits(raw.limits.unwrap_or_default(), file)?;
     let mut seen = HashSet::new();
     let mut specs = Vec::with_capacity(raw.models.len());
     for (i, m) in raw.models.into_iter().enumerate() {
@@ -353,6 +435,15 @@ fn validate(raw: RawRegistry, file: &Path, base: &Path) -> Result<Vec<ModelSpec>
         if m.features.is_empty() {
             return Err(field("features", "must list at least one feature".into()));
         }
+        if m.features.len() > MAX_FEATURES {
+            return Err(field(
+                "features",
+                format!(
+                    "lists {} features; at most {MAX_FEATURES} are supported",
+                    m.features.len()
+                ),
+            ));
+        }
         let mut fseen = HashSet::new();
         for f in &m.features {
             if f.trim().is_empty() {
@@ -409,6 +500,23 @@ fn validate(raw: RawRegistry, file: &Path, base: &Path) -> Result<Vec<ModelSpec>
         } else {
             TorchOptions::default()
         };
+        let timeout = |v: Option<u64>, default: Duration, name: &'static str| match v {
+            None => Ok(default),
+            Some(ms) if (1..=MAX_TIMEOUT_MS).contains(&ms) => Ok(Duration::from_millis(ms)),
+            Some(ms) => Err(field(
+                name,
+                format!("{ms} is out of range (1 to {MAX_TIMEOUT_MS} ms)"),
+            )),
+        };
+        let limits = ModelLimits {
+            max_bytes: defaults.max_bytes,
+            load_timeout: timeout(m.load_timeout_ms, defaults.load_timeout, "load_timeout_ms")?,
+            inference_timeout: timeout(
+                m.inference_timeout_ms,
+                defaults.inference_timeout,
+                "inference_timeout_ms",
+            )?,
+        };
         let path = Path::new(&m.path);
         let path = if path.is_absolute() {
             path.to_path_buf()
@@ -434,10 +542,48 @@ fn validate(raw: RawRegistry, file: &Path, base: &Path) -> Result<Vec<ModelSpec>
                 ModelKind::Lightgbm | ModelKind::Xgboost => MissingPolicy::Nan,
                 _ => MissingPolicy::Reject,
             }),
+            limits,
         });
     }
     check_fallbacks(&specs, file)?;
     Ok(specs)
+}
+
+/// The validated `limits:` block (defaults where absent).
+fn registry_limits(raw: RawLimits, file: &Path) -> Result<ModelLimits, ConfigError> {
+    let err = |field: &str, message: String| ConfigError::Setting {
+        file: file.to_path_buf(),
+        field: format!("limits.{field}"),
+        message,
+    };
+    let d = ModelLimits::default();
+    let max_bytes = match raw.max_model_mb {
+        None => d.max_bytes,
+        Some(mb) if (1..=MAX_MODEL_MB).contains(&mb) => mb << 20,
+        Some(mb) => {
+            return Err(err(
+                "max_model_mb",
+                format!("{mb} is out of range (1 to {MAX_MODEL_MB})"),
+            ))
+        }
+    };
+    let timeout = |v: Option<u64>, default: Duration, name: &str| match v {
+        None => Ok(default),
+        Some(ms) if (1..=MAX_TIMEOUT_MS).contains(&ms) => Ok(Duration::from_millis(ms)),
+        Some(ms) => Err(err(
+            name,
+            format!("{ms} is out of range (1 to {MAX_TIMEOUT_MS} ms)"),
+        )),
+    };
+    Ok(ModelLimits {
+        max_bytes,
+        load_timeout: timeout(raw.load_timeout_ms, d.load_timeout, "load_timeout_ms")?,
+        inference_timeout: timeout(
+            raw.inference_timeout_ms,
+            d.inference_timeout,
+            "inference_timeout_ms",
+        )?,
+    })
 }
 
 /// Every fallback names another registered model, and following fallbacks

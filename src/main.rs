@@ -577,14 +577,28 @@ fn predict(
         // a reader that stops early (`| head`) is not an error
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
         Err(e) => Err(e.into()),
-        Ok(()) => Ok(ExitCode::SUCCESS),
+        Ok(0) => Ok(ExitCode::SUCCESS),
+        Ok(failed) => {
+            eprintln!(
+                "error: {failed} of {} row(s) have no prediction (see their \"error\")",
+                batch.n_rows()
+            );
+            Ok(ExitCode::from(1))
+        }
     }
 }
 
-/// One JSON line per row on stdout.
-fn write_predictions(pred: &Prediction, task: TaskType, n_rows: usize) -> std::io::Result<()> {
+/// One JSON line per row on stdout: its prediction, or `error` when the
+/// model's output for it is not finite. Returns the number of such rows.
+fn write_predictions(pred: &Prediction, task: TaskType, n_rows: usize) -> std::io::Result<usize> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut failed = 0;
     for i in 0..n_rows {
+        if let Some(why) = pred.row_problem(i) {
+            failed += 1;
+            writeln!(out, "{}", serde_json::json!({"row": i, "error": why}))?;
+            continue;
+        }
         let values = pred.values.row(i);
         let prediction = match (task, values) {
             (TaskType::Classification, [c]) => serde_json::json!(*c as i64),
@@ -598,7 +612,8 @@ fn write_predictions(pred: &Prediction, task: TaskType, n_rows: usize) -> std::i
         }
         writeln!(out, "{line}")?;
     }
-    out.flush()
+    out.flush()?;
+    Ok(failed)
 }
 
 /// A JSON number, or null for NaN/infinity (which JSON cannot carry).

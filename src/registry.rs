@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use crate::audit::{AuditEntry, AuditError, AuditEvent, AuditStore};
-use crate::checksum::read_and_hash;
+use crate::checksum::{check_file, read_and_hash, FileError};
 use crate::config::{
     load_registry_file, ConfigError, MissingPolicy, ModelSpec, OnnxOptions, TorchOptions,
 };
@@ -98,13 +98,18 @@ impl Registry {
     ) -> Result<Registry, ConfigError> {
         let specs = load_registry_file(file)?;
         for s in &specs {
-            if !s.path.is_file() {
-                return Err(ConfigError::Field {
-                    file: file.to_path_buf(),
-                    model: s.name.clone(),
-                    field: "path",
-                    message: format!("model file {} does not exist", s.path.display()),
-                });
+            // the size is checked when the model loads (a refusal, audited)
+            match check_file(&s.path, u64::MAX) {
+                Ok(_) => {}
+                Err(e @ (FileError::Missing(_) | FileError::NotRegular(_))) => {
+                    return Err(ConfigError::Field {
+                        file: file.to_path_buf(),
+                        model: s.name.clone(),
+                        field: "path",
+                        message: format!("model file {} {e}", s.path.display()),
+                    })
+                }
+                Err(_) => {}
             }
         }
         Ok(Self::from_specs(specs, audit, options))
@@ -257,7 +262,7 @@ impl Registry {
             model: spec.name.clone(),
             message,
         };
-        let (bytes, sha) = match read_and_hash(&spec.path) {
+        let (bytes, sha) = match read_and_hash(&spec.path, spec.limits.max_bytes) {
             Ok(read) => read,
             Err(e) => {
                 let err = fail(format!("{}: {e}", spec.path.display()));

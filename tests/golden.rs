@@ -118,6 +118,7 @@ fn check_cases(kind: &str, rel: f64, abs: f64, which: impl Fn(&str) -> bool) -> 
                 } else {
                     MissingPolicy::Nan
                 },
+                limits: Default::default(),
             };
             let reg = Registry::from_specs(vec![spec], None, RegistryOptions::default());
             let model = reg

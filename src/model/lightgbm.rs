@@ -10,6 +10,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use crate::config::MAX_FEATURES;
+
 use super::tree::{
     FlavorKind, LocalSplit, LocalTree, ParsedTrees, Transform, TreeEnsemble, CATEGORICAL,
     MAX_CAT_WORDS,
@@ -59,10 +61,19 @@ pub fn parse(text: &str, path: &Path) -> Result<ParsedTrees, ModelError> {
         .ok_or_else(|| err(path, "bad max_feature_idx"))?;
     let num_class = num("num_class")?;
     let per_iter = num("num_tree_per_iteration")?;
-    if per_iter == 0 || per_iter > 100_000 || n_features > 10_000_000 {
+    if per_iter == 0 || per_iter > 100_000 {
         return Err(err(
             path,
-            "implausible num_tree_per_iteration or max_feature_idx",
+            format!("implausible num_tree_per_iteration={per_iter}"),
+        ));
+    }
+    if n_features > MAX_FEATURES {
+        return Err(err(
+            path,
+            format!(
+                "max_feature_idx={} declares more than {MAX_FEATURES} features",
+                n_features - 1
+            ),
         ));
     }
     let objective = header
@@ -71,11 +82,12 @@ pub fn parse(text: &str, path: &Path) -> Result<ParsedTrees, ModelError> {
         .unwrap_or("custom")
         .trim()
         .to_string();
+    // (absent: none; nothing is allocated per declared feature)
     let feature_names: Vec<String> = match header.get("feature_names") {
         Some(v) => v.split(' ').map(str::to_string).collect(),
-        None => (0..n_features).map(|i| format!("Column_{i}")).collect(),
+        None => Vec::new(),
     };
-    if feature_names.len() != n_features {
+    if header.contains_key("feature_names") && feature_names.len() != n_features {
         return Err(err(
             path,
             format!(
@@ -132,6 +144,12 @@ pub fn parse(text: &str, path: &Path) -> Result<ParsedTrees, ModelError> {
         objective_transform(&objective, num_class).map_err(|e| err(path, e))?;
     ens.transform = transform;
     if let Some(k) = classes {
+        if k < 2 {
+            return Err(err(
+                path,
+                format!("objective '{objective}' is a classifier with num_class={k}; a classifier needs at least 2 classes"),
+            ));
+        }
         if k > 2 && k != per_iter {
             return Err(err(
                 path,

@@ -188,6 +188,20 @@ pub struct Prediction {
     pub probabilities: Option<Output>,
 }
 
+impl Prediction {
+    /// Why row `r` cannot be served, if it cannot: a value or a probability
+    /// that is NaN or infinite. Such a row is an error (a dead letter in the
+    /// worker), never a class or a number: the argmax of NaN scores would
+    /// otherwise read as a confident class 0.
+    pub fn row_problem(&self, r: usize) -> Option<String> {
+        let bad = |o: &Output| o.row(r).iter().copied().find(|v| !v.is_finite());
+        if let Some(p) = self.probabilities.as_ref().and_then(bad) {
+            return Some(format!("the model returned a non-finite probability ({p})"));
+        }
+        bad(&self.values).map(|v| format!("the model returned a non-finite value ({v})"))
+    }
+}
+
 /// Which feature importance to report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImportanceType {

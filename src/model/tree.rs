@@ -70,6 +70,11 @@ impl Model for TreeModel {
 /// Most `u32` bitset words all categorical splits of a model may take (64 MiB).
 pub const MAX_CAT_WORDS: usize = 1 << 24;
 
+/// Most nodes (splits and leaves) one model may have: 32 Mi nodes, about
+/// 1 GiB in memory. LightGBM's largest usual models (thousands of trees of
+/// 255 leaves) have a few million.
+pub const MAX_NODES: usize = 1 << 25;
+
 /// Node flag: categorical split.
 pub const CATEGORICAL: u8 = 1;
 /// Node flag: a missing value goes left.
@@ -227,6 +232,24 @@ impl TreeEnsemble {
         }
         if self.base_margin.len() != self.n_groups {
             return Err("base score length differs from the number of outputs".into());
+        }
+        if let Some(b) = self.base_margin.iter().find(|b| !b.is_finite()) {
+            return Err(format!(
+                "base score (initial margin) is {b}; it must be finite"
+            ));
+        }
+        if let Some(n) = self.average_over.filter(|n| !(n.is_finite() && *n > 0.0)) {
+            return Err(format!("averaging over {n} trees is not possible"));
+        }
+        if let Transform::Sigmoid { alpha } = self.transform {
+            if !alpha.is_finite() || alpha == 0.0 {
+                return Err(format!(
+                    "sigmoid parameter {alpha} is not a finite non-zero number"
+                ));
+            }
+        }
+        if self.n_groups == 0 {
+            return Err("the model has no outputs".into());
         }
         Ok(())
     }
@@ -414,9 +437,7 @@ fn apply_transform_f64(t: Transform, s: &mut [f64], groups: usize) {
         Transform::Exp => s.iter_mut().for_each(|x| *x = x.exp()),
         Transform::SignedSquare => s.iter_mut().for_each(|x| *x = x.signum() * *x * *x),
         Transform::Log1pExp => s.iter_mut().for_each(|x| *x = x.exp().ln_1p()),
-        Transform::Hinge => s
-            .iter_mut()
-            .for_each(|x| *x = if *x > 0.0 { 1.0 } else { 0.0 }),
+        Transform::Hinge => s.iter_mut().for_each(hinge),
         Transform::Softmax => {
             for row in s.chunks_mut(groups.max(1)) {
                 // LightGBM's Common::Softmax
@@ -434,20 +455,33 @@ fn apply_transform_f64(t: Transform, s: &mut [f64], groups: usize) {
     }
 }
 
+/// XGBoost `binary:hinge`: 1 for a positive margin, else 0; NaN stays NaN.
+fn hinge(x: &mut f64) {
+    if !x.is_nan() {
+        *x = if *x > 0.0 { 1.0 } else { 0.0 };
+    }
+}
+
 fn apply_transform_f32(t: Transform, s: &mut [f64], groups: usize) {
     let f = |x: &mut f64, g: fn(f32) -> f32| *x = g(*x as f32) as f64;
     match t {
         Transform::Identity => {}
         // XGBoost's common::Sigmoid clamps the exponent at 88.7
-        Transform::Sigmoid { .. } => s
-            .iter_mut()
-            .for_each(|x| f(x, |v| 1.0 / ((-v).min(88.7).exp() + 1.0))),
+        // (`f32::min` would turn a NaN margin into 88.7, a confident 0: NaN
+        // stays NaN, and the caller refuses the row)
+        Transform::Sigmoid { .. } => s.iter_mut().for_each(|x| {
+            f(x, |v| {
+                if v.is_nan() {
+                    v
+                } else {
+                    1.0 / ((-v).min(88.7).exp() + 1.0)
+                }
+            })
+        }),
         Transform::Exp => s.iter_mut().for_each(|x| f(x, f32::exp)),
         Transform::SignedSquare => s.iter_mut().for_each(|x| f(x, |v| v.signum() * v * v)),
         Transform::Log1pExp => s.iter_mut().for_each(|x| f(x, |v| v.exp().ln_1p())),
-        Transform::Hinge => s
-            .iter_mut()
-            .for_each(|x| *x = if *x > 0.0 { 1.0 } else { 0.0 }),
+        Transform::Hinge => s.iter_mut().for_each(hinge),
         Transform::Softmax => {
             for row in s.chunks_mut(groups.max(1)) {
                 // XGBoost's common::Softmax: f32 values, f64 sum
@@ -682,6 +716,33 @@ impl TreeEnsemble {
     pub fn push_tree(&mut self, tree: LocalTree, group: u32) -> Result<(), String> {
         if tree.leaves.is_empty() {
             return Err("tree has no leaves".into());
+        }
+        // the budget counts nodes as they are added, so a file that repeats
+        // one tree (a pickle memo reference used 5,000 times) or multiplies
+        // it (one copy per class) is refused before it is built
+        let adding = tree.splits.len().saturating_add(tree.leaves.len());
+        if self.nodes.len().saturating_add(adding) > MAX_NODES {
+            return Err(format!(
+                "the model has more than {MAX_NODES} tree nodes (the limit for one model; at tree {})",
+                self.trees.len()
+            ));
+        }
+        if let Some((i, v)) = tree.leaves.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(format!(
+                "leaf {i} has value {v}; a model's leaves must be finite"
+            ));
+        }
+        // scikit-learn's missing-value split ("non-missing left, missing
+        // right") has threshold +inf; nothing else is legitimate
+        let sklearn = self.flavor == FlavorKind::Sklearn;
+        if let Some((i, s)) = tree.splits.iter().enumerate().find(|(_, s)| {
+            s.flags & CATEGORICAL == 0
+                && !(s.threshold.is_finite() || sklearn && s.threshold == f64::INFINITY)
+        }) {
+            return Err(format!(
+                "split {i} has threshold {}; a model's thresholds must be finite",
+                s.threshold
+            ));
         }
         self.quick = OnceLock::new();
         let mut split_seen = vec![false; tree.splits.len()];

@@ -8,8 +8,17 @@ use serde_json::{Map, Number, Value};
 /// Deepest nesting accepted (XGBoost models use about 8 levels).
 const MAX_DEPTH: usize = 128;
 
-pub fn decode(bytes: &[u8]) -> Result<Value, String> {
-    let mut r = Reader { b: bytes, pos: 0 };
+/// Decodes a document of at most `max_values` values (every scalar, string
+/// and container counts one). The count is what bounds memory: a typed
+/// container of a zero-byte type (`[$Z#L...`, `$T`, `$F`) declares values
+/// that take no bytes at all, so no check against the input length can.
+pub fn decode(bytes: &[u8], max_values: usize) -> Result<Value, String> {
+    let mut r = Reader {
+        b: bytes,
+        pos: 0,
+        budget: max_values,
+        max_values,
+    };
     let v = r.value(0)?;
     if r.pos != bytes.len() {
         return Err(format!(
@@ -23,6 +32,9 @@ pub fn decode(bytes: &[u8]) -> Result<Value, String> {
 struct Reader<'a> {
     b: &'a [u8],
     pos: usize,
+    /// Values that may still be decoded.
+    budget: usize,
+    max_values: usize,
 }
 
 impl Reader<'_> {
@@ -97,6 +109,13 @@ impl Reader<'_> {
         if depth > MAX_DEPTH {
             return Err(format!("nesting deeper than {MAX_DEPTH}"));
         }
+        if self.budget == 0 {
+            return Err(format!(
+                "the document has more than {} values (at byte {})",
+                self.max_values, self.pos
+            ));
+        }
+        self.budget -= 1;
         Ok(match m {
             b'Z' => Value::Null,
             b'T' => Value::Bool(true),
@@ -221,7 +240,7 @@ mod tests {
         b.extend_from_slice(&1.5f32.to_be_bytes());
         b.extend_from_slice(&(-2.0f32).to_be_bytes());
         b.extend_from_slice(&[b'i', 1, b'b', b'S', b'i', 1, b'x', b'}']);
-        let v = decode(&b).unwrap();
+        let v = decode(&b, 1 << 20).unwrap();
         assert_eq!(v, serde_json::json!({"a": [1.5, -2.0], "b": "x"}));
     }
 
@@ -230,25 +249,50 @@ mod tests {
         let b = [
             b'[', b'$', b'd', b'#', b'L', 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
         ];
-        assert!(decode(&b).unwrap_err().contains("exceeds"));
+        assert!(decode(&b, 1 << 20).unwrap_err().contains("exceeds"));
     }
 
     #[test]
     fn no_op_padding_is_skipped_without_recursion() {
         let mut b = vec![b'N'; 1_000_000];
         b.push(b'Z');
-        assert_eq!(decode(&b).unwrap(), Value::Null);
+        assert_eq!(decode(&b, 1 << 20).unwrap(), Value::Null);
+    }
+
+    #[test]
+    fn zero_byte_typed_containers_count_against_the_value_budget() {
+        // an array of 5,000 arrays of nulls (or trues, falses), each in 6
+        // bytes and declaring as many values as bytes remain after it (the
+        // most a length check against the input allows): 75 million values
+        // from 30 KB
+        for ty in [b'Z', b'T', b'F'] {
+            let n = 5000usize;
+            let mut b = vec![b'[', b'$', b'[', b'#', b'I'];
+            b.extend_from_slice(&(n as u16).to_be_bytes());
+            for i in 0..n {
+                b.extend_from_slice(&[b'$', ty, b'#', b'I']);
+                b.extend_from_slice(&(((n - 1 - i) * 6) as u16).to_be_bytes());
+            }
+            assert!(b.len() < 31_000);
+            let e = decode(&b, 1_000_000).unwrap_err();
+            assert!(e.contains("more than 1000000 values"), "{e}");
+        }
+        // within the budget it decodes
+        let b = *b"[[$Z#i\x02ZZ]";
+        let want = serde_json::json!([[null, null], null, null]);
+        assert_eq!(decode(&b, 6).unwrap(), want);
+        assert!(decode(&b, 5).is_err(), "the arrays themselves count");
     }
 
     #[test]
     fn deep_nesting_is_refused() {
         let b = vec![b'['; 10_000];
-        assert!(decode(&b).unwrap_err().contains("nesting"));
+        assert!(decode(&b, 1 << 20).unwrap_err().contains("nesting"));
     }
 
     #[test]
     fn truncation_is_reported() {
-        let e = decode(&[b'{', b'i', 1, b'a', b'l', 0, 0]).unwrap_err();
+        let e = decode(&[b'{', b'i', 1, b'a', b'l', 0, 0], 1 << 20).unwrap_err();
         assert!(e.contains("end of data"), "{e}");
     }
 }

@@ -28,12 +28,30 @@ fn err(path: &Path, reason: impl Into<String>) -> ModelError {
 /// first byte: `{` followed by `"` or whitespace is JSON).
 pub fn parse(bytes: &[u8], path: &Path) -> Result<ParsedTrees, ModelError> {
     let doc: Value = if looks_like_json(bytes) {
+        // a JSON value is at least one byte plus a separator: an upper
+        // bound on the values, counted before anything is built
+        let separators = bytes
+            .iter()
+            .filter(|b| matches!(b, b',' | b'[' | b'{' | b':'))
+            .count();
+        if separators >= MAX_DOCUMENT_VALUES {
+            return Err(err(
+                path,
+                format!("the JSON document has more than {MAX_DOCUMENT_VALUES} values"),
+            ));
+        }
         serde_json::from_slice(bytes).map_err(|e| err(path, format!("invalid JSON: {e}")))?
     } else {
-        ubjson::decode(bytes).map_err(|e| err(path, format!("invalid UBJSON: {e}")))?
+        ubjson::decode(bytes, MAX_DOCUMENT_VALUES)
+            .map_err(|e| err(path, format!("invalid UBJSON: {e}")))?
     };
     from_document(&doc).map_err(|e| err(path, e))
 }
+
+/// Most values (numbers, strings, containers) a model document may hold:
+/// 64 Mi, about 2 GiB once decoded. XGBoost models of thousands of deep
+/// trees hold tens of millions.
+pub const MAX_DOCUMENT_VALUES: usize = 1 << 26;
 
 fn looks_like_json(b: &[u8]) -> bool {
     let mut it = b.iter().skip_while(|c| c.is_ascii_whitespace());
@@ -185,7 +203,7 @@ fn from_document(doc: &Value) -> Result<ParsedTrees, String> {
         .map(|v| count(v, "num_target"))
         .transpose()?
         .unwrap_or(1);
-    if n_features > 10_000_000 || num_class > 100_000 || num_target > 100_000 {
+    if n_features > crate::config::MAX_FEATURES || num_class > 100_000 || num_target > 100_000 {
         return Err(format!(
             "implausible model shape: num_feature={n_features}, num_class={num_class}, num_target={num_target}"
         ));
@@ -195,6 +213,11 @@ fn from_document(doc: &Value) -> Result<ParsedTrees, String> {
         .ok_or("objective name is not a string")?
         .to_string();
     let (transform, link, classes) = objective(&obj_name, num_class)?;
+    if let Some(k) = classes.filter(|k| *k < 2) {
+        return Err(format!(
+            "objective '{obj_name}' is a classifier with num_class={k}; a classifier needs at least 2 classes"
+        ));
+    }
     let n_groups = num_class.max(num_target).max(1);
 
     let booster = at(learner, &["gradient_booster"])?;
@@ -260,7 +283,7 @@ fn from_document(doc: &Value) -> Result<ParsedTrees, String> {
             .iter()
             .map(|v| v.as_str().unwrap_or_default().to_string())
             .collect(),
-        _ => (0..n_features).map(|i| format!("f{i}")).collect(),
+        _ => Vec::new(),
     };
     Ok(ParsedTrees {
         ensemble: ens,

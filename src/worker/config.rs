@@ -306,10 +306,7 @@ pub struct Overrides {
 
 /// Reads, applies overrides to, and validates a worker config file.
 pub fn load_worker_config(file: &Path, overrides: &Overrides) -> Result<WorkerConfig, ConfigError> {
-    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
-        file: file.to_path_buf(),
-        source,
-    })?;
+    let text = crate::config::read_config_file(file)?;
     parse_worker_config(&text, file, overrides)
 }
 

@@ -370,19 +370,12 @@ impl Publisher {
                 let (g, r) = (*group as usize, *row as usize);
                 let reason = match &results[g] {
                     Err(e) => Some(e.clone()),
-                    Ok(p) => {
-                        let v = p.values.row(r)[0];
-                        let probs_bad = p
-                            .probabilities
-                            .as_ref()
-                            .is_some_and(|pr| pr.row(r).iter().any(|x| !x.is_finite()));
-                        (!v.is_finite() || probs_bad).then(|| {
-                            format!(
-                                "model '{}' returned a non-finite value ({v}) for this row",
-                                chunk.groups[g].route.model.info().name
-                            )
-                        })
-                    }
+                    Ok(p) => p.row_problem(r).map(|why| {
+                        format!(
+                            "model '{}': {why} for this row",
+                            chunk.groups[g].route.model.info().name
+                        )
+                    }),
                 };
                 if let Some(reason) = reason {
                     rec.kind = Kind::Dead {

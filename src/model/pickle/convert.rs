@@ -144,16 +144,25 @@ fn text(g: &Graph, id: Id) -> Option<&str> {
     }
 }
 
+/// A fitted parameter array (or a plain number) as `f64`s; every value
+/// must be finite (a NaN coefficient would answer NaN, or a confident class).
 fn array_f64(g: &Graph, id: Id, what: &str) -> Result<(Vec<usize>, Vec<f64>), String> {
-    if !numpy::is_array(g, id) {
+    let (shape, v) = if !numpy::is_array(g, id) {
         // a plain Python number (e.g. intercept_ = 0.0 without fit_intercept)
-        return number(g, id)
+        number(g, id)
             .map(|v| (Vec::new(), vec![v]))
-            .map_err(|e| format!("{what}: {e}"));
+            .map_err(|e| format!("{what}: {e}"))?
+    } else {
+        let a = numpy::array(g, id).map_err(|e| format!("{what}: {e}"))?;
+        let v = a.f64s().map_err(|e| format!("{what}: {e}"))?;
+        (a.shape, v)
+    };
+    if let Some((i, x)) = v.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+        return Err(format!(
+            "{what} has value {x} at index {i}; fitted parameters must be finite"
+        ));
     }
-    let a = numpy::array(g, id).map_err(|e| format!("{what}: {e}"))?;
-    let v = a.f64s().map_err(|e| format!("{what}: {e}"))?;
-    Ok((a.shape, v))
+    Ok((shape, v))
 }
 
 /// Converts the pickle's root object.
@@ -237,7 +246,13 @@ fn scaler(g: &Graph, id: Id, class: &str) -> Result<Scaler, String> {
                     let (Some(&lo), Some(&hi)) = (r.first(), r.get(1)) else {
                         return Err("MinMaxScaler feature_range is not (min, max)".into());
                     };
-                    Some((number(g, lo)?, number(g, hi)?))
+                    let (lo, hi) = (number(g, lo)?, number(g, hi)?);
+                    if !(lo.is_finite() && hi.is_finite() && lo <= hi) {
+                        return Err(format!(
+                            "MinMaxScaler feature_range ({lo}, {hi}) is not a finite range"
+                        ));
+                    }
+                    Some((lo, hi))
                 }
                 _ => None,
             };

@@ -155,6 +155,7 @@ pub fn load_unregistered(
         torch: Default::default(),
         signal: None,
         missing,
+        limits: Default::default(),
     };
     let info = ModelInfo {
         name: spec.name.clone(),
