@@ -17,7 +17,10 @@
 //!
 //! A TorchScript file holds the model's graph and weights; libtorch runs the
 //! graph in its interpreter, never Python, and reads the weights with its own
-//! restricted unpickler.
+//! restricted unpickler. The graph is code all the same: [`inspect`] checks
+//! every operator of every function before libtorch loads the file.
+
+pub mod inspect;
 
 use std::cell::Cell;
 use std::io::Cursor;
@@ -46,6 +49,9 @@ impl TorchModel {
             format: "TorchScript",
             reason,
         };
+        // nothing of the file runs before its code is checked: libtorch's
+        // loader itself runs `__setstate__`
+        inspect::check(bytes).map_err(format_err)?;
         let device = resolve_device(spec.torch.device).map_err(ModelError::Unsupported)?;
         let mut module = CModule::load_data_on_device(&mut Cursor::new(bytes), device)
             .map_err(|e| format_err(brief(&e)))?;
