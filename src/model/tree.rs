@@ -175,6 +175,8 @@ pub struct TreeEnsemble {
     pub transform: Transform,
     /// Whether any node needs the slow path (set by `push_tree`).
     pub has_slow_nodes: bool,
+    /// Most nodes `push_tree` accepts ([`MAX_NODES`] unless lowered).
+    pub max_nodes: usize,
     /// QuickScorer tables, built at the first evaluation (`None`: the
     /// ensemble does not fit them and is walked).
     quick: OnceLock<Option<quick::QuickScorer>>,
@@ -707,6 +709,7 @@ impl TreeEnsemble {
             average_over: None,
             transform: Transform::Identity,
             has_slow_nodes: false,
+            max_nodes: MAX_NODES,
             quick: OnceLock::new(),
         }
     }
@@ -721,9 +724,10 @@ impl TreeEnsemble {
         // one tree (a pickle memo reference used 5,000 times) or multiplies
         // it (one copy per class) is refused before it is built
         let adding = tree.splits.len().saturating_add(tree.leaves.len());
-        if self.nodes.len().saturating_add(adding) > MAX_NODES {
+        if self.nodes.len().saturating_add(adding) > self.max_nodes {
             return Err(format!(
-                "the model has more than {MAX_NODES} tree nodes (the limit for one model; at tree {})",
+                "the model has more than {} tree nodes (the limit for this model file; at tree {})",
+                self.max_nodes,
                 self.trees.len()
             ));
         }

@@ -27,6 +27,7 @@ fn err(path: &Path, reason: impl Into<String>) -> ModelError {
 /// Parses an XGBoost model from JSON text or UBJSON bytes (detected from the
 /// first byte: `{` followed by `"` or whitespace is JSON).
 pub fn parse(bytes: &[u8], path: &Path) -> Result<ParsedTrees, ModelError> {
+    let max_values = max_values(bytes.len());
     let doc: Value = if looks_like_json(bytes) {
         // a JSON value is at least one byte plus a separator: an upper
         // bound on the values, counted before anything is built
@@ -34,16 +35,15 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<ParsedTrees, ModelError> {
             .iter()
             .filter(|b| matches!(b, b',' | b'[' | b'{' | b':'))
             .count();
-        if separators >= MAX_DOCUMENT_VALUES {
+        if separators >= max_values {
             return Err(err(
                 path,
-                format!("the JSON document has more than {MAX_DOCUMENT_VALUES} values"),
+                format!("the JSON document has more than {max_values} values"),
             ));
         }
         serde_json::from_slice(bytes).map_err(|e| err(path, format!("invalid JSON: {e}")))?
     } else {
-        ubjson::decode(bytes, MAX_DOCUMENT_VALUES)
-            .map_err(|e| err(path, format!("invalid UBJSON: {e}")))?
+        ubjson::decode(bytes, max_values).map_err(|e| err(path, format!("invalid UBJSON: {e}")))?
     };
     from_document(&doc).map_err(|e| err(path, e))
 }
@@ -52,6 +52,16 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<ParsedTrees, ModelError> {
 /// 64 Mi, about 2 GiB once decoded. XGBoost models of thousands of deep
 /// trees hold tens of millions.
 pub const MAX_DOCUMENT_VALUES: usize = 1 << 26;
+
+/// Most values a document of `len` bytes may hold: one per two bytes (a
+/// JSON value takes at least that with its separator; XGBoost's UBJSON
+/// takes about 3.4 bytes a value) plus 2 Mi, at most
+/// [`MAX_DOCUMENT_VALUES`]. A decoded value takes 32 bytes, so memory
+/// stays within 16 times the file plus 64 MiB, however the document
+/// declares its counts.
+fn max_values(len: usize) -> usize {
+    (len / 2 + (1 << 21)).min(MAX_DOCUMENT_VALUES)
+}
 
 fn looks_like_json(b: &[u8]) -> bool {
     let mut it = b.iter().skip_while(|c| c.is_ascii_whitespace());

@@ -366,6 +366,7 @@ fn estimator(g: &Graph, id: Id, spec: &ModelSpec, info: &ModelInfo) -> Result<Co
             let n_classes = if classifier { Some(n_classes(g, st, name)?) } else { None };
             let groups = n_classes.unwrap_or(1);
             let mut ens = TreeEnsemble::empty(FlavorKind::Sklearn, n_features, groups);
+            ens.max_nodes = node_limit(g);
             for &t in &trees {
                 let tree = tree_of(g, t)?;
                 add_sklearn_tree(&mut ens, &tree, n_classes, 1.0)?;
@@ -437,6 +438,14 @@ fn n_classes(g: &Graph, st: &[(Id, Id)], name: &str) -> Result<usize, String> {
     } else {
         Err(format!("{name} n_classes_ is {v}"))
     }
+}
+
+/// Most tree nodes a pickle of this size may expand to: one per 4 bytes
+/// (a fitted node takes 64 bytes of node record plus 8 per class value),
+/// at least 64 Ki. A tree referenced again and again through the memo
+/// costs two bytes a reference and is refused once the copies pass this.
+fn node_limit(g: &Graph) -> usize {
+    (g.input_len / 4).clamp(1 << 16, crate::model::tree::MAX_NODES)
 }
 
 /// A fitted `sklearn.tree._tree.Tree`: per-node arrays.
@@ -708,6 +717,7 @@ fn gradient_boosting(
         ));
     }
     let mut ens = TreeEnsemble::empty(FlavorKind::Sklearn, n_features, k);
+    ens.max_nodes = node_limit(g);
     ens.base_margin = base;
     ens.transform = transform;
     for s in 0..stages {

@@ -98,6 +98,10 @@ pub struct Graph {
     pub globals: Vec<(String, String)>,
     /// Out-of-band buffers given to [`read_with_buffers`].
     pub buffers: Vec<Vec<u8>>,
+    /// Bytes of the pickle the graph was read from (what bounds what may be
+    /// built from it: a memo reference costs two bytes however large the
+    /// object it repeats).
+    pub input_len: usize,
 }
 
 impl Graph {
@@ -141,6 +145,7 @@ pub fn read_with_buffers(
         op_at: 0,
         graph: Graph {
             buffers,
+            input_len: data.len(),
             ..Graph::default()
         },
         stack: Vec::new(),

@@ -13,6 +13,8 @@
 //! tensor-out networks. Outputs are picked by type and shape; `models.yaml`
 //! can name them (`onnx: {input, prediction, probabilities}`).
 
+pub mod external;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
@@ -180,13 +182,22 @@ impl OnnxModel {
             format: "ONNX",
             reason,
         };
+        // external tensors are read here, from the model's own folder, so
+        // ONNX Runtime never opens a file (it would resolve them against
+        // the working directory)
+        let dir = spec.path.parent().unwrap_or(Path::new("."));
+        let budget = spec.limits.max_bytes.saturating_sub(bytes.len() as u64);
+        let (bytes, external) = match external::inline(bytes, dir, budget).map_err(&format_err)? {
+            Some((inlined, files)) => (std::borrow::Cow::Owned(inlined), files),
+            None => (std::borrow::Cow::Borrowed(bytes), Vec::new()),
+        };
         let session = Session::builder(env)
             .and_then(|b| {
                 b.with_optimization_level(GraphOptimizationLevel::Level3)
                     .map_err(Into::into)
             })
             .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
-            .and_then(|mut b| b.commit_from_memory(bytes))
+            .and_then(|mut b| b.commit_from_memory(&bytes))
             .map_err(|e| format_err(e.to_string()))?;
 
         // input: the named one, else the only one
@@ -364,6 +375,13 @@ impl OnnxModel {
                 .map(|o| format!("'{}'", o.name))
                 .unwrap_or_else(|| "none".into()),
         );
+        for f in &external {
+            model.info.detail.push_str(&format!(
+                ", external data '{}' ({} bytes used, sha256 {})",
+                f.location, f.bytes_used, f.sha256
+            ));
+            tracing::info!(model = %spec.name, location = %f.location, sha256 = %f.sha256, bytes = f.bytes_used, "onnx external data read");
+        }
         Ok(model)
     }
 
