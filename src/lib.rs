@@ -6,7 +6,9 @@
 //!   validated into [`config::ModelSpec`]s; errors name file, model and field.
 //! - [`registry`]: loads and caches models by SHA256, refuses pinned-checksum
 //!   mismatches, defers `lazy` models, serves `fallback`s.
-//! - [`checksum`]: streamed SHA256 of model files.
+//! - [`checksum`]: model files read safely (regular files within a size
+//!   limit) and their SHA256.
+//! - [`deadline`]: model code on threads of its own, under a deadline.
 //! - [`audit`]: append-only, hash-chained SQLite log of model lifecycle events.
 //! - [`model`]: the one [`model::Model`] trait and one file per format:
 //!   native LightGBM/XGBoost tree evaluation ([`model::tree`]) and ONNX
@@ -33,6 +35,7 @@ pub mod bench;
 pub mod broker;
 pub mod checksum;
 pub mod config;
+pub mod deadline;
 pub mod demo;
 pub mod events;
 pub mod input;

@@ -2,7 +2,6 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -170,19 +169,22 @@ enum AuditCommand {
     },
 }
 
-fn main() -> ExitCode {
+fn main() {
     let cli = Cli::parse();
     // `run` logs as its config says (or as --log-json says)
     if !matches!(cli.command, Command::Run { .. }) {
         init_logging(cli.log_json);
     }
-    match run(cli) {
+    let code: u8 = match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", chain_message(&e));
-            ExitCode::from(2)
+            2
         }
-    }
+    };
+    // without waiting on (or tearing libraries down under) model code
+    // abandoned at a deadline
+    ml_worker::deadline::exit(code.into())
 }
 
 /// The error and its causes, `: `-joined, leaving out a cause whose text the
@@ -212,7 +214,7 @@ fn init_logging(json: bool) {
     }
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
+fn run(cli: Cli) -> Result<u8> {
     let onnx = onnx::RuntimeConfig {
         library: cli.onnxruntime.clone(),
     };
@@ -269,7 +271,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 poison_every,
             };
             ml_worker::demo::run(&cfg, &opts, onnx)?;
-            Ok(ExitCode::SUCCESS)
+            Ok(0)
         }
         Command::Bench {
             config,
@@ -320,7 +322,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     r.offered_rate, r.latency_events, r.p50_ms, r.p95_ms, r.p99_ms, r.max_ms
                 );
             }
-            Ok(ExitCode::SUCCESS)
+            Ok(0)
         }
         Command::Broker {
             topics,
@@ -333,7 +335,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn run_broker(topics: &str, brokers: i32, address_file: Option<&Path>) -> Result<ExitCode> {
+fn run_broker(topics: &str, brokers: i32, address_file: Option<&Path>) -> Result<u8> {
     let topics =
         ml_worker::broker::parse_topics(topics).map_err(|e| anyhow::anyhow!("--topics: {e}"))?;
     let broker = ml_worker::broker::EmbeddedBroker::start(brokers, &topics)?;
@@ -358,7 +360,7 @@ fn run_broker(topics: &str, brokers: i32, address_file: Option<&Path>) -> Result
         .block_on(shutdown_signal())?;
     eprintln!("embedded broker: stopping");
     drop(broker);
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
 fn run_worker(
@@ -366,7 +368,7 @@ fn run_worker(
     overrides: &Overrides,
     onnx: onnx::RuntimeConfig,
     log_json: bool,
-) -> Result<ExitCode> {
+) -> Result<u8> {
     let cfg = load_worker_config(config, overrides)?;
     init_logging(log_json || cfg.log_json);
     let stop = Arc::new(AtomicBool::new(false));
@@ -392,7 +394,7 @@ fn run_worker(
             )
         }
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
 /// Sets `stop` on the first SIGINT/SIGTERM; a second one exits at once
@@ -415,7 +417,7 @@ fn stop_on_signal(stop: Arc<AtomicBool>) -> Result<()> {
                     eprintln!(
                         "ml-worker: exiting now; uncommitted events are read again on restart"
                     );
-                    std::process::exit(130);
+                    ml_worker::deadline::exit_now(130);
                 }
             })
         })?;
@@ -436,7 +438,7 @@ fn open_audit(path: &Path) -> Result<Arc<AuditStore>> {
     Ok(Arc::new(AuditStore::open(path, &default_worker_id())?))
 }
 
-fn models_list(registry: &Path, onnx: onnx::RuntimeConfig) -> Result<ExitCode> {
+fn models_list(registry: &Path, onnx: onnx::RuntimeConfig) -> Result<u8> {
     let reg = Registry::open(
         registry,
         None,
@@ -479,10 +481,10 @@ fn models_list(registry: &Path, onnx: onnx::RuntimeConfig) -> Result<ExitCode> {
             sha
         )?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
-fn models_verify(registry: &Path, audit_db: &Path, onnx: onnx::RuntimeConfig) -> Result<ExitCode> {
+fn models_verify(registry: &Path, audit_db: &Path, onnx: onnx::RuntimeConfig) -> Result<u8> {
     let audit = open_audit(audit_db)?;
     let mut reg = Registry::open(
         registry,
@@ -533,11 +535,7 @@ fn models_verify(registry: &Path, audit_db: &Path, onnx: onnx::RuntimeConfig) ->
         }
     }
     reg.unload_all();
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(if failed == 0 { 0 } else { 1 })
 }
 
 fn predict(
@@ -546,7 +544,7 @@ fn predict(
     registry: &Path,
     audit_db: &Path,
     onnx: onnx::RuntimeConfig,
-) -> Result<ExitCode> {
+) -> Result<u8> {
     let audit = open_audit(audit_db)?;
     let mut reg = Registry::open(
         registry,
@@ -567,23 +565,36 @@ fn predict(
         );
     }
     let rows = read_rows(input, &info.features)?;
-    let batch = Batch::new(&rows.data, rows.n_features)?;
-    let pred = m
-        .predict_full(batch)
-        .with_context(|| format!("model '{}'", info.name))?;
-    let written = write_predictions(&pred, info.task_type, batch.n_rows());
+    let n_rows = Batch::new(&rows.data, rows.n_features)?.n_rows();
+    let timeout = reg
+        .spec(&info.name)
+        .map_or(ml_worker::config::DEFAULT_INFERENCE_TIMEOUT, |s| {
+            s.limits.inference_timeout
+        });
+    let model = m.clone();
+    let pred = ml_worker::deadline::run("predict", timeout, move || {
+        model.predict_full(Batch::new(&rows.data, rows.n_features)?)
+    })
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "model '{}': inference {e} (inference_timeout_ms)",
+            info.name
+        )
+    })?
+    .with_context(|| format!("model '{}'", info.name))?;
+    let written = write_predictions(&pred, info.task_type, n_rows);
     reg.unload_all();
     match written {
         // a reader that stops early (`| head`) is not an error
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(0),
         Err(e) => Err(e.into()),
-        Ok(0) => Ok(ExitCode::SUCCESS),
+        Ok(0) => Ok(0),
         Ok(failed) => {
             eprintln!(
                 "error: {failed} of {} row(s) have no prediction (see their \"error\")",
-                batch.n_rows()
+                n_rows
             );
-            Ok(ExitCode::from(1))
+            Ok(1)
         }
     }
 }
@@ -623,12 +634,7 @@ fn json_number(v: f64) -> serde_json::Value {
         .unwrap_or(serde_json::Value::Null)
 }
 
-fn audit_show(
-    db: &Path,
-    model: Option<&str>,
-    limit: Option<usize>,
-    json: bool,
-) -> Result<ExitCode> {
+fn audit_show(db: &Path, model: Option<&str>, limit: Option<usize>, json: bool) -> Result<u8> {
     if !db.exists() {
         bail!("audit store {} does not exist", db.display());
     }
@@ -653,10 +659,10 @@ fn audit_show(
             )?;
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
-fn audit_verify(db: &Path) -> Result<ExitCode> {
+fn audit_verify(db: &Path) -> Result<u8> {
     if !db.exists() {
         bail!("audit store {} does not exist", db.display());
     }
@@ -664,7 +670,7 @@ fn audit_verify(db: &Path) -> Result<ExitCode> {
     let report = store.verify()?;
     if report.ok() {
         println!("ok: {} rows, hash chain intact", report.rows);
-        Ok(ExitCode::SUCCESS)
+        Ok(0)
     } else {
         println!(
             "FAILED: {} rows checked, {} problem(s):",
@@ -674,6 +680,6 @@ fn audit_verify(db: &Path) -> Result<ExitCode> {
         for p in &report.problems {
             println!("  {p}");
         }
-        Ok(ExitCode::from(1))
+        Ok(1)
     }
 }

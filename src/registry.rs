@@ -2,10 +2,17 @@
 //! SHA256, records every lifecycle event in the audit store, caches loaded
 //! models by checksum, defers `lazy` models to first use and serves a model's
 //! `fallback` when it cannot be loaded.
+//!
+//! A load (read, verify, parse, warm-up) runs on a thread of its own under
+//! the model's `load_timeout_ms`; every caller waiting for it waits at most
+//! until that deadline, after which the model is refused (and audited) and
+//! the load thread is abandoned ([`crate::deadline`]). [`Registry::start_loading`]
+//! starts a lazy load without waiting, so the worker's consume thread never
+//! waits on one.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use crate::audit::{AuditEntry, AuditError, AuditEvent, AuditStore};
@@ -56,15 +63,46 @@ struct CacheKey {
     missing: MissingPolicy,
 }
 
-/// The load state of one entry.
+/// Where one entry's load stands.
+enum LoadState {
+    /// Not asked for yet (a lazy model).
+    Idle,
+    /// A load thread runs; waiters give up at `deadline`.
+    Loading {
+        deadline: Instant,
+        cancel: Arc<crate::deadline::Cancel>,
+    },
+    Loaded(Arc<dyn Model>),
+    /// A failure is remembered (a refused file stays refused until reload).
+    Failed(RegistryError),
+}
+
+/// An entry's load state, shared with its load thread.
+struct Slot {
+    state: Mutex<LoadState>,
+    changed: Condvar,
+}
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, LoadState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One registry entry.
 struct Entry {
     spec: ModelSpec,
-    loaded: OnceLock<Arc<dyn Model>>,
-    /// A failure is remembered (a refused file stays refused until reload).
-    failed: Mutex<Option<RegistryError>>,
-    /// Serialises loading so a lazy model is loaded once.
-    loading: Mutex<()>,
+    slot: Arc<Slot>,
     fallback_audited: OnceLock<()>,
+}
+
+/// Whether an entry can be served without waiting.
+#[derive(Clone)]
+pub enum Readiness {
+    /// Loaded, or settled on its fallback: [`Registry::get`] answers at once.
+    Settled,
+    /// It (or the fallback that would serve it) is not loaded yet.
+    Pending,
 }
 
 /// Options for how models are loaded.
@@ -78,13 +116,18 @@ pub struct RegistryOptions {
     pub onnx: onnx::RuntimeConfig,
 }
 
-pub struct Registry {
-    order: Vec<String>,
-    entries: HashMap<String, Entry>,
+/// What a load thread needs: the cache, the audit store, the options.
+struct Loader {
     /// Loaded models by file checksum and everything that shapes loading.
     by_checksum: Mutex<HashMap<CacheKey, Arc<dyn Model>>>,
     audit: Option<Arc<AuditStore>>,
     options: RegistryOptions,
+}
+
+pub struct Registry {
+    order: Vec<String>,
+    entries: HashMap<String, Entry>,
+    loader: Arc<Loader>,
 }
 
 impl Registry {
@@ -128,9 +171,10 @@ impl Registry {
                     spec.name.clone(),
                     Entry {
                         spec,
-                        loaded: OnceLock::new(),
-                        failed: Mutex::new(None),
-                        loading: Mutex::new(()),
+                        slot: Arc::new(Slot {
+                            state: Mutex::new(LoadState::Idle),
+                            changed: Condvar::new(),
+                        }),
                         fallback_audited: OnceLock::new(),
                     },
                 )
@@ -139,14 +183,18 @@ impl Registry {
         let reg = Registry {
             order,
             entries,
-            by_checksum: Mutex::new(HashMap::new()),
-            audit,
-            options,
+            loader: Arc::new(Loader {
+                by_checksum: Mutex::new(HashMap::new()),
+                audit,
+                options,
+            }),
         };
-        if !reg.options.load_none {
+        if !reg.loader.options.load_none {
+            // one after the other (two entries of one file share one
+            // load), each under its own deadline
             for name in &reg.order {
                 let e = &reg.entries[name];
-                if reg.options.load_all || !e.spec.lazy {
+                if reg.loader.options.load_all || !e.spec.lazy {
                     if let Err(err) = reg.load(e) {
                         tracing::warn!(model = %name, error = %err, "model not loaded");
                     }
@@ -167,11 +215,51 @@ impl Registry {
 
     /// The loaded model, if it is loaded (never loads).
     pub fn loaded(&self, name: &str) -> Option<Arc<dyn Model>> {
-        self.entries.get(name).and_then(|e| e.loaded.get().cloned())
+        match &*self.entries.get(name)?.slot.lock() {
+            LoadState::Loaded(m) => Some(m.clone()),
+            _ => None,
+        }
     }
 
-    /// The model for `name`, loading it if lazy; when it cannot be loaded and
-    /// has a fallback, the fallback serves (audited once per model).
+    /// Whether [`Registry::get`] would answer `name` without waiting for a
+    /// load (never loads). Unknown names are settled (as errors).
+    pub fn readiness(&self, name: &str) -> Readiness {
+        let mut at = name;
+        for _ in 0..=self.order.len() {
+            let Some(e) = self.entries.get(at) else {
+                return Readiness::Settled;
+            };
+            match &*e.slot.lock() {
+                LoadState::Loaded(_) => return Readiness::Settled,
+                LoadState::Idle | LoadState::Loading { .. } => return Readiness::Pending,
+                LoadState::Failed(_) => match &e.spec.fallback {
+                    None => return Readiness::Settled,
+                    Some(fb) => at = fb,
+                },
+            }
+        }
+        Readiness::Settled
+    }
+
+    /// Starts loading `name` (and, if it has failed, its fallback) on a
+    /// thread of its own, without waiting.
+    pub fn start_loading(&self, name: &str) {
+        let mut at = name;
+        for _ in 0..=self.order.len() {
+            let Some(e) = self.entries.get(at) else {
+                return;
+            };
+            self.start(e);
+            match (&*e.slot.lock(), &e.spec.fallback) {
+                (LoadState::Failed(_), Some(fb)) => at = fb,
+                _ => return,
+            }
+        }
+    }
+
+    /// The model for `name`, loading it if lazy (waiting at most until its
+    /// load deadline); when it cannot be loaded and has a fallback, the
+    /// fallback serves (audited once per model).
     pub fn get(&self, name: &str) -> Result<Served, RegistryError> {
         let entry = self
             .entries
@@ -190,7 +278,7 @@ impl Registry {
                 if entry.fallback_audited.set(()).is_ok() {
                     tracing::warn!(model = %name, fallback = %fb, reason = %err, "serving through fallback");
                     // a failed fallback row is logged; serving goes on
-                    let _ = self.audit(
+                    let _ = self.loader.audit(
                         AuditEvent::Fallback,
                         &entry.spec,
                         None,
@@ -209,50 +297,112 @@ impl Registry {
     /// Unloads every loaded model (audited). The registry serves nothing after.
     pub fn unload_all(&mut self) {
         for name in &self.order {
-            let Some(entry) = self.entries.get_mut(name) else {
+            let Some(entry) = self.entries.get(name) else {
                 continue;
             };
-            let (Some(m), Some(audit)) = (entry.loaded.take(), &self.audit) else {
+            let state = std::mem::replace(&mut *entry.slot.lock(), LoadState::Idle);
+            let (LoadState::Loaded(m), Some(audit)) = (state, &self.loader.audit) else {
                 continue;
             };
             if let Err(e) = audit.record(AuditEvent::Unload, &entry_for(m.info())) {
                 tracing::error!(model = %name, error = %e, "audit write failed");
             }
         }
-        self.by_checksum
+        self.loader
+            .by_checksum
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
     }
 
-    fn load(&self, entry: &Entry) -> Result<Arc<dyn Model>, RegistryError> {
-        if let Some(m) = entry.loaded.get() {
-            return Ok(m.clone());
+    /// Starts the entry's load thread if nothing has started it.
+    fn start(&self, entry: &Entry) {
+        let mut state = entry.slot.lock();
+        if !matches!(*state, LoadState::Idle) {
+            return;
         }
-        let _guard = entry.loading.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = entry.loaded.get() {
-            return Ok(m.clone());
-        }
-        if let Some(err) = entry
-            .failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        {
-            return Err(err);
-        }
-        match self.load_spec(&entry.spec) {
-            Ok(m) => {
-                let _ = entry.loaded.set(m.clone());
-                Ok(m)
+        let cancel = Arc::new(crate::deadline::Cancel::default());
+        *state = LoadState::Loading {
+            deadline: Instant::now() + entry.spec.limits.load_timeout,
+            cancel: cancel.clone(),
+        };
+        drop(state);
+        let (loader, spec, slot) = (self.loader.clone(), entry.spec.clone(), entry.slot.clone());
+        let started = crate::deadline::spawn(&format!("load-{}", spec.name), cancel, move || {
+            let result = loader.load_spec(&spec);
+            let mut state = slot.lock();
+            match (&*state, result) {
+                (LoadState::Loading { .. }, Ok(m)) => *state = LoadState::Loaded(m),
+                (LoadState::Loading { .. }, Err(e)) => *state = LoadState::Failed(e),
+                // past its deadline: already refused; the late result is dropped
+                (_, r) => tracing::warn!(model = %spec.name, ok = r.is_ok(),
+                    "a load finished after its deadline; its result is discarded"),
             }
-            Err(err) => {
-                *entry.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(err.clone());
-                Err(err)
+            slot.changed.notify_all();
+        });
+        if let Err(e) = started {
+            let mut state = entry.slot.lock();
+            *state = LoadState::Failed(RegistryError::Load {
+                model: entry.spec.name.clone(),
+                message: format!("cannot start a load thread: {e}"),
+            });
+            entry.slot.changed.notify_all();
+        }
+    }
+
+    /// Waits for the entry's load, at most until its deadline; a load that
+    /// passes it is refused (audited) and its thread abandoned.
+    fn wait(&self, entry: &Entry) -> Result<Arc<dyn Model>, RegistryError> {
+        let mut state = entry.slot.lock();
+        loop {
+            match &*state {
+                LoadState::Loaded(m) => return Ok(m.clone()),
+                LoadState::Failed(e) => return Err(e.clone()),
+                LoadState::Idle => {
+                    return Err(RegistryError::Load {
+                        model: entry.spec.name.clone(),
+                        message: "not loaded".into(),
+                    })
+                }
+                LoadState::Loading { deadline, cancel } => {
+                    let now = Instant::now();
+                    if now >= *deadline {
+                        cancel.cancel();
+                        let err = RegistryError::Load {
+                            model: entry.spec.name.clone(),
+                            message: format!(
+                                "loading did not finish within its deadline of {} ms (load_timeout_ms); the model is refused",
+                                entry.spec.limits.load_timeout.as_millis()
+                            ),
+                        };
+                        *state = LoadState::Failed(err.clone());
+                        entry.slot.changed.notify_all();
+                        drop(state);
+                        tracing::error!(model = %entry.spec.name, error = %err, "model load timed out");
+                        self.loader
+                            .audit(AuditEvent::Refuse, &entry.spec, None, "", err.to_string())
+                            .ok(); // logged inside
+                        return Err(err);
+                    }
+                    let left = *deadline - now;
+                    state = entry
+                        .slot
+                        .changed
+                        .wait_timeout(state, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
             }
         }
     }
 
+    fn load(&self, entry: &Entry) -> Result<Arc<dyn Model>, RegistryError> {
+        self.start(entry);
+        self.wait(entry)
+    }
+}
+
+impl Loader {
     /// Reads the file once (hashing as it reads), checks the pin, parses
     /// those same bytes. Verify and Load rows must reach the audit store,
     /// or the model is not served.

@@ -63,6 +63,8 @@ struct Run {
 fn ml_worker(dir: &Path, args: &[&str]) -> Run {
     let out_path = dir.join(".stdout");
     let err_path = dir.join(".stderr");
+    // reaped with wait4 below, which also gives its peak memory
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(env!("CARGO_BIN_EXE_ml-worker"))
         .args(args)
         .current_dir(dir)
@@ -287,7 +289,7 @@ fn onnx_external_data_beside_the_model_works_and_is_audited() {
     assert!(
         audit
             .out
-            .contains(&format!("external data 'onnx_external_sibling.weights'")),
+            .contains("external data 'onnx_external_sibling.weights'"),
         "{}",
         audit.out
     );
@@ -420,5 +422,73 @@ fn non_finite_parameters_and_impossible_shapes_are_refused_at_load() {
         std::fs::write(&reg, yaml).unwrap();
         let run = verify(dir.path(), &reg);
         assert_refused(&run, &[needle]);
+    }
+}
+
+#[test]
+fn loads_and_inference_calls_that_never_end_are_cut_off_at_their_deadlines() {
+    let dir = scratch();
+    // the load's warm-up row enters a Loop that never ends
+    let reg = registry(
+        dir.path(),
+        &hostile("onnx_loop_forever.onnx"),
+        "onnx",
+        4,
+        "    load_timeout_ms: 1500\n",
+    );
+    let t = std::time::Instant::now();
+    let run = verify(dir.path(), &reg);
+    assert_refused(
+        &run,
+        &["did not finish within its deadline of 1500 ms (load_timeout_ms)"],
+    );
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t.elapsed()
+    );
+    let audit = ml_worker(dir.path(), &["audit", "show"]);
+    assert!(audit.out.contains("load_timeout_ms"), "{}", audit.out);
+
+    // models that load (zeros pass) but never return on a positive row:
+    // ONNX Runtime's run is terminated, libtorch's loop is abandoned
+    std::fs::write(dir.path().join("in.csv"), "f0,f1,f2,f3\n1,1,1,1\n").unwrap();
+    let mut cases = vec![("onnx_loop_on_positive.onnx", "onnx")];
+    if cfg!(feature = "torch") {
+        cases.push(("ts_loop_on_positive.pt", "torch"));
+    }
+    for (file, kind) in cases {
+        let reg = registry(
+            dir.path(),
+            &hostile(file),
+            kind,
+            4,
+            "    inference_timeout_ms: 500\n",
+        );
+        let t = std::time::Instant::now();
+        let run = ml_worker(
+            dir.path(),
+            &[
+                "predict",
+                "--model",
+                "m",
+                "--input",
+                "in.csv",
+                "--registry",
+                reg.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(run.code, Some(2), "{file}: {}", run.out);
+        assert!(
+            run.out
+                .contains("inference did not finish within its deadline of 500 ms"),
+            "{file}: {}",
+            run.out
+        );
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "{file}: {:?}",
+            t.elapsed()
+        );
     }
 }

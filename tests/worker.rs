@@ -936,3 +936,165 @@ fn at_most_once_commits_before_publishing_and_still_serves_every_event() {
     assert_eq!(s.committed_total(2), n as i64);
     assert!(w.stop().clean);
 }
+
+/// A feature event for one of the hostile models (features f0..f3).
+fn hostile_event(model: &str, id: String, v: f64) -> Vec<u8> {
+    let e = ml_worker::events::FeatureEvent {
+        event_id: id,
+        model: model.into(),
+        symbol: "SYM".into(),
+        event_time: ml_worker::loadgen::now_ms(),
+        features: (0..4).map(|i| (format!("f{i}"), v)).collect(),
+    };
+    let mut b = Vec::new();
+    ml_worker::loadgen::encode_feature(WireFormat::AvroRaw, &e, &mut b);
+    b
+}
+
+#[test]
+fn models_that_never_return_are_cut_off_by_their_deadlines_while_every_other_model_serves() {
+    let s = Setup::new(2);
+    let hostile = root().join("tests/fixtures/hostile");
+    // the shipped LightGBM model, plus three that never return: an ONNX
+    // model whose load never ends (lazy, so the first event starts it), an
+    // ONNX model and a TorchScript model that loop on positive rows
+    let shipped = std::fs::read_to_string(root().join("config/models.yaml")).unwrap();
+    let lgbm = shipped
+        .split("\n  - ")
+        .find(|m| m.contains("diabetes_lgbm"))
+        .unwrap()
+        .replace("../models/", &format!("{}/models/", root().display()));
+    let hang = |name: &str, file: &str, kind: &str, extra: &str| {
+        format!(
+            "  - name: \"{name}\"\n    path: \"{}\"\n    kind: \"{kind}\"\n    features: [\"f0\", \"f1\", \"f2\", \"f3\"]\n    target: \"y\"\n    task_type: \"regression\"\n{extra}",
+            hostile.join(file).display()
+        )
+    };
+    let registry = format!(
+        "models:\n  - {}\n{}{}{}",
+        lgbm.trim_end(),
+        hang(
+            "lazy_hang",
+            "onnx_loop_forever.onnx",
+            "onnx",
+            "    lazy: true\n    load_timeout_ms: 1500\n"
+        ),
+        hang(
+            "onnx_hang",
+            "onnx_loop_on_positive.onnx",
+            "onnx",
+            "    inference_timeout_ms: 500\n"
+        ),
+        hang(
+            "torch_hang",
+            "ts_loop_on_positive.pt",
+            "torch",
+            "    inference_timeout_ms: 500\n"
+        ),
+    );
+    let reg_file = s.dir.path().join("models.yaml");
+    std::fs::write(&reg_file, registry).unwrap();
+    let yaml = s
+        .yaml("avro-raw", "")
+        .replace(
+            &root().join("config/models.yaml").display().to_string(),
+            &reg_file.display().to_string(),
+        )
+        .replace("shutdown_timeout_ms: 10000", "shutdown_timeout_ms: 3000");
+    let cfg = s.config_from(&yaml);
+    let w = start(cfg);
+
+    // good events and hostile ones interleaved on both partitions
+    let raw: ThreadedProducer<_> = ClientConfig::new()
+        .set("bootstrap.servers", s.brokers())
+        .create()
+        .unwrap();
+    let good = 400u64;
+    let diabetes = s
+        .samples
+        .iter()
+        .find(|x| x.model == "diabetes_lgbm")
+        .unwrap();
+    let mut hostile_keys = Vec::new();
+    for i in 0..good {
+        let e = ml_worker::loadgen::event(
+            std::slice::from_ref(diabetes),
+            "g",
+            i,
+            ml_worker::loadgen::now_ms(),
+        );
+        let mut b = Vec::new();
+        ml_worker::loadgen::encode_feature(WireFormat::AvroRaw, &e, &mut b);
+        let key = format!("good-{i}");
+        raw.send(BaseRecord::to(&s.features).key(&key).payload(&b))
+            .unwrap();
+        if i % 50 == 10 {
+            for model in ["lazy_hang", "onnx_hang", "torch_hang"] {
+                let key = format!("{model}-{i}");
+                let v = hostile_event(model, key.clone(), 1.0);
+                raw.send(BaseRecord::to(&s.features).key(&key).payload(&v))
+                    .unwrap();
+                hostile_keys.push((model, key));
+            }
+        }
+    }
+    raw.flush(Duration::from_secs(10)).unwrap();
+
+    let mut reader = s.reader(WireFormat::AvroRaw);
+    reader.read(Duration::from_secs(60), |seen| {
+        seen.by_id.keys().filter(|k| k.starts_with("g-")).count() as u64 >= good
+            && seen.dead_letters.len() >= hostile_keys.len()
+    });
+    let seen = &reader.seen;
+    let missing = missing_ids(seen, "g", good);
+    assert!(
+        missing.is_empty(),
+        "{} good events not predicted, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    for (model, key) in &hostile_keys {
+        let d = seen
+            .dead_letters
+            .iter()
+            .find(|d| d.key.as_deref() == Some(key.as_bytes()))
+            .unwrap_or_else(|| panic!("no dead letter for {key}"));
+        let reason = &d.headers["error.reason"];
+        assert!(
+            reason.contains("deadline") || reason.contains("unhealthy"),
+            "{key}: {reason}"
+        );
+        if *model == "lazy_hang" {
+            assert!(reason.contains("load_timeout_ms"), "{key}: {reason}");
+        }
+    }
+    // the two that overran an inference call are unhealthy, and say so
+    let (code, body) = http_get(w.started.metrics_address, "/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("model 'onnx_hang' unhealthy"), "{body}");
+    assert!(body.contains("model 'torch_hang' unhealthy"), "{body}");
+    let (_, metrics) = http_get(w.started.metrics_address, "/metrics");
+    assert!(
+        metrics.contains("ml_worker_model_unhealthy{model=\"onnx_hang\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ml_worker_model_unhealthy{model=\"torch_hang\"} 1"),
+        "{metrics}"
+    );
+    // a stop is honoured within the drain deadline although a TorchScript
+    // loop (which nothing can interrupt) still runs on an abandoned thread
+    let t = Instant::now();
+    let summary = w.stop();
+    assert!(
+        t.elapsed() < Duration::from_secs(6),
+        "stop took {:?}",
+        t.elapsed()
+    );
+    assert!(summary.clean, "{summary:?}");
+    assert_eq!(
+        s.committed_total(2),
+        good as i64 + hostile_keys.len() as i64,
+        "every input, served or dead-lettered, committed"
+    );
+}

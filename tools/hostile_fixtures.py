@@ -19,8 +19,9 @@ TorchScript (torch 2.13):
   ts_fork.pt             forward() forks a thread (prim::fork / aten::wait)
   ts_uninitialised.pt    forward() returns torch.empty(...): whatever was in
                          the process's memory
-  ts_forever.pt          forward() loops while a condition that always holds
-                         (allowed operators only: for the deadline tests)
+  ts_loop_on_positive.pt forward() loops for seconds on a row with a
+                         positive sum (allowed operators only, and it passes
+                         the all-zero warm-up: for the inference deadline)
   ts_reciprocal.pt       forward() returns 1/x[:, 0]: infinite for a zero
                          (a non-finite output is an error for its row)
 ONNX (onnx 1.23):
@@ -30,6 +31,9 @@ ONNX (onnx 1.23):
                          beside the model; golden outputs from ONNX Runtime
                          for the legitimate one
   onnx_loop_forever.onnx a Loop without trip count whose condition stays true
+                         (the load's warm-up never ends: the load deadline)
+  onnx_loop_on_positive.onnx  the same Loop, entered only when the input sum
+                         is positive (the inference deadline)
 Bombs and non-finite models (plain bytes, from the shipped fixtures):
   xgb_ubj_null_bomb.ubj  nested arrays of zero-byte UBJSON types: 60 KB that
                          declare about 225 million values
@@ -120,11 +124,16 @@ def torchscript():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.empty(x.size(0), 1)
 
-    class Forever(torch.nn.Module):
+    class LoopOnPositive(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = x.sum(1)
-            while bool(y.sum() > -1.0e30) or bool(y.sum() <= -1.0e30):
+            # zeros (the load's warm-up row) pass; a positive row loops for
+            # seconds, far past any deadline (bounded only so that a test
+            # process does not keep a core busy until it exits)
+            i = 0
+            while bool(y.sum() > 0.0) and i < 300_000:
                 y = y + 0.0
+                i += 1
             return y
 
     class Reciprocal(torch.nn.Module):
@@ -140,7 +149,7 @@ def torchscript():
     torch.jit.script(h).save(path("ts_hook_reader.pt"))
     torch.jit.script(Forky()).save(path("ts_fork.pt"))
     torch.jit.script(Uninitialised()).save(path("ts_uninitialised.pt"))
-    torch.jit.script(Forever()).save(path("ts_forever.pt"))
+    torch.jit.script(LoopOnPositive()).save(path("ts_loop_on_positive.pt"))
 
 
 def onnx_files():
@@ -187,6 +196,14 @@ def onnx_files():
 
     # Loop with no trip count whose condition stays true; its start value
     # depends on the input so it cannot be folded away at load
+    for name, on_positive in [("onnx_loop_forever.onnx", False), ("onnx_loop_on_positive.onnx", True)]:
+        loop_model(name, on_positive)
+
+
+def loop_model(name, on_positive):
+    import onnx
+    from onnx import TensorProto, helper
+
     x = helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 4])
     y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 1])
     body = helper.make_graph(
@@ -206,10 +223,15 @@ def onnx_files():
         ],
         initializer=[helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])],
     )
-    nodes = [
-        helper.make_node("ReduceSum", ["X", "axes"], ["s"], keepdims=1),
-        helper.make_node("Loop", ["", "true", "s"], ["Y"], body=body),
-    ]
+    nodes = [helper.make_node("ReduceSum", ["X", "axes"], ["s"], keepdims=1)]
+    if on_positive:
+        nodes += [
+            helper.make_node("ReduceSum", ["X"], ["total"], keepdims=0),
+            helper.make_node("Greater", ["total", "zero"], ["cond"]),
+            helper.make_node("Loop", ["", "cond", "s"], ["Y"], body=body),
+        ]
+    else:
+        nodes.append(helper.make_node("Loop", ["", "true", "s"], ["Y"], body=body))
     graph = helper.make_graph(
         nodes,
         "forever",
@@ -218,11 +240,12 @@ def onnx_files():
         initializer=[
             helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
             helper.make_tensor("true", TensorProto.BOOL, [], [True]),
+            helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     onnx.checker.check_model(model)
-    with open(path("onnx_loop_forever.onnx"), "wb") as f:
+    with open(path(name), "wb") as f:
         f.write(model.SerializeToString())
 
 

@@ -10,15 +10,15 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use rdkafka::message::OwnedHeaders;
 
 use crate::config::MissingPolicy;
 use crate::events::{Codec, DecodeError, FeatureEvent, FeatureScan};
-use crate::model::{Model, TaskType};
-use crate::registry::Registry;
+use crate::model::Model;
+use crate::registry::{Readiness, Registry};
 use crate::signal::SignalRule;
 use crate::worker::config::{BatchLimits, WorkerConfig};
 use crate::worker::fetch::Incoming;
@@ -62,23 +62,49 @@ impl Stage {
 }
 
 /// How events for one model name are served.
+///
+/// A route is made on the consume thread and never waits for a load: for
+/// a model that is loaded (or settled on its fallback) it is complete at
+/// once; for a lazy model not loaded yet, its load is started in the
+/// background and the route is resolved by the inference thread that gets
+/// its first batch ([`Route::serving`]), within the load deadline.
 pub struct Route {
     /// The name events ask for.
     pub name: String,
+    /// The rows' columns: the serving model's features (the asked-for
+    /// model's while it loads).
+    features: Vec<String>,
+    /// feature name -> column
+    index: HashMap<String, usize>,
+    pub missing: MissingPolicy,
+    pub limits: BatchLimits,
+    serving: OnceLock<Result<Arc<Serving>, String>>,
+}
+
+/// The model that serves a route, once known.
+pub struct Serving {
     pub model: Arc<dyn Model>,
-    /// A fallback model serves this name.
+    /// A fallback model serves the route's name.
     pub fallback: bool,
     /// The serving model's signal rule.
     pub signal: Option<SignalRule>,
-    pub missing: MissingPolicy,
-    pub limits: BatchLimits,
-    pub classification: bool,
-    /// feature name -> column
-    index: HashMap<String, usize>,
+    pub inference_timeout: Duration,
+    /// For each of the serving model's features, its column in the route's
+    /// rows (`None`: absent, NaN); `None` when the layouts are the same (a
+    /// lazy model's fallback may list other features).
+    remap: Option<Vec<Option<usize>>>,
+    /// The serving model's missing-value policy (applied after a remap).
+    missing: MissingPolicy,
 }
 
-impl Route {
-    fn new(name: &str, registry: &Registry, cfg: &WorkerConfig) -> Result<Route, String> {
+impl Serving {
+    /// Asks the registry who serves `name` (waiting for a load that runs,
+    /// at most until its deadline), for rows laid out as `columns`.
+    fn resolve(
+        name: &str,
+        columns: &[String],
+        registry: &Registry,
+    ) -> Result<Arc<Serving>, String> {
         let served = registry.get(name).map_err(|e| e.to_string())?;
         let info = served.model.info();
         let spec = registry
@@ -90,21 +116,97 @@ impl Route {
                 info.name, info.n_outputs
             ));
         }
-        Ok(Route {
-            name: name.to_string(),
+        let remap = (info.features != columns).then(|| {
+            info.features
+                .iter()
+                .map(|f| columns.iter().position(|c| c == f))
+                .collect()
+        });
+        Ok(Arc::new(Serving {
             fallback: served.fallback_for.is_some(),
             signal: spec.signal.clone(),
+            inference_timeout: spec.limits.inference_timeout,
+            remap,
             missing: spec.missing,
-            limits: cfg.limits_for(name),
-            classification: info.task_type == TaskType::Classification,
-            index: info
-                .features
+            model: served.model,
+        }))
+    }
+
+    /// The serving model's rows from a route's rows: `rows` itself when the
+    /// layouts agree, else the remapped rows and, per row, why it cannot be
+    /// served (a feature the serving model rejects as missing).
+    pub fn rows(&self, rows: Vec<f64>, n_rows: usize) -> (Vec<f64>, Vec<(u32, String)>) {
+        let Some(map) = &self.remap else {
+            return (rows, Vec::new());
+        };
+        let nf_in = rows.len().checked_div(n_rows).unwrap_or(0);
+        let names = &self.model.info().features;
+        let mut out = Vec::with_capacity(n_rows * map.len());
+        let mut bad = Vec::new();
+        for r in 0..n_rows {
+            let row = &rows[r * nf_in..(r + 1) * nf_in];
+            let start = out.len();
+            out.extend(map.iter().map(|c| c.map_or(f64::NAN, |c| row[c])));
+            if self.missing == MissingPolicy::Reject {
+                if let Some(j) = out[start..].iter().position(|v| v.is_nan()) {
+                    bad.push((
+                        r as u32,
+                        format!(
+                            "feature '{}' is missing; model '{}' (serving as fallback) rejects missing values",
+                            names[j],
+                            self.model.info().name
+                        ),
+                    ));
+                    out[start..].fill(0.0);
+                }
+            }
+        }
+        (out, bad)
+    }
+}
+
+impl Route {
+    fn new(name: &str, registry: &Registry, cfg: &WorkerConfig) -> Result<Route, String> {
+        let spec = registry
+            .spec(name)
+            .ok_or_else(|| format!("unknown model '{name}'"))?;
+        let make = |features: &[String], missing| Route {
+            name: name.to_string(),
+            features: features.to_vec(),
+            index: features
                 .iter()
                 .enumerate()
                 .map(|(i, f)| (f.clone(), i))
                 .collect(),
-            model: served.model,
-        })
+            missing,
+            limits: cfg.limits_for(name),
+            serving: OnceLock::new(),
+        };
+        match registry.readiness(name) {
+            Readiness::Settled => {
+                let serving = Serving::resolve(name, &[], registry)?;
+                let info = serving.model.info();
+                let route = make(&info.features, serving.missing);
+                let serving = Arc::new(Serving {
+                    remap: None,
+                    ..Arc::into_inner(serving).expect("just made")
+                });
+                let _ = route.serving.set(Ok(serving));
+                Ok(route)
+            }
+            Readiness::Pending => {
+                registry.start_loading(name);
+                Ok(make(&spec.features, spec.missing))
+            }
+        }
+    }
+
+    /// Who serves this route, resolved once (this may wait for a lazy
+    /// load, at most until its deadline: call it off the consume thread).
+    pub fn serving(&self, registry: &Registry) -> Result<Arc<Serving>, String> {
+        self.serving
+            .get_or_init(|| Serving::resolve(&self.name, &self.features, registry))
+            .clone()
     }
 
     pub fn n_features(&self) -> usize {
@@ -118,7 +220,7 @@ impl Route {
         I: Iterator<Item = (&'a [u8], f64)> + Clone,
     {
         row.fill(f64::NAN);
-        let names = &self.model.info().features;
+        let names = &self.features;
         // fast path: the event lists the model's features in model order
         let mut it = features.clone();
         let mut in_order = true;

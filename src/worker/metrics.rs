@@ -118,6 +118,11 @@ const METRICS: &[(&str, &str, &str)] = &[
         "gauge",
         "Messages behind the partition's high watermark, by topic and partition.",
     ),
+    (
+        "ml_worker_model_unhealthy",
+        "gauge",
+        "1 for a model that overran its inference deadline; it is not called again until restart.",
+    ),
 ];
 
 type Labels = Vec<(&'static str, String)>;
@@ -176,6 +181,9 @@ pub struct Metrics {
     pub assigned: AtomicUsize,
     pub models_loaded: AtomicBool,
     pub stopping: AtomicBool,
+    /// Models that overran a deadline, with the reason; they are not
+    /// called again (their events go to the dead-letter topic).
+    unhealthy: Mutex<BTreeMap<String, String>>,
 }
 
 /// Only declared metrics are rendered: catch a forgotten declaration in tests.
@@ -252,6 +260,35 @@ impl Metrics {
         self.models_loaded.load(Ordering::Relaxed)
             && self.assigned.load(Ordering::Relaxed) > 0
             && !self.stopping.load(Ordering::Relaxed)
+            && self.unhealthy_models().is_empty()
+    }
+
+    /// Marks a model unhealthy (until the worker restarts).
+    pub fn mark_unhealthy(&self, model: &str, why: &str) {
+        self.unhealthy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(model.to_string())
+            .or_insert_with(|| why.to_string());
+    }
+
+    /// Why a model is unhealthy, if it is.
+    pub fn unhealthy(&self, model: &str) -> Option<String> {
+        let u = self.unhealthy.lock().unwrap_or_else(|p| p.into_inner());
+        if u.is_empty() {
+            return None;
+        }
+        u.get(model).cloned()
+    }
+
+    /// Every unhealthy model with its reason.
+    pub fn unhealthy_models(&self) -> Vec<(String, String)> {
+        self.unhealthy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// The Prometheus text exposition.
@@ -289,6 +326,9 @@ impl Metrics {
             ("ml_worker_assigned_partitions", vec![]),
             self.assigned.load(Ordering::Relaxed) as f64,
         );
+        for (model, _) in self.unhealthy_models() {
+            gauges.insert(("ml_worker_model_unhealthy", vec![("model", model)]), 1.0);
+        }
         let fmt_labels = |l: &Labels, extra: Option<(&str, String)>| {
             let mut parts: Vec<String> = l
                 .iter()
@@ -416,10 +456,15 @@ fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
             "503 Service Unavailable",
             "text/plain",
             format!(
-                "not ready: models loaded={}, partitions assigned={}, stopping={}\n",
+                "not ready: models loaded={}, partitions assigned={}, stopping={}{}\n",
                 metrics.models_loaded.load(Ordering::Relaxed),
                 metrics.assigned.load(Ordering::Relaxed),
-                metrics.stopping.load(Ordering::Relaxed)
+                metrics.stopping.load(Ordering::Relaxed),
+                metrics
+                    .unhealthy_models()
+                    .iter()
+                    .map(|(m, why)| format!(", model '{m}' unhealthy: {why}"))
+                    .collect::<String>()
             ),
         ),
         ("GET", _) => (

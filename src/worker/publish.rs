@@ -15,11 +15,36 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Message};
 
+use crate::deadline::{Executor, Overrun};
 use crate::events::{Codec, PredictionEvent, Side, SignalEvent};
 use crate::model::{Batch, Prediction};
-use crate::worker::batch::{Chunk, ChunkPool, Kind, Stage};
+use crate::registry::Registry;
+use crate::worker::batch::{Chunk, ChunkPool, Group, Kind, Serving, Stage};
 use crate::worker::metrics::{Histogram, Metrics};
 use crate::worker::offsets::{pack, unpack, OffsetTracker};
+
+/// What inference made of one group of a chunk.
+struct Outcome {
+    /// The predictions, or why every row of the group is refused.
+    result: Result<Prediction, (Stage, String)>,
+    serving: Option<Arc<Serving>>,
+    /// Rows refused on their own (`(row, why)`), e.g. by a fallback that
+    /// rejects a missing feature.
+    row_errors: Vec<(u32, String)>,
+    latency_us: i64,
+}
+
+impl Outcome {
+    fn signal(&self) -> Option<&crate::signal::SignalRule> {
+        self.serving.as_ref().and_then(|s| s.signal.as_ref())
+    }
+
+    fn model_name(&self) -> &str {
+        self.serving
+            .as_ref()
+            .map_or("", |s| s.model.info().name.as_str())
+    }
+}
 
 /// Reusable output events and tallies of one model in a chunk.
 struct GroupOut {
@@ -183,6 +208,8 @@ pub struct Publisher {
     dead_letters: String,
     tracker: Arc<Mutex<OffsetTracker>>,
     metrics: Arc<Metrics>,
+    /// Who serves each model name (lazy routes are resolved here).
+    registry: Arc<Registry>,
     /// Set when the shutdown deadline passed: stop waiting for queue space.
     pub abort: Arc<AtomicBool>,
 }
@@ -195,6 +222,7 @@ impl Publisher {
         dead_letters: String,
         tracker: Arc<Mutex<OffsetTracker>>,
         metrics: Arc<Metrics>,
+        registry: Arc<Registry>,
     ) -> Result<Publisher, KafkaError> {
         let ctx = DeliveryContext {
             tracker: tracker.clone(),
@@ -212,6 +240,7 @@ impl Publisher {
             dead_letters,
             tracker,
             metrics,
+            registry,
             abort: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -328,60 +357,40 @@ impl Publisher {
             .unwrap_or(0)
     }
 
-    /// Scores a chunk and publishes its outputs in input order.
+    /// Scores a chunk and publishes its outputs in input order. Model code
+    /// runs on `executor`, under the serving model's inference deadline.
     /// Returns the emptied chunk for reuse.
-    pub fn process(&self, mut chunk: Chunk, queued: &Queued) -> Chunk {
+    pub fn process(&self, mut chunk: Chunk, queued: &Queued, executor: &mut Executor) -> Chunk {
         let arena_bytes = chunk.arena.len();
         // 1. inference, one call per model
-        let mut results: Vec<Result<Prediction, String>> = Vec::with_capacity(chunk.groups.len());
-        let mut latency_us = Vec::with_capacity(chunk.groups.len());
-        for g in &chunk.groups {
-            if g.n_rows == 0 {
-                results.push(Err("no rows".into()));
-                latency_us.push(0);
-                continue;
-            }
-            let t = Instant::now();
-            let r = Batch::new(&g.rows, g.route.n_features())
-                .and_then(|b| g.route.model.predict_full(b))
-                .map_err(|e| format!("model '{}': {e}", g.route.model.info().name));
-            let dt = t.elapsed();
-            latency_us.push(dt.as_micros() as i64);
-            let name = g.route.name.as_str();
-            let mut h = Histogram::latency();
-            h.observe(dt.as_secs_f64());
-            self.metrics.merge_histogram(
-                "ml_worker_inference_latency_seconds",
-                &[("model", name)],
-                &h,
-            );
-            let mut s = Histogram::sizes();
-            s.observe(g.n_rows as f64);
-            self.metrics
-                .merge_histogram("ml_worker_batch_size", &[("model", name)], &s);
-            if let Err(e) = &r {
-                tracing::warn!(model = %name, error = %e, rows = g.n_rows, "inference failed; rows go to the dead-letter topic");
-            }
-            results.push(r);
-        }
+        let outcomes: Vec<Outcome> = chunk
+            .groups
+            .iter_mut()
+            .map(|g| self.infer(g, executor))
+            .collect();
         // 2. decide every record's outputs; rows that failed become dead letters
         for rec in &mut chunk.records {
             if let Kind::Event { group, row, .. } = &rec.kind {
                 let (g, r) = (*group as usize, *row as usize);
-                let reason = match &results[g] {
-                    Err(e) => Some(e.clone()),
-                    Ok(p) => p.row_problem(r).map(|why| {
-                        format!(
-                            "model '{}': {why} for this row",
-                            chunk.groups[g].route.model.info().name
-                        )
-                    }),
+                let o = &outcomes[g];
+                let refused = match &o.result {
+                    Err((stage, e)) => Some((*stage, e.clone())),
+                    Ok(p) => o
+                        .row_errors
+                        .iter()
+                        .find(|(i, _)| *i as usize == r)
+                        .map(|(_, why)| (Stage::Validate, why.clone()))
+                        .or_else(|| {
+                            p.row_problem(r).map(|why| {
+                                (
+                                    Stage::Inference,
+                                    format!("model '{}': {why} for this row", o.model_name()),
+                                )
+                            })
+                        }),
                 };
-                if let Some(reason) = reason {
-                    rec.kind = Kind::Dead {
-                        stage: Stage::Inference,
-                        reason,
-                    };
+                if let Some((stage, reason)) = refused {
+                    rec.kind = Kind::Dead { stage, reason };
                 }
             }
         }
@@ -390,7 +399,7 @@ impl Publisher {
             for rec in &chunk.records {
                 let outputs = match &rec.kind {
                     Kind::Event { group, .. } => {
-                        1 + chunk.groups[*group as usize].route.signal.is_some() as u32
+                        1 + outcomes[*group as usize].signal().is_some() as u32
                     }
                     Kind::Dead { .. } => 1,
                 };
@@ -408,26 +417,36 @@ impl Publisher {
         let mut outs: Vec<GroupOut> = chunk
             .groups
             .iter()
-            .map(|g| {
-                let info = g.route.model.info();
+            .zip(&outcomes)
+            .map(|(g, o)| {
+                let (version, sha256) = o
+                    .serving
+                    .as_ref()
+                    .map(|s| {
+                        (
+                            s.model.info().version.clone(),
+                            s.model.info().sha256.clone(),
+                        )
+                    })
+                    .unwrap_or_default();
                 GroupOut {
                     prediction: PredictionEvent {
                         event_id: String::new(),
                         model: g.route.name.clone(),
-                        model_version: info.version.clone(),
-                        model_sha256: info.sha256.clone(),
+                        model_version: version.clone(),
+                        model_sha256: sha256,
                         symbol: String::new(),
                         event_time: 0,
                         prediction: 0.0,
                         probabilities: None,
-                        fallback: g.route.fallback,
+                        fallback: o.serving.as_ref().is_some_and(|s| s.fallback),
                         inference_latency_us: 0,
                     },
                     signal: SignalEvent {
                         event_id: String::new(),
                         symbol: String::new(),
                         model: g.route.name.clone(),
-                        model_version: info.version.clone(),
+                        model_version: version,
                         event_time: 0,
                         side: Side::Hold,
                         strength: 0.0,
@@ -454,8 +473,7 @@ impl Publisher {
                     event_time,
                 } => {
                     let g = *group as usize;
-                    let route = &chunk.groups[g].route;
-                    let Ok(p) = &results[g] else {
+                    let Ok(p) = &outcomes[g].result else {
                         unreachable!("failed rows were made dead")
                     };
                     let out = &mut outs[g];
@@ -468,7 +486,7 @@ impl Publisher {
                     pe.event_time = *event_time;
                     pe.prediction = p.values.row(r)[0];
                     pe.probabilities = p.probabilities.as_ref().map(|pr| pr.row(r).to_vec());
-                    pe.inference_latency_us = latency_us[g];
+                    pe.inference_latency_us = outcomes[g].latency_us;
                     buf.clear();
                     self.predictions.1.encode_prediction(pe, &mut buf);
                     let mut failed = None;
@@ -486,7 +504,7 @@ impl Publisher {
                             e2e.observe(now_ms.saturating_sub(ts).max(0) as f64 / 1000.0);
                         }
                     }
-                    if let Some(rule) = &route.signal {
+                    if let Some(rule) = outcomes[g].signal() {
                         let (side, strength) =
                             rule.apply(pe.prediction, pe.probabilities.as_deref());
                         let se = &mut out.signal;
@@ -535,7 +553,7 @@ impl Publisher {
                 }
             }
         }
-        for (g, out) in chunk.groups.iter().zip(&outs) {
+        for ((g, out), o) in chunk.groups.iter().zip(&outs).zip(&outcomes) {
             let model = g.route.name.as_str();
             let m = &self.metrics;
             m.add(
@@ -555,7 +573,7 @@ impl Publisher {
                     out.sides[side as usize],
                 );
             }
-            if g.route.fallback {
+            if o.serving.as_ref().is_some_and(|s| s.fallback) {
                 m.add(
                     "ml_worker_fallbacks_total",
                     &[("model", model)],
@@ -582,6 +600,85 @@ impl Publisher {
         queued.bytes.fetch_sub(arena_bytes, Ordering::Relaxed);
         chunk.recycle();
         chunk
+    }
+
+    /// Runs one group's rows through the model that serves them, under its
+    /// inference deadline; an unhealthy model is not called.
+    fn infer(&self, g: &mut Group, executor: &mut Executor) -> Outcome {
+        let mut outcome = Outcome {
+            result: Err((Stage::Inference, "no rows".into())),
+            serving: None,
+            row_errors: Vec::new(),
+            latency_us: 0,
+        };
+        if g.n_rows == 0 {
+            return outcome;
+        }
+        let serving = match g.route.serving(&self.registry) {
+            Ok(s) => s,
+            Err(e) => {
+                outcome.result = Err((Stage::Route, e));
+                return outcome;
+            }
+        };
+        outcome.serving = Some(serving.clone());
+        let name = serving.model.info().name.clone();
+        if let Some(why) = self.metrics.unhealthy(&name) {
+            outcome.result = Err((
+                Stage::Inference,
+                format!("model '{name}' is unhealthy: {why}"),
+            ));
+            return outcome;
+        }
+        let (rows, row_errors) = serving.rows(std::mem::take(&mut g.rows), g.n_rows);
+        outcome.row_errors = row_errors;
+        let nf = serving.model.info().features.len();
+        let model = serving.model.clone();
+        let t = Instant::now();
+        let run = executor.run(serving.inference_timeout, move || {
+            let r = Batch::new(&rows, nf).and_then(|b| model.predict_full(b));
+            (r, rows)
+        });
+        let dt = t.elapsed();
+        outcome.latency_us = dt.as_micros() as i64;
+        let route = g.route.name.as_str();
+        outcome.result = match run {
+            Ok((r, rows)) => {
+                g.rows = rows; // its capacity is reused
+                r.map_err(|e| (Stage::Inference, format!("model '{name}': {e}")))
+            }
+            Err(Overrun::TimedOut(d)) => {
+                let why = format!(
+                    "an inference call did not finish within its deadline of {} ms (inference_timeout_ms)",
+                    d.as_millis()
+                );
+                tracing::error!(model = %name, rows = g.n_rows, reason = %why,
+                    "model marked unhealthy; its events go to the dead-letter topic");
+                self.metrics.mark_unhealthy(&name, &why);
+                Err((
+                    Stage::Inference,
+                    format!("model '{name}': {why}; the model is marked unhealthy"),
+                ))
+            }
+            Err(Overrun::Panicked(p)) => {
+                Err((Stage::Inference, format!("model '{name}' panicked: {p}")))
+            }
+        };
+        let mut h = Histogram::latency();
+        h.observe(dt.as_secs_f64());
+        self.metrics.merge_histogram(
+            "ml_worker_inference_latency_seconds",
+            &[("model", route)],
+            &h,
+        );
+        let mut s = Histogram::sizes();
+        s.observe(g.n_rows as f64);
+        self.metrics
+            .merge_histogram("ml_worker_batch_size", &[("model", route)], &s);
+        if let Err((_, e)) = &outcome.result {
+            tracing::warn!(model = %route, error = %e, rows = g.n_rows, "inference failed; rows go to the dead-letter topic");
+        }
+        outcome
     }
 
     /// An output that was tracked but never queued counts as done.
@@ -721,10 +818,11 @@ pub fn inference_loop(
     queued: Arc<Queued>,
     pool: ChunkPool,
     failed: Arc<AtomicBool>,
+    mut executor: Executor,
 ) {
     while let Ok(chunk) = rx.recv() {
         let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            publisher.process(chunk, &queued)
+            publisher.process(chunk, &queued, &mut executor)
         }));
         let Ok(empty) = run else {
             tracing::error!("inference thread panicked; the worker stops");

@@ -460,6 +460,7 @@ pub fn run(
         cfg.dead_letters.clone(),
         tracker.clone(),
         metrics.clone(),
+        registry.clone(),
     )?);
 
     let shards = cfg.inference_threads;
@@ -477,10 +478,13 @@ pub fn run(
             pool.clone(),
             failed.clone(),
         );
+        // model code runs on its own thread, under a deadline
+        let executor = crate::deadline::Executor::new(&format!("model-{i}"))
+            .map_err(|e| WorkerError::Thread(e.to_string()))?;
         threads.push(
             std::thread::Builder::new()
                 .name(format!("inference-{i}"))
-                .spawn(move || inference_loop(p, rx, q, pl, f))
+                .spawn(move || inference_loop(p, rx, q, pl, f, executor))
                 .map_err(|e| WorkerError::Thread(e.to_string()))?,
         );
     }
@@ -652,7 +656,17 @@ pub fn run(
     drop(consumer);
     let shared = Arc::into_inner(shared);
     drop(shared);
-    for t in threads {
+    // inference threads finish what they hold, but never past the drain
+    // deadline: a model that does not return must not hold the exit
+    let join_deadline = final_deadline.max(Instant::now() + Duration::from_millis(200));
+    while threads.iter().any(|t| !t.is_finished()) && Instant::now() < join_deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stuck = threads.iter().filter(|t| !t.is_finished()).count();
+    if stuck > 0 {
+        tracing::warn!(threads = stuck, "inference threads still busy at the drain deadline; exiting without them (their events stay uncommitted)");
+    }
+    for t in threads.into_iter().filter(|t| t.is_finished()) {
         let _ = t.join();
     }
     publisher.flush(Instant::now() + Duration::from_millis(200));

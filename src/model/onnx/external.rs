@@ -40,6 +40,9 @@ pub struct ExternalFile {
     pub bytes_used: u64,
 }
 
+/// A model with its external data inline, and the files read.
+pub type Inlined = (Vec<u8>, Vec<ExternalFile>);
+
 /// Deepest nesting of graphs in attributes (`If` inside `Loop` ...).
 const MAX_DEPTH: usize = 64;
 
@@ -314,8 +317,7 @@ fn external_tensor(fields: &[Field<'_>], r: &mut Resolver<'_>) -> Result<Option<
     // the last occurrence of a singular field wins, as in protobuf
     let location_external = fields
         .iter()
-        .filter(|f| f.number == TENSOR_DATA_LOCATION && f.wire == 0)
-        .last()
+        .rfind(|f| f.number == TENSOR_DATA_LOCATION && f.wire == 0)
         .is_some_and(|f| f.varint == DATA_LOCATION_EXTERNAL);
     if !location_external {
         return Ok(None);
@@ -372,11 +374,7 @@ fn external_tensor(fields: &[Field<'_>], r: &mut Resolver<'_>) -> Result<Option<
 /// The model with every external tensor inline (`None`: it has none), and
 /// the files read, each with its SHA256. `dir` is the model file's folder;
 /// at most `limit` external bytes are read.
-pub fn inline(
-    model: &[u8],
-    dir: &Path,
-    limit: u64,
-) -> Result<Option<(Vec<u8>, Vec<ExternalFile>)>, String> {
+pub fn inline(model: &[u8], dir: &Path, limit: u64) -> Result<Option<Inlined>, String> {
     let mut r = Resolver {
         dir,
         budget: limit,

@@ -20,7 +20,7 @@ use std::sync::{Mutex, OnceLock};
 
 use ort::environment::Environment;
 use ort::session::builder::GraphOptimizationLevel;
-use ort::session::Session;
+use ort::session::{RunOptions, Session};
 use ort::value::{DynMapValueType, DynValue, Tensor, TensorElementType, ValueType};
 
 use super::{Batch, Model, ModelError, ModelInfo, Output, Prediction, TaskType};
@@ -397,9 +397,17 @@ impl OnnxModel {
             let data: Vec<f32> = batch.data().iter().map(|v| *v as f32).collect();
             Tensor::from_array(([n, nf], data)).map_err(rt)?.into_dyn()
         };
+        // a run that passes its deadline is told to stop (crate::deadline)
+        let options = std::sync::Arc::new(RunOptions::new().map_err(rt)?);
+        let stop = options.clone();
+        if !crate::deadline::on_cancel(move || {
+            let _ = stop.terminate();
+        }) {
+            return Err(ModelError::Runtime("cancelled: past its deadline".into()));
+        }
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         let outputs = session
-            .run(ort::inputs![self.input.as_str() => input])
+            .run_with_options(ort::inputs![self.input.as_str() => input], &*options)
             .map_err(rt)?;
         let get = |sel: &OutSel| -> Result<Output, ModelError> {
             let v = outputs.get(&sel.name).ok_or_else(|| {
