@@ -216,6 +216,7 @@ fn onnx_external_data_is_read_from_the_model_folder_only() {
         &["external data 'config/worker.yaml'", "model's folder"],
     );
     assert!(!run.out.contains("hunter2"), "{}", run.out);
+    assert_bait_untouched(dir.path());
 
     for (file, why) in [
         ("onnx_external_parent.onnx", "leaves the model's folder"),
