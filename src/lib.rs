@@ -14,6 +14,7 @@
 //!   native LightGBM/XGBoost tree evaluation ([`model::tree`]) and ONNX
 //!   Runtime ([`model::onnx`]).
 //! - [`signal`]: per-model rules turning predictions into BUY/SELL/HOLD.
+//! - [`text`]: untrusted text escaped for terminals and logs.
 //! - [`worker`]: the streaming worker and its `worker.yaml`: consume loop
 //!   ([`worker::run`]), batching ([`worker::batch`]), inference and publishing
 //!   ([`worker::publish`]), at-least-once offsets ([`worker::offsets`]),
@@ -44,4 +45,5 @@ pub mod model;
 pub mod registry;
 pub mod service;
 pub mod signal;
+pub mod text;
 pub mod worker;

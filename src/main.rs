@@ -7,11 +7,12 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use ml_worker::audit::{default_worker_id, AuditStore};
+use ml_worker::audit::{default_worker_id, AuditOptions, AuditStore, Head};
 use ml_worker::checksum::sha256_file;
 use ml_worker::input::read_rows;
 use ml_worker::model::{onnx, Batch, Prediction, TaskType};
 use ml_worker::registry::{Registry, RegistryOptions};
+use ml_worker::text::escape;
 use ml_worker::worker::config::{load_worker_config, Overrides};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -162,10 +163,19 @@ enum AuditCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Re-check the hash chain; exit non-zero if any row was edited or removed.
+    /// Re-check the keyed hash chain and the schema; exit non-zero if any
+    /// row was edited, removed or forged, or the store was altered. The key
+    /// comes from ML_WORKER_AUDIT_KEY, ML_WORKER_AUDIT_KEY_FILE or <db>.key.
     Verify {
         #[arg(long, default_value = "data/audit.db", env = "ML_WORKER_AUDIT_DB")]
         db: PathBuf,
+        /// Anchor file the chain head was appended to; the store must reach its last head.
+        #[arg(long, env = "ML_WORKER_AUDIT_ANCHOR", value_name = "FILE")]
+        anchor: Option<PathBuf>,
+        /// A chain head seen elsewhere (the log's audit_head, the
+        /// ml_worker_audit_head metric), as ID:MAC; the store must contain it.
+        #[arg(long, value_name = "ID:MAC")]
+        head: Option<String>,
     },
 }
 
@@ -330,8 +340,8 @@ fn run(cli: Cli) -> Result<u8> {
             address_file,
         } => run_broker(&topics, brokers, address_file.as_deref()),
         Command::Audit {
-            command: AuditCommand::Verify { db },
-        } => audit_verify(&db),
+            command: AuditCommand::Verify { db, anchor, head },
+        } => audit_verify(&db, anchor, head.as_deref()),
     }
 }
 
@@ -638,7 +648,7 @@ fn audit_show(db: &Path, model: Option<&str>, limit: Option<usize>, json: bool) 
     if !db.exists() {
         bail!("audit store {} does not exist", db.display());
     }
-    let store = AuditStore::open(db, &default_worker_id())?;
+    let store = AuditStore::inspect(db, &AuditOptions::from_env())?;
     let mut out = std::io::stdout().lock();
     for r in store.rows(model, limit)? {
         if json {
@@ -648,37 +658,72 @@ fn audit_show(db: &Path, model: Option<&str>, limit: Option<usize>, json: bool) 
                 out,
                 "{:>5} {} {:<8} {:<20} {:<14} {:<9} {} {} {}",
                 r.id,
-                r.ts,
-                r.event,
-                r.model,
-                r.version,
-                r.kind,
-                r.sha256.chars().take(16).collect::<String>(),
-                r.worker_id,
-                r.detail
+                escape(&r.ts),
+                escape(&r.event),
+                escape(&r.model),
+                escape(&r.version),
+                escape(&r.kind),
+                escape(&r.sha256.chars().take(16).collect::<String>()),
+                escape(&r.worker_id),
+                escape(&r.detail)
             )?;
         }
     }
     Ok(0)
 }
 
-fn audit_verify(db: &Path) -> Result<u8> {
+fn audit_verify(db: &Path, anchor: Option<PathBuf>, head: Option<&str>) -> Result<u8> {
     if !db.exists() {
         bail!("audit store {} does not exist", db.display());
     }
-    let store = AuditStore::open(db, &default_worker_id())?;
-    let report = store.verify()?;
+    let options = AuditOptions {
+        anchor_file: anchor,
+        ..AuditOptions::from_env()
+    };
+    let store = AuditStore::inspect(db, &options)?;
+    let head: Option<Head> = head
+        .map(|h| {
+            h.parse()
+                .map_err(|e: String| anyhow::anyhow!("--head: {e}"))
+        })
+        .transpose()?;
+    let anchors: Vec<Head> = head
+        .iter()
+        .chain(store.anchored_head()?.iter())
+        .cloned()
+        .collect();
+    let report = store.verify_against(&anchors)?;
+    let head_text = report
+        .head
+        .as_ref()
+        .map_or_else(|| "none".to_string(), |h| h.to_string());
     if report.ok() {
-        println!("ok: {} rows, hash chain intact", report.rows);
+        let checked = if anchors.is_empty() {
+            ", no anchor given (compare the head with the log or ml_worker_audit_head)"
+        } else {
+            ", reaches its anchor"
+        };
+        let legacy = if report.unkeyed_rows > 0 {
+            format!(
+                "; rows 1..={} predate the keyed chain (hash-chained only)",
+                report.unkeyed_rows
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "ok: {} rows, keyed hash chain intact, head {head_text}{checked}{legacy}",
+            report.rows
+        );
         Ok(0)
     } else {
         println!(
-            "FAILED: {} rows checked, {} problem(s):",
+            "FAILED: {} rows checked (head {head_text}), {} problem(s):",
             report.rows,
             report.problems.len()
         );
         for p in &report.problems {
-            println!("  {p}");
+            println!("  {}", ml_worker::text::escape(p));
         }
         Ok(1)
     }

@@ -49,7 +49,11 @@ pub fn serve(
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the audit store's folder {}", dir.display()))?;
     }
+    let metrics = Arc::new(Metrics::default());
     let audit = Arc::new(AuditStore::open(&cfg.audit_db, &default_worker_id())?);
+    // the chain head, where the database's editor cannot rewrite it
+    let m = metrics.clone();
+    audit.on_head(Box::new(move |head| m.set_audit_head(head.id, &head.mac)));
     let registry = Arc::new(Registry::open(
         &cfg.registry,
         Some(audit),
@@ -68,7 +72,6 @@ pub fn serve(
     let brokers = broker
         .as_ref()
         .map_or_else(|| cfg.brokers.clone(), |b| b.bootstrap_servers());
-    let metrics = Arc::new(Metrics::default());
     let summary = crate::worker::run(cfg, &brokers, registry.clone(), metrics, stop, |s| {
         on_start(&s)
     })?;

@@ -585,3 +585,91 @@ fn a_reader_that_stops_early_is_not_an_error_and_the_unload_is_audited() {
         text(&o)
     );
 }
+
+#[test]
+fn audit_store_edits_the_chain_cannot_hide_are_refused_at_open_and_found_by_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = registry_with(
+        dir.path(),
+        "lgb_regression",
+        "lgb_regression.txt",
+        "lightgbm",
+        "",
+    );
+    let anchor = dir.path().join("anchor.log");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ml-worker"))
+            .args(args)
+            .current_dir(dir.path())
+            .env("ML_WORKER_AUDIT_DB", dir.path().join("audit.db"))
+            .env("ML_WORKER_AUDIT_ANCHOR", &anchor)
+            .output()
+            .unwrap()
+    };
+    let verify_models = ["models", "verify", "--registry", reg.to_str().unwrap()];
+    let o = run(&verify_models);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(&["audit", "verify"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("reaches its anchor"), "{}", text(&o));
+    let head = std::fs::read_to_string(&anchor)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .to_string();
+    assert!(text(&o).contains(&head), "{}", text(&o));
+
+    let db = dir.path().join("audit.db");
+    let sqlite3 = |sql: &str| {
+        let o = Command::new("sqlite3")
+            .arg(&db)
+            .arg(sql)
+            .output()
+            .expect("the sqlite3 shell is installed (.ci/run installs it)");
+        assert!(o.status.success(), "{}", text(&o));
+    };
+    // a trigger that makes every later audit row vanish: refused at open,
+    // so no model loads unaudited
+    sqlite3("CREATE TRIGGER hide BEFORE INSERT ON audit_log BEGIN SELECT RAISE(IGNORE); END;");
+    let o = run(&verify_models);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("tampered") && text(&o).contains("unexpected trigger 'hide'"),
+        "{}",
+        text(&o)
+    );
+    let o = run(&["audit", "verify"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("unexpected trigger 'hide'"),
+        "{}",
+        text(&o)
+    );
+    sqlite3("DROP TRIGGER hide;");
+
+    // every row deleted and the sequence reset: the anchor (and the head
+    // from the log) still say what was there
+    sqlite3(
+        "DROP TRIGGER audit_log_no_delete; DELETE FROM audit_log; DELETE FROM sqlite_sequence; \
+         CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log BEGIN SELECT RAISE(ABORT, 'audit_log is append-only: DELETE refused'); END;",
+    );
+    let o = run(&["audit", "verify"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("0 rows checked") && text(&o).contains("not in the store"),
+        "{}",
+        text(&o)
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_ml-worker"))
+        .args(["audit", "verify", "--head", &head])
+        .current_dir(dir.path())
+        .env("ML_WORKER_AUDIT_DB", &db)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    // and the store no longer opens for loading models
+    let o = run(&verify_models);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("not in the store"), "{}", text(&o));
+}

@@ -119,6 +119,11 @@ const METRICS: &[(&str, &str, &str)] = &[
         "Messages behind the partition's high watermark, by topic and partition.",
     ),
     (
+        "ml_worker_audit_head",
+        "gauge",
+        "Id of the newest audit row, labelled with its mac: the chain head for `ml-worker audit verify --head ID:MAC`.",
+    ),
+    (
         "ml_worker_model_unhealthy",
         "gauge",
         "1 for a model that overran its inference deadline; it is not called again until restart.",
@@ -261,6 +266,12 @@ impl Metrics {
             && self.assigned.load(Ordering::Relaxed) > 0
             && !self.stopping.load(Ordering::Relaxed)
             && self.unhealthy_models().is_empty()
+    }
+
+    /// The audit chain's head (one series: the newest).
+    pub fn set_audit_head(&self, id: i64, mac: &str) {
+        self.clear_gauge("ml_worker_audit_head");
+        self.set_gauge("ml_worker_audit_head", &[("mac", mac)], id as f64);
     }
 
     /// Marks a model unhealthy (until the worker restarts).
