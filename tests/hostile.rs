@@ -493,3 +493,57 @@ fn loads_and_inference_calls_that_never_end_are_cut_off_at_their_deadlines() {
         );
     }
 }
+
+#[test]
+fn a_librdkafka_plugin_in_the_config_is_refused_and_never_loaded() {
+    let dir = scratch();
+    // a shared library whose constructor leaves a mark
+    let mark = dir.path().join("constructor-ran");
+    let src = dir.path().join("evil.c");
+    std::fs::write(
+        &src,
+        format!(
+            "#include <stdio.h>\n__attribute__((constructor)) static void evil(void) {{ FILE *f = fopen(\"{}\", \"w\"); if (f) fclose(f); }}\n\
+             int conf_init(void *conf, void **plug_opaquep, char *errstr, size_t errstr_size) {{ return 0; }}\n",
+            mark.display()
+        ),
+    )
+    .unwrap();
+    let so = dir.path().join("evil.so");
+    let built = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&so)
+        .arg(&src)
+        .status()
+        .expect("a C compiler");
+    assert!(built.success());
+    let shipped = std::fs::read_to_string(root().join("config/worker.yaml")).unwrap();
+    let yaml = shipped
+        .replace(
+            "librdkafka: {}",
+            &format!(
+                "librdkafka: {{\"plugin.library.paths\": \"{}\"}}",
+                so.display()
+            ),
+        )
+        .replace(
+            "registry: \"models.yaml\"",
+            &format!(
+                "registry: \"{}\"",
+                root().join("config/models.yaml").display()
+            ),
+        );
+    assert_ne!(yaml, shipped);
+    let cfg = dir.path().join("worker.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let run = ml_worker(dir.path(), &["run", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(run.code, Some(2), "{}", run.out);
+    assert!(
+        run.out.contains(
+            "kafka.librdkafka.plugin.library.paths': is refused: it loads shared libraries"
+        ),
+        "{}",
+        run.out
+    );
+    assert!(!mark.exists(), "the plugin's constructor ran");
+}

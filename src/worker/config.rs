@@ -32,7 +32,97 @@ const MANAGED: &[(&str, &str)] = &[
         "partition.assignment.strategy",
         "the worker relies on cooperative-sticky rebalancing",
     ),
+    // librdkafka's aliases of the above
+    ("metadata.broker.list", "set 'kafka.brokers'"),
+    (
+        "auto.commit.enable",
+        "offsets are committed only after outputs are acknowledged",
+    ),
 ];
+
+/// librdkafka properties a pass-through may never set: they load code, run
+/// commands, write files or replace the cluster (from librdkafka 2.12's
+/// CONFIGURATION.md and rdkafka_conf.c, hidden properties included).
+/// Property names are matched case-insensitively and with or without
+/// librdkafka's `topic.` prefix.
+const REFUSED: &[(&str, &str)] = &[
+    (
+        "plugin.library.paths",
+        "loads shared libraries (their constructors run as the config is read)",
+    ),
+    (
+        "sasl.kerberos.kinit.cmd",
+        "is a shell command librdkafka runs at start and at every ticket refresh",
+    ),
+    (
+        "ssl.engine.location",
+        "loads an OpenSSL engine (a shared library)",
+    ),
+    (
+        "ssl.engine.id",
+        "selects an OpenSSL engine to load (ssl.engine.location)",
+    ),
+    ("ssl.providers", "loads OpenSSL 3 provider modules"),
+    (
+        "ut_handle_ProduceResponse",
+        "is an internal test hook that librdkafka calls as a function pointer",
+    ),
+    (
+        "test.mock.num.brokers",
+        "replaces the cluster with an in-process mock (use 'kafka.brokers: embedded')",
+    ),
+    (
+        "test.mock.broker.rtt",
+        "belongs to librdkafka's in-process mock cluster",
+    ),
+    (
+        "offset.store.method",
+        "selects librdkafka's deprecated file offset store, which writes files (offsets are committed to the group)",
+    ),
+    (
+        "offset.store.path",
+        "is where librdkafka's deprecated file offset store writes files",
+    ),
+    (
+        "offset.store.sync.interval.ms",
+        "belongs to librdkafka's deprecated file offset store",
+    ),
+];
+
+/// Properties librdkafka pastes into the `sasl.kerberos.kinit.cmd` shell
+/// line (`%{sasl.kerberos.principal}` ...): plain names and paths only.
+const SHELL_INTERPOLATED: &[&str] = &[
+    "sasl.kerberos.principal",
+    "sasl.kerberos.keytab",
+    "sasl.kerberos.service.name",
+];
+
+/// Why a pass-through librdkafka property is not allowed, if it is not.
+fn refused_property(key: &str, value: &str) -> Option<String> {
+    let lower = key.trim().to_ascii_lowercase();
+    let name = lower.strip_prefix("topic.").unwrap_or(&lower);
+    if let Some((_, why)) = MANAGED.iter().find(|(k, _)| *k == name) {
+        return Some(format!("is managed by ml-worker: {why}"));
+    }
+    if let Some((_, why)) = REFUSED.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)) {
+        return Some(format!("is refused: it {why}"));
+    }
+    if name.starts_with("ut_") || name.starts_with("test.") {
+        return Some(
+            "is refused: librdkafka's internal test properties are not for production".into(),
+        );
+    }
+    if SHELL_INTERPOLATED.contains(&name)
+        && !value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"@._/+=:-".contains(&b))
+    {
+        return Some(
+            "may hold only letters, digits and @._/+=:- (librdkafka pastes it into a shell command line)".into(),
+        );
+    }
+    None
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -354,10 +444,10 @@ fn validate(
         return Err(err("kafka.group_id", "must not be empty".into()));
     }
     for (key, value) in &raw.kafka.librdkafka {
-        if let Some((_, why)) = MANAGED.iter().find(|(k, _)| k == key) {
+        if let Some(why) = refused_property(key, value) {
             return Err(err(
-                &format!("kafka.librdkafka.{key}"),
-                format!("is managed by ml-worker: {why}"),
+                &format!("kafka.librdkafka.{}", crate::text::escape(key)),
+                why,
             ));
         }
         if value.is_empty() {
