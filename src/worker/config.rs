@@ -195,8 +195,47 @@ struct RawOutputs {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSchemaRegistry {
-    /// Confluent Schema Registry, for `avro` topics.
+    /// Confluent Schema Registry, for `avro` topics: `http://` or `https://`.
     url: String,
+    /// Basic auth user (Confluent Cloud: the API key).
+    #[serde(default)]
+    username: Option<String>,
+    /// Basic auth password, in the file (prefer `password_env`).
+    #[serde(default)]
+    password: Option<String>,
+    /// Environment variable holding the basic auth password.
+    #[serde(default)]
+    password_env: Option<String>,
+    /// PEM file of the CA certificate(s) to trust for `https://` instead of
+    /// the bundled Mozilla roots (a private CA).
+    #[serde(default)]
+    ca_file: Option<String>,
+    /// Deadline of one request (ms, default 5000).
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+/// Validated `schema_registry:` settings.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SchemaRegistryConfig {
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for SchemaRegistryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // never the password
+        f.debug_struct("SchemaRegistryConfig")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("ca_file", &self.ca_file)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -358,7 +397,7 @@ pub struct WorkerConfig {
     pub predictions: Output,
     pub signals: Output,
     pub dead_letters: String,
-    pub schema_registry: Option<String>,
+    pub schema_registry: Option<SchemaRegistryConfig>,
     pub batching: BatchLimits,
     pub per_model: BTreeMap<String, BatchLimits>,
     pub inference_threads: usize,
@@ -392,6 +431,81 @@ pub struct Overrides {
     pub brokers: Option<String>,
     pub group_id: Option<String>,
     pub registry: Option<PathBuf>,
+}
+
+/// Validates `schema_registry:` (the password from its environment
+/// variable, when named there).
+fn schema_registry(
+    r: RawSchemaRegistry,
+    base: &Path,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<SchemaRegistryConfig, ConfigError> {
+    let rest = r
+        .url
+        .strip_prefix("http://")
+        .or_else(|| r.url.strip_prefix("https://"));
+    match rest {
+        Some(host) if !host.is_empty() && !host.starts_with('/') => {}
+        _ => {
+            return Err(err(
+                "schema_registry.url",
+                format!(
+                    "'{}' is not an http:// or https:// URL",
+                    crate::text::escape(&r.url)
+                ),
+            ))
+        }
+    }
+    if r.url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(err(
+            "schema_registry.url",
+            "must not contain spaces or control characters".into(),
+        ));
+    }
+    let password = match (r.password, r.password_env) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "schema_registry.password_env",
+                "give the password or the variable that holds it, not both".into(),
+            ))
+        }
+        (p, None) => p,
+        (None, Some(var)) => Some(std::env::var(&var).map_err(|_| {
+            err(
+                "schema_registry.password_env",
+                format!("the environment variable '{var}' is not set"),
+            )
+        })?),
+    };
+    if password.is_some() && r.username.is_none() {
+        return Err(err(
+            "schema_registry.username",
+            "a password needs a username".into(),
+        ));
+    }
+    if r.username.as_deref().is_some_and(|u| u.contains(':')) {
+        return Err(err(
+            "schema_registry.username",
+            "must not contain ':' (basic auth)".into(),
+        ));
+    }
+    let timeout = match r.timeout_ms {
+        None => Duration::from_secs(5),
+        Some(ms) if (1..=600_000).contains(&ms) => Duration::from_millis(ms),
+        Some(ms) => {
+            return Err(err(
+                "schema_registry.timeout_ms",
+                format!("{ms} is not within 1..=600000"),
+            ))
+        }
+    };
+    Ok(SchemaRegistryConfig {
+        url: r.url,
+        username: r.username,
+        password,
+        ca_file: r.ca_file.map(|f| base.join(f)),
+        timeout,
+    })
 }
 
 /// Reads, applies overrides to, and validates a worker config file.
@@ -511,9 +625,7 @@ fn validate(
     ]
     .contains(&WireFormat::Avro);
     let schema_registry = match raw.schema_registry {
-        Some(r) if r.url.starts_with("http://") && r.url.len() > 7 => Some(r.url),
-        Some(r) if r.url.starts_with("https://") => return Err(err("schema_registry.url", format!("'{}': only plain http:// registries are supported (put a TLS-terminating proxy in front)", r.url))),
-        Some(r) => return Err(err("schema_registry.url", format!("'{}' is not an http:// URL", r.url))),
+        Some(r) => Some(schema_registry(r, base, &err)?),
         None if uses_avro => {
             return Err(err("schema_registry.url", "the 'avro' format (Confluent framing) needs a schema registry; use 'avro-raw' without one".into()))
         }

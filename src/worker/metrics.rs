@@ -4,8 +4,7 @@
 //! the locks below are taken a few times per batch, not per event.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -408,63 +407,108 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until `stop` is set.
-/// Returns the bound address (useful with port 0).
+/// Most connections the endpoint serves at once; more are closed at once.
+pub const MAX_CONNECTIONS: usize = 256;
+/// A client must send its whole request head within this.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a connection (keep-alive included) stays open.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request head read (hyper's buffer; its minimum is 8 KiB).
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `stop` is set, on a
+/// thread of its own (hyper on a single-threaded tokio runtime): each
+/// connection is served concurrently, within the limits above, so a slow or
+/// idle client delays nobody else. Returns the bound address (useful with
+/// port 0).
 pub fn serve(
     address: SocketAddr,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(address)?;
+    let listener = std::net::TcpListener::bind(address)?;
     listener.set_nonblocking(true)?;
     let bound = listener.local_addr()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     std::thread::Builder::new()
         .name("metrics".into())
-        .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        if let Err(e) = respond(stream, &metrics) {
-                            tracing::debug!(error = %e, "metrics request failed");
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "metrics accept failed");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            }
-        })?;
+        .spawn(move || runtime.block_on(accept_loop(listener, metrics, stop)))?;
     Ok(bound)
 }
 
-fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut buf = [0u8; 2048];
-    let mut n = 0;
-    while n < buf.len() {
-        let r = stream.read(&mut buf[n..])?;
-        if r == 0 {
-            break;
+async fn accept_loop(
+    listener: std::net::TcpListener,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "metrics endpoint cannot listen");
+            return;
         }
-        n += r;
-        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") || buf[..n].contains(&b'\n') {
-            break;
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "metrics accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    tracing::debug!("metrics endpoint at its connection limit; connection closed");
+                    continue;
+                };
+                let metrics = metrics.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let service = hyper::service::service_fn(move |req| {
+                        let response = respond(&req, &metrics);
+                        async move { Ok::<_, std::convert::Infallible>(response) }
+                    });
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(HEADER_READ_TIMEOUT)
+                        .max_buf_size(MAX_HEAD_BYTES)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                    if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+                        tracing::debug!(error = %e, "metrics connection ended with an error");
+                    }
+                });
+            }
+            _ = tick.tick() => {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+            }
         }
     }
-    let line = String::from_utf8_lossy(&buf[..n]);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, ctype, body) = match (method, path.split('?').next().unwrap_or("")) {
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        ("GET", "/readyz") if metrics.ready() => ("200 OK", "text/plain", "ready\n".to_string()),
-        ("GET", "/readyz") => (
-            "503 Service Unavailable",
+}
+
+type Body = http_body_util::Full<hyper::body::Bytes>;
+
+fn respond<B>(req: &hyper::Request<B>, metrics: &Metrics) -> hyper::Response<Body> {
+    use hyper::{Method, StatusCode};
+    let (status, ctype, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/metrics") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics.render(),
+        ),
+        (&Method::GET | &Method::HEAD, "/healthz") => (StatusCode::OK, "text/plain", "ok\n".into()),
+        (&Method::GET | &Method::HEAD, "/readyz") if metrics.ready() => {
+            (StatusCode::OK, "text/plain", "ready\n".into())
+        }
+        (&Method::GET | &Method::HEAD, "/readyz") => (
+            StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
             format!(
                 "not ready: models loaded={}, partitions assigned={}, stopping={}{}\n",
@@ -478,18 +522,31 @@ fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
                     .collect::<String>()
             ),
         ),
-        ("GET", _) => (
-            "404 Not Found",
+        (&Method::GET | &Method::HEAD, _) => (
+            StatusCode::NOT_FOUND,
             "text/plain",
             "try /metrics, /healthz, /readyz\n".into(),
         ),
-        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        ),
     };
-    write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
+    let mut response = hyper::Response::new(Body::new(body.into()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(ctype),
+    );
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        headers.insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+    }
+    response
 }
 
 #[cfg(test)]

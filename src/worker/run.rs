@@ -426,7 +426,12 @@ pub fn run(
     metrics.models_loaded.store(true, Ordering::Relaxed);
 
     // codecs (with a schema registry for `avro` topics)
-    let registry_client = cfg.schema_registry.as_deref().map(SchemaRegistry::new);
+    let registry_client = cfg
+        .schema_registry
+        .as_ref()
+        .map(SchemaRegistry::new)
+        .transpose()
+        .map_err(WorkerError::SchemaRegistry)?;
     let ids = |format: WireFormat, topic: &str, signal: bool| -> Result<SchemaIds, WorkerError> {
         match (format, &registry_client) {
             (WireFormat::Avro, Some(sr)) => sr

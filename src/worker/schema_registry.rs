@@ -1,27 +1,29 @@
-//! A small Confluent Schema Registry client (plain HTTP): registers the
-//! output schemas under `<topic>-value` and fetches feature-event writer
-//! schemas by id. Only what the `avro` wire format needs.
+//! A Confluent Schema Registry client on `ureq` (HTTP and HTTPS through
+//! rustls, basic auth, timeouts, bodies up to 16 MiB): registers the output
+//! schemas under `<topic>-value` and fetches feature-event writer schemas
+//! by id. Only what the `avro` wire format needs.
 
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
 use crate::events::{PREDICTION_EVENT_SCHEMA, SIGNAL_EVENT_SCHEMA};
+use crate::worker::config::SchemaRegistryConfig;
+
+/// Largest reply read.
+const MAX_REPLY_BYTES: u64 = 16 << 20;
 
 pub struct SchemaRegistry {
-    /// `host:port`
-    authority: String,
-    /// path prefix, without a trailing slash
-    prefix: String,
-    /// Connect, read and write timeout of one request.
-    timeout: Duration,
+    agent: ureq::Agent,
+    /// Base URL, without a trailing slash.
+    base: String,
+    /// `Authorization` header value, for basic auth.
+    auth: Option<String>,
     /// After a request fails without an HTTP answer (unreachable, timed
-    /// out, garbled), schema lookups are refused until this instant without
-    /// asking: the lookups run on the consumer thread, which must not wait
-    /// on a registry that is down for every new schema id.
+    /// out, TLS failure) or with a 5xx, schema lookups are refused until
+    /// this instant without asking: the lookups run on the consumer thread,
+    /// which must not wait on a registry that is down for every new schema id.
     down: Mutex<Option<(Instant, String)>>,
     /// How long `down` lasts.
     backoff: Duration,
@@ -56,26 +58,60 @@ struct SchemaReply {
     schema: String,
 }
 
+/// A failed request: why, and whether the registry gave an HTTP answer
+/// that is its final word (4xx).
+struct Failed(String, bool);
+
 impl SchemaRegistry {
-    /// `url` is `http://host:port[/prefix]` (validated with the config).
-    pub fn new(url: &str) -> SchemaRegistry {
-        let rest = url.strip_prefix("http://").unwrap_or(url);
-        let (authority, prefix) = match rest.find('/') {
-            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
-            None => (rest, ""),
-        };
-        SchemaRegistry {
-            authority: authority.to_string(),
-            prefix: prefix.to_string(),
-            timeout: Duration::from_secs(5),
+    /// A client for the validated `schema_registry:` settings (reads the CA
+    /// file when one is given).
+    pub fn new(cfg: &SchemaRegistryConfig) -> Result<SchemaRegistry, String> {
+        let mut tls = ureq::tls::TlsConfig::builder();
+        if let Some(ca) = &cfg.ca_file {
+            let pem = std::fs::read(ca)
+                .map_err(|e| format!("schema_registry.ca_file {}: {e}", ca.display()))?;
+            let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("schema_registry.ca_file {}: {e}", ca.display()))?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "schema_registry.ca_file {}: no PEM certificate in it",
+                    ca.display()
+                ));
+            }
+            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
+        }
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(cfg.timeout))
+            .http_status_as_error(false)
+            .tls_config(tls.build())
+            .user_agent(concat!("ml-worker/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        let auth = cfg.username.as_ref().map(|user| {
+            use base64::Engine;
+            let pair = format!("{user}:{}", cfg.password.as_deref().unwrap_or(""));
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(pair)
+            )
+        });
+        Ok(SchemaRegistry {
+            agent,
+            base: cfg.url.trim_end_matches('/').to_string(),
+            auth,
             down: Mutex::new(None),
             backoff: Duration::from_secs(5),
-        }
+        })
     }
 
-    /// Other request timeout and down-time (tests).
-    pub fn with_timeouts(mut self, timeout: Duration, backoff: Duration) -> SchemaRegistry {
-        self.timeout = timeout;
+    /// Another down-time after an outage (tests).
+    pub fn with_backoff(mut self, backoff: Duration) -> SchemaRegistry {
         self.backoff = backoff;
         self
     }
@@ -84,15 +120,16 @@ impl SchemaRegistry {
     pub fn register(&self, subject: &str, schema: &str) -> Result<u32, String> {
         let body = serde_json::json!({ "schema": schema }).to_string();
         let reply = self
-            .request(
-                "POST",
-                &format!("/subjects/{subject}/versions"),
-                Some(&body),
-            )
+            .request(&format!("/subjects/{subject}/versions"), Some(&body))
             .map_err(|e| e.0)?;
         serde_json::from_str::<IdReply>(&reply)
             .map(|r| r.id)
-            .map_err(|e| format!("unexpected reply registering '{subject}': {e}: {reply}"))
+            .map_err(|e| {
+                format!(
+                    "unexpected reply registering '{subject}': {e}: {}",
+                    clip(&reply)
+                )
+            })
     }
 
     /// The writer schema with this id.
@@ -110,7 +147,7 @@ impl SchemaRegistry {
                 _ => *down = None,
             }
         }
-        let reply = match self.request("GET", &format!("/schemas/ids/{id}"), None) {
+        let reply = match self.request(&format!("/schemas/ids/{id}"), None) {
             Ok(reply) => reply,
             Err(Failed(why, answered)) if answered => return Err(LookupError::Refused(why)),
             Err(Failed(why, _)) => {
@@ -122,7 +159,10 @@ impl SchemaRegistry {
         serde_json::from_str::<SchemaReply>(&reply)
             .map(|r| r.schema)
             .map_err(|e| {
-                LookupError::Refused(format!("unexpected reply for schema {id}: {e}: {reply}"))
+                LookupError::Refused(format!(
+                    "unexpected reply for schema {id}: {e}: {}",
+                    clip(&reply)
+                ))
             })
     }
 
@@ -142,92 +182,77 @@ impl SchemaRegistry {
         Ok(ids)
     }
 
-    /// One HTTP request; the error says whether the registry answered.
-    fn request(&self, method: &str, path: &str, body: Option<&str>) -> Result<String, Failed> {
-        let url = format!("http://{}{}{}", self.authority, self.prefix, path);
-        let fail = |e: std::io::Error| Failed(format!("{method} {url}: {e}"), false);
-        let mut s = self.connect().map_err(fail)?;
-        s.set_read_timeout(Some(self.timeout)).map_err(fail)?;
-        s.set_write_timeout(Some(self.timeout)).map_err(fail)?;
-        let body = body.unwrap_or("");
-        let request = format!(
-            "{method} {}{path} HTTP/1.1\r\nHost: {}\r\nAccept: application/vnd.schemaregistry.v1+json, application/json\r\nContent-Type: application/vnd.schemaregistry.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            self.prefix,
-            self.authority,
-            body.len()
-        );
-        s.write_all(request.as_bytes()).map_err(fail)?;
-        let mut raw = Vec::new();
-        s.take(16 << 20).read_to_end(&mut raw).map_err(fail)?;
-        let text = String::from_utf8_lossy(&raw);
-        let (head, rest) = text
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| Failed(format!("{method} {url}: malformed HTTP reply"), false))?;
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse::<u16>().ok())
-            .ok_or_else(|| Failed(format!("{method} {url}: malformed status line"), false))?;
-        let chunked = head.lines().any(|l| {
-            l.to_ascii_lowercase()
-                .starts_with("transfer-encoding: chunked")
-        });
-        let body = if chunked {
-            dechunk(rest)
-        } else {
-            rest.to_string()
+    /// One request (GET, or POST with a JSON body); the error says whether
+    /// the registry answered for good.
+    fn request(&self, path: &str, body: Option<&str>) -> Result<String, Failed> {
+        let url = format!("{}{path}", self.base);
+        let method = if body.is_some() { "POST" } else { "GET" };
+        let unavailable = |e: ureq::Error| Failed(format!("{method} {url}: {e}"), false);
+        let accept = "application/vnd.schemaregistry.v1+json, application/json";
+        let response = match body {
+            Some(b) => {
+                let mut r = self
+                    .agent
+                    .post(&url)
+                    .header("Accept", accept)
+                    .header("Content-Type", "application/vnd.schemaregistry.v1+json");
+                if let Some(a) = &self.auth {
+                    r = r.header("Authorization", a);
+                }
+                r.send(b.as_bytes())
+            }
+            None => {
+                let mut r = self.agent.get(&url).header("Accept", accept);
+                if let Some(a) = &self.auth {
+                    r = r.header("Authorization", a);
+                }
+                r.call()
+            }
         };
+        let mut response = response.map_err(unavailable)?;
+        let status = response.status().as_u16();
+        let text = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_REPLY_BYTES)
+            .read_to_string()
+            .map_err(unavailable)?;
         if !(200..300).contains(&status) {
-            let why = format!("{method} {url}: HTTP {status}: {}", body.trim());
+            let why = format!("{method} {url}: HTTP {status}: {}", clip(text.trim()));
             // a registry in trouble (5xx) is down; 4xx is its answer
             return Err(Failed(why, status < 500));
         }
-        Ok(body)
+        Ok(text)
     }
 }
 
-/// A failed request: why, and whether the registry gave an HTTP answer.
-struct Failed(String, bool);
-
-impl SchemaRegistry {
-    /// A connection to the first address of `authority` that answers
-    /// within the timeout.
-    fn connect(&self) -> std::io::Result<TcpStream> {
-        let mut last = None;
-        for addr in self.authority.to_socket_addrs()? {
-            match TcpStream::connect_timeout(&addr, self.timeout) {
-                Ok(s) => return Ok(s),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address")))
-    }
-}
-
-/// Decodes a chunked HTTP body.
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
+/// A reply quoted in an error: at most 300 characters, control characters escaped.
+fn clip(s: &str) -> String {
+    let cut: String = s.chars().take(300).collect();
+    crate::text::escape(&cut).into_owned()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
     use std::net::TcpListener;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
+    fn config(url: &str) -> SchemaRegistryConfig {
+        SchemaRegistryConfig {
+            url: url.to_string(),
+            username: None,
+            password: None,
+            ca_file: None,
+            timeout: Duration::from_secs(2),
+        }
+    }
+
     /// A registry stand-in that answers every connection with `reply`
     /// (nothing: close at once) and counts connections.
-    fn stand_in(reply: &'static str) -> (String, Arc<AtomicUsize>) {
+    fn stand_in(reply: &'static [u8]) -> (String, Arc<AtomicUsize>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let count = Arc::new(AtomicUsize::new(0));
@@ -245,7 +270,7 @@ mod tests {
                         Ok(n) => got.extend_from_slice(&buf[..n]),
                     }
                 }
-                let _ = s.write_all(reply.as_bytes());
+                let _ = s.write_all(reply);
             }
         });
         (format!("http://{addr}"), count)
@@ -253,14 +278,12 @@ mod tests {
 
     #[test]
     fn a_registry_that_does_not_answer_is_not_asked_again_until_the_backoff_passes() {
-        let (url, count) = stand_in("");
-        let sr = SchemaRegistry::new(&url)
-            .with_timeouts(Duration::from_secs(2), Duration::from_millis(300));
+        let (url, count) = stand_in(b"");
+        let sr = SchemaRegistry::new(&config(&url))
+            .unwrap()
+            .with_backoff(Duration::from_millis(300));
         let e = sr.schema(1).unwrap_err();
-        assert!(
-            matches!(&e, LookupError::Unavailable(m) if m.contains("malformed")),
-            "{e}"
-        );
+        assert!(matches!(&e, LookupError::Unavailable(_)), "{e}");
         // other ids, at once: refused without a request
         for id in 2..20 {
             let e = sr.schema(id).unwrap_err();
@@ -277,11 +300,11 @@ mod tests {
     }
 
     #[test]
-    fn an_answer_is_not_an_outage() {
+    fn an_answer_is_not_an_outage_and_chunked_utf8_bodies_decode() {
         let (url, count) = stand_in(
-            "HTTP/1.1 404 Not Found\r\nContent-Length: 21\r\n\r\n{\"error_code\":40403}\n",
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 21\r\n\r\n{\"error_code\":40403}\n",
         );
-        let sr = SchemaRegistry::new(&url);
+        let sr = SchemaRegistry::new(&config(&url)).unwrap();
         for id in [7, 8] {
             let e = sr.schema(id).unwrap_err();
             assert!(
@@ -291,8 +314,25 @@ mod tests {
         }
         assert_eq!(count.load(Ordering::SeqCst), 2);
         let (url, _) =
-            stand_in("HTTP/1.1 200 OK\r\nContent-Length: 22\r\n\r\n{\"schema\":\"\\\"long\\\"\"}");
-        assert_eq!(SchemaRegistry::new(&url).schema(1).unwrap(), "\"long\"");
+            stand_in(b"HTTP/1.1 200 OK\r\nContent-Length: 21\r\n\r\n{\"schema\":\"\\\"long\\\"\"}");
+        assert_eq!(
+            SchemaRegistry::new(&config(&url))
+                .unwrap()
+                .schema(1)
+                .unwrap(),
+            "\"long\""
+        );
+        // a chunk boundary inside a multi-byte character ("é" split in two)
+        let (url, _) = stand_in(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nf\r\n{\"schema\":\"caf\xc3\r\n3\r\n\xa9\"}\r\n0\r\n\r\n",
+        );
+        assert_eq!(
+            SchemaRegistry::new(&config(&url))
+                .unwrap()
+                .schema(1)
+                .unwrap(),
+            "café"
+        );
     }
 
     #[test]
@@ -303,7 +343,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let sr = SchemaRegistry::new(&format!("http://127.0.0.1:{port}"));
+        let sr = SchemaRegistry::new(&config(&format!("http://127.0.0.1:{port}"))).unwrap();
         let t = Instant::now();
         assert!(matches!(sr.schema(1), Err(LookupError::Unavailable(_))));
         assert!(t.elapsed() < Duration::from_secs(2));

@@ -1,0 +1,224 @@
+//! HTTP on both sides: the metrics endpoint (hyper) under slow and idle
+//! clients, and the schema registry client (ureq) over HTTPS with a private
+//! CA and basic auth, against a real TLS server (Python's `ssl` module with
+//! a certificate made by the `openssl` command).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ml_worker::worker::config::SchemaRegistryConfig;
+use ml_worker::worker::metrics::{serve, Metrics, HEADER_READ_TIMEOUT};
+use ml_worker::worker::schema_registry::{LookupError, SchemaRegistry};
+
+fn endpoint() -> (SocketAddr, Arc<AtomicBool>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let addr = serve(
+        "127.0.0.1:0".parse().unwrap(),
+        Arc::new(Metrics::default()),
+        stop.clone(),
+    )
+    .unwrap();
+    (addr, stop)
+}
+
+/// GET `path`; the status and how long it took.
+fn get(addr: SocketAddr, path: &str) -> (u16, Duration) {
+    let t = Instant::now();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, t.elapsed())
+}
+
+#[test]
+fn slow_and_idle_clients_delay_nobody_else() {
+    let (addr, stop) = endpoint();
+    // 20 idle connections and one sending a byte every 1.5 s
+    let idle: Vec<TcpStream> = (0..20).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let mut slow = TcpStream::connect(addr).unwrap();
+    let dripping = std::thread::spawn(move || {
+        for b in b"GET /readyz HTTP/1.1\r\n" {
+            if slow.write_all(&[*b]).is_err() {
+                return true; // closed by the server
+            }
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        false
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let (code, took) = get(addr, path);
+        assert!(code == 200 || code == 503, "{path}: {code}");
+        assert!(took < Duration::from_secs(1), "{path} took {took:?}");
+    }
+    // the slow client is cut off at the header deadline
+    let t = Instant::now();
+    assert!(
+        dripping.join().unwrap(),
+        "the slow client was never cut off"
+    );
+    assert!(t.elapsed() < HEADER_READ_TIMEOUT + Duration::from_secs(3));
+    drop(idle);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[test]
+fn bad_requests_get_errors_not_a_stalled_server() {
+    let (addr, stop) = endpoint();
+    // a request head larger than the limit
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let big = format!(
+        "GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let _ = s.write_all(big.as_bytes());
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 431"),
+        "{text}"
+    );
+    // garbage, a POST, an unknown path
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"\x00\x01\x02 nonsense\r\n\r\n").unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"));
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(
+        b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 405"), "{out}");
+    assert_eq!(get(addr, "/nope").0, 404);
+    assert_eq!(get(addr, "/healthz").0, 200);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// A private CA and a server certificate for 127.0.0.1 signed by it.
+fn certificates(dir: &std::path::Path) {
+    let openssl = |args: &[&str]| {
+        let o = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the openssl command");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ml-worker test CA",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+const TLS_REGISTRY: &str = r#"
+import base64, http.server, json, ssl, sys
+want = "Basic " + base64.b64encode(b"apikey:s3cret").decode()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.headers.get("Authorization") != want:
+            self.send_response(401); self.send_header("Content-Length", "0"); self.end_headers(); return
+        body = json.dumps({"schema": "\"long\""}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a): pass
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain("server.pem", "server.key")
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"#;
+
+#[test]
+fn the_schema_registry_client_speaks_https_with_a_private_ca_and_basic_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let mut server = std::process::Command::new("python3")
+        .args(["-c", TLS_REGISTRY])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut port = String::new();
+    {
+        use std::io::BufRead;
+        let mut out = std::io::BufReader::new(server.stdout.take().unwrap());
+        out.read_line(&mut port).unwrap();
+    }
+    let url = format!("https://127.0.0.1:{}", port.trim());
+    let config = |user: Option<&str>, password: Option<&str>, ca: bool| SchemaRegistryConfig {
+        url: url.clone(),
+        username: user.map(str::to_string),
+        password: password.map(str::to_string),
+        ca_file: ca.then(|| dir.path().join("ca.pem")),
+        timeout: Duration::from_secs(5),
+    };
+    let ok = SchemaRegistry::new(&config(Some("apikey"), Some("s3cret"), true)).unwrap();
+    assert_eq!(ok.schema(1).unwrap(), "\"long\"");
+    // a wrong password is the registry's answer, not an outage
+    let bad = SchemaRegistry::new(&config(Some("apikey"), Some("wrong"), true)).unwrap();
+    assert!(matches!(bad.schema(1), Err(LookupError::Refused(m)) if m.contains("HTTP 401")),);
+    // without the private CA the certificate is not trusted
+    let untrusted = SchemaRegistry::new(&config(Some("apikey"), Some("s3cret"), false)).unwrap();
+    let e = untrusted.schema(1).unwrap_err();
+    assert!(matches!(&e, LookupError::Unavailable(_)), "{e}");
+    let _ = server.kill();
+    let _ = server.wait();
+}
