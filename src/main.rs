@@ -123,6 +123,11 @@ enum Command {
         /// Also write the bootstrap address to this file (for scripts).
         #[arg(long, value_name = "PATH")]
         address_file: Option<PathBuf>,
+        /// Largest record batch accepted, in bytes; larger ones are refused
+        /// with "message size too large" (the broker keeps about 5 MB a partition).
+        #[arg(long, default_value_t = ml_worker::broker::DEFAULT_MAX_MESSAGE_BYTES as u64,
+              value_parser = clap::value_parser!(u64).range(1024..=4_194_304))]
+        max_message_bytes: u64,
     },
     /// Inspect and verify the audit store.
     Audit {
@@ -338,17 +343,29 @@ fn run(cli: Cli) -> Result<u8> {
             topics,
             brokers,
             address_file,
-        } => run_broker(&topics, brokers, address_file.as_deref()),
+            max_message_bytes,
+        } => run_broker(
+            &topics,
+            brokers,
+            address_file.as_deref(),
+            max_message_bytes as usize,
+        ),
         Command::Audit {
             command: AuditCommand::Verify { db, anchor, head },
         } => audit_verify(&db, anchor, head.as_deref()),
     }
 }
 
-fn run_broker(topics: &str, brokers: i32, address_file: Option<&Path>) -> Result<u8> {
+fn run_broker(
+    topics: &str,
+    brokers: i32,
+    address_file: Option<&Path>,
+    max_message_bytes: usize,
+) -> Result<u8> {
     let topics =
         ml_worker::broker::parse_topics(topics).map_err(|e| anyhow::anyhow!("--topics: {e}"))?;
-    let broker = ml_worker::broker::EmbeddedBroker::start(brokers, &topics)?;
+    let broker =
+        ml_worker::broker::EmbeddedBroker::start_with(brokers, &topics, max_message_bytes)?;
     let address = broker.bootstrap_servers();
     if let Some(path) = address_file {
         // write-then-rename, so a reader never sees a partial address
@@ -361,6 +378,10 @@ fn run_broker(topics: &str, brokers: i32, address_file: Option<&Path>) -> Result
     println!(
         "embedded broker: bootstrap.servers={address} topics={}",
         names.join(",")
+    );
+    println!(
+        "for demos and tests: each partition keeps about 5 MB (older records are dropped, read or not); \
+         record batches over {max_message_bytes} bytes are refused"
     );
     println!("stop with Ctrl-C or SIGTERM");
     std::io::stdout().flush()?;

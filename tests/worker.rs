@@ -1098,3 +1098,114 @@ fn models_that_never_return_are_cut_off_by_their_deadlines_while_every_other_mod
         "every input, served or dead-lettered, committed"
     );
 }
+
+#[test]
+fn the_embedded_broker_refuses_a_record_it_cannot_keep_and_input_it_dropped_is_reported() {
+    let s = Setup::new(1);
+    let cfg = s.config("avro-raw", "");
+    let diabetes: Vec<Samples> = s
+        .samples
+        .iter()
+        .filter(|x| x.model == "diabetes_lgbm")
+        .cloned()
+        .collect();
+    let send_good = |prefix: &str, first: u64, n: u64| {
+        let load = Load::new(&s.brokers()).unwrap();
+        let t = Traffic {
+            topic: &s.features,
+            format: WireFormat::AvroRaw,
+            samples: &diabetes,
+            prefix,
+        };
+        load.events(&t, first, n, None, &AtomicBool::new(false))
+            .unwrap();
+        load.flush(Duration::from_secs(10)).unwrap();
+    };
+
+    // 1. a 17 MB record is refused by the broker with an error the producer
+    //    sees, and the events around it are all served
+    let w = start(cfg.clone());
+    send_good("a", 0, 100);
+    let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", s.brokers())
+        .set("message.max.bytes", "30000000")
+        .set("message.timeout.ms", "10000")
+        .create()
+        .unwrap();
+    let payload = vec![7u8; 17 << 20];
+    let delivery = block_on(producer.send(
+        rdkafka::producer::FutureRecord::<(), [u8]>::to(&s.features).payload(&payload[..]),
+        Duration::from_secs(10),
+    ));
+    let err = delivery.expect_err("the broker refuses a 17 MB record");
+    assert!(err.0.to_string().contains("too large"), "{}", err.0);
+    send_good("a", 100, 200);
+    let mut reader = s.reader(WireFormat::AvroRaw);
+    reader.read(Duration::from_secs(30), |seen| seen.by_id.len() >= 300);
+    let missing = missing_ids(&reader.seen, "a", 300);
+    assert!(
+        missing.is_empty(),
+        "{} events after the big record lost",
+        missing.len()
+    );
+    w.stop();
+    assert_eq!(s.committed_total(1), 300);
+
+    // 2. while no worker runs, more than the broker keeps (5 MB a partition)
+    //    is written: the committed position's records are dropped
+    let filler: ThreadedProducer<_> = ClientConfig::new()
+        .set("bootstrap.servers", s.brokers())
+        .create()
+        .unwrap();
+    for i in 0..40 {
+        let v = vec![i as u8; 200_000];
+        filler
+            .send(BaseRecord::<(), [u8]>::to(&s.features).payload(&v[..]))
+            .unwrap();
+        filler.flush(Duration::from_secs(10)).unwrap();
+    }
+    send_good("b", 0, 20);
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", s.brokers())
+        .create()
+        .unwrap();
+    let (low, _) = c
+        .fetch_watermarks(&s.features, 0, Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        low > 300,
+        "the broker kept everything (low watermark {low})"
+    );
+
+    // 3. the restarted worker finds its position gone: it says so and
+    //    counts what it could not read, then serves what is left
+    let w = start(cfg);
+    reader.read(Duration::from_secs(30), |seen| {
+        (0..20).all(|i| seen.by_id.contains_key(&format!("b-{i}")))
+    });
+    assert!((0..20).all(|i| reader.seen.by_id.contains_key(&format!("b-{i}"))));
+    let want = format!(
+        "ml_worker_input_skipped_total{{topic=\"{}\",partition=\"0\"}} {}",
+        s.features,
+        low - 300
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, metrics) = http_get(w.started.metrics_address, "/metrics");
+        if metrics.contains(&want) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no {want} in {metrics}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    w.stop();
+}
+
+/// Waits for a future on this thread (the delivery of one record).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}

@@ -73,6 +73,11 @@ const METRICS: &[(&str, &str, &str)] = &[
         "At-most-once: events read but not served because their offsets could not be committed first.",
     ),
     (
+        "ml_worker_input_skipped_total",
+        "counter",
+        "Input records deleted by the broker before they were read (an offset reset jumped over them), by topic and partition.",
+    ),
+    (
         "ml_worker_backpressure_pauses_total",
         "counter",
         "Times the input partitions were paused because too many events were in flight.",

@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod metrics;
 pub mod offsets;
 pub mod publish;
+pub mod resets;
 pub mod run;
 pub mod schema_registry;
 

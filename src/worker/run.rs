@@ -12,6 +12,7 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
 use rdkafka::{ClientConfig, ClientContext, Offset, Statistics, TopicPartitionList};
@@ -24,6 +25,7 @@ use crate::worker::fetch::{FetchQueue, Incoming, MAX_BURST};
 use crate::worker::metrics::Metrics;
 use crate::worker::offsets::{OffsetTracker, Slot, Slots};
 use crate::worker::publish::{inference_loop, Publisher, Queued};
+use crate::worker::resets;
 use crate::worker::schema_registry::SchemaRegistry;
 
 /// Why the worker could not start or stopped with an error.
@@ -68,6 +70,8 @@ struct Shared {
     publisher: Arc<Publisher>,
     /// Shutting down: revocations do not wait for a second drain.
     stopping: AtomicBool,
+    /// Offset resets librdkafka logged, for the run loop to report.
+    resets: Mutex<Vec<resets::OffsetReset>>,
     /// Where newly assigned partitions forward their records. Weak: the
     /// run loop holds the queue and drops it before the consumer, on every
     /// path (the queue must not outlive its client).
@@ -223,6 +227,31 @@ pub struct WorkerContext {
 }
 
 impl ClientContext for WorkerContext {
+    /// librdkafka's log lines, into tracing; offset resets are also kept for
+    /// the run loop, which reports the input they skipped.
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        if fac == "OFFSET" {
+            if let Some(r) = resets::parse(message) {
+                self.shared
+                    .resets
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(r);
+            }
+        }
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => tracing::error!(facility = fac, "librdkafka: {message}"),
+            RDKafkaLogLevel::Warning => tracing::warn!(facility = fac, "librdkafka: {message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(facility = fac, "librdkafka: {message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(facility = fac, "librdkafka: {message}"),
+        }
+    }
+
     fn stats(&self, stats: Statistics) {
         let m = &self.shared.metrics;
         m.clear_gauge("ml_worker_consumer_lag");
@@ -376,6 +405,8 @@ fn client_configs(cfg: &WorkerConfig, brokers: &str) -> (ClientConfig, ClientCon
         .set("statistics.interval.ms", "5000")
         // return fetches quickly when little is waiting (latency over fetch count)
         .set("fetch.wait.max.ms", "2");
+    // warnings reach WorkerContext::log (offset resets are reported there)
+    consumer.set_log_level(RDKafkaLogLevel::Warning);
     let mut producer = ClientConfig::new();
     producer
         .set("bootstrap.servers", brokers)
@@ -513,6 +544,7 @@ pub fn run(
         paused: AtomicBool::new(false),
         publisher: publisher.clone(),
         stopping: AtomicBool::new(false),
+        resets: Mutex::new(Vec::new()),
         fetch: OnceLock::new(),
     });
     let consumer: BaseConsumer<WorkerContext> =
@@ -604,6 +636,7 @@ pub fn run(
         if now.duration_since(last_tick) >= Duration::from_millis(10) {
             last_tick = now;
             publisher.send_retries();
+            report_skipped_input(&consumer, &shared, &metrics);
             let in_flight = shared.in_flight();
             let bytes = shared.in_flight_bytes();
             metrics.in_flight.store(in_flight, Ordering::Relaxed);
@@ -689,6 +722,53 @@ pub fn run(
         ));
     }
     Ok(summary)
+}
+
+/// Logs and counts the input skipped by offset resets librdkafka made
+/// since the last call (see [`resets`]).
+fn report_skipped_input(
+    consumer: &BaseConsumer<WorkerContext>,
+    shared: &Shared,
+    metrics: &Metrics,
+) {
+    let found = std::mem::take(&mut *shared.resets.lock().unwrap_or_else(|p| p.into_inner()));
+    for r in found {
+        let (mut low, mut high) = (-1i64, -1i64);
+        if let Ok(topic) = std::ffi::CString::new(r.topic.as_str()) {
+            // SAFETY: the consumer's live handle; librdkafka reads the
+            // cached watermarks (no request) into the two locals
+            unsafe {
+                rdkafka::bindings::rd_kafka_get_watermark_offsets(
+                    consumer.client().native_ptr(),
+                    topic.as_ptr(),
+                    r.partition,
+                    &mut low,
+                    &mut high,
+                );
+            }
+        }
+        let gone = resets::skipped(&r, low, high);
+        if gone.is_empty() {
+            tracing::warn!(topic = %r.topic, partition = r.partition, from = r.from, to = ?r.to,
+                "consumer position reset without skipping input (records may be read again)");
+            continue;
+        }
+        tracing::error!(
+            topic = %r.topic,
+            partition = r.partition,
+            first = gone.start,
+            last = gone.end - 1,
+            count = gone.end - gone.start,
+            "input skipped: offsets {}..={} were deleted by the broker before they were read              (retention, or the embedded broker's 5 MB per partition); they are neither predicted nor dead-lettered",
+            gone.start,
+            gone.end - 1
+        );
+        metrics.add(
+            "ml_worker_input_skipped_total",
+            &[("topic", &r.topic), ("partition", &r.partition.to_string())],
+            (gone.end - gone.start) as u64,
+        );
+    }
 }
 
 /// Whether to pause (`Some(true)`) or resume (`Some(false)`) the input:

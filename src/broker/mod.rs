@@ -3,11 +3,23 @@
 //! demo and any external client (`confluent-kafka`, `kcat`, ...) can use it
 //! without a Kafka installation.
 //!
-//! Limits (see librdkafka's mock cluster docs): topics are created here, not
-//! through the admin API; each partition keeps a bounded log, so a consumer
-//! that falls far behind a producer reads past deleted records.
+//! It serves demos and tests, not production data. Its limits:
+//! - each partition keeps about 5 MB (or 100,000 batches) of records and
+//!   drops the oldest beyond that, consumed or not (hard-coded in
+//!   librdkafka); a consumer that falls further behind has its position
+//!   reset past them, which the worker reports as skipped input
+//!   (`ml_worker_input_skipped_total`);
+//! - a record batch larger than [`DEFAULT_MAX_MESSAGE_BYTES`] (1 MiB, as
+//!   Kafka's `message.max.bytes`) is refused with "message size too large"
+//!   by a proxy in front of each broker ([`proxy`]), instead of pushing the
+//!   whole partition out;
+//! - topics are created here, not through the admin API; transactions are
+//!   accepted but not enforced.
+
+pub mod proxy;
 
 use std::fmt;
+use std::net::SocketAddr;
 
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, DefaultProducerContext, Producer};
@@ -74,19 +86,35 @@ pub enum BrokerError {
     Topic { topic: String, reason: String },
 }
 
+/// Largest record batch the embedded broker accepts (1 MiB, Kafka's default).
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1 << 20;
+
 /// A running mock cluster. Dropping it stops the brokers.
 ///
 /// The cluster belongs to a client created with `test.mock.num.brokers`
 /// (librdkafka's own way of starting one), which lets it be configured
 /// beyond what `MockCluster` exposes: consumer groups rebalance at once
-/// instead of after the usual 3 s initial delay.
+/// instead of after the usual 3 s initial delay, and each broker is
+/// advertised at the address of its size-checking [`proxy::Proxy`].
 pub struct EmbeddedBroker {
+    /// Declared before `owner`: stopped before the cluster goes.
+    proxies: Vec<proxy::Proxy>,
     owner: BaseProducer,
 }
 
 impl EmbeddedBroker {
-    /// Starts `brokers` mock brokers on free loopback ports and creates the topics.
+    /// Starts `brokers` mock brokers on free loopback ports and creates the
+    /// topics; record batches over [`DEFAULT_MAX_MESSAGE_BYTES`] are refused.
     pub fn start(brokers: i32, topics: &[TopicSpec]) -> Result<EmbeddedBroker, BrokerError> {
+        Self::start_with(brokers, topics, DEFAULT_MAX_MESSAGE_BYTES)
+    }
+
+    /// [`EmbeddedBroker::start`] with another record batch limit.
+    pub fn start_with(
+        brokers: i32,
+        topics: &[TopicSpec],
+        max_message_bytes: usize,
+    ) -> Result<EmbeddedBroker, BrokerError> {
         if !(1..=16).contains(&brokers) {
             return Err(BrokerError::Start(format!(
                 "broker count must be 1..=16, got {brokers}"
@@ -109,7 +137,54 @@ impl EmbeddedBroker {
             }
             rdkafka::bindings::rd_kafka_mock_group_initial_rebalance_delay_ms(mcluster, 0);
         }
-        let broker = EmbeddedBroker { owner };
+        let real: Vec<SocketAddr> = owner
+            .client()
+            .mock_cluster()
+            .map(|c| c.bootstrap_servers())
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        if real.len() != brokers as usize {
+            return Err(BrokerError::Start(format!(
+                "the mock cluster gave {} broker addresses for {brokers} brokers",
+                real.len()
+            )));
+        }
+        let mut proxies = Vec::new();
+        for (i, addr) in real.iter().enumerate() {
+            let p = proxy::Proxy::start(*addr, max_message_bytes)
+                .map_err(|e| BrokerError::Start(format!("proxy: {e}")))?;
+            let host = std::ffi::CString::new("127.0.0.1").expect("no NUL");
+            // SAFETY: as above; the mock copies the host name. Brokers are
+            // numbered from 1 in the order of the bootstrap list.
+            unsafe {
+                let mcluster = rdkafka::bindings::rd_kafka_handle_mock_cluster(native);
+                rdkafka::bindings::rd_kafka_mock_broker_set_host_port(
+                    mcluster,
+                    i as i32 + 1,
+                    host.as_ptr(),
+                    p.address.port() as std::ffi::c_int,
+                );
+            }
+            proxies.push(p);
+        }
+        // the proxy reads Produce requests of these versions
+        // SAFETY: as above
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_mock_set_apiversion(
+                rdkafka::bindings::rd_kafka_handle_mock_cluster(native),
+                proxy::PRODUCE,
+                proxy::PRODUCE_MIN_VERSION,
+                proxy::PRODUCE_MAX_VERSION,
+            )
+        };
+        if err != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            return Err(BrokerError::Start(format!(
+                "cannot limit the Produce API versions: {err:?}"
+            )));
+        }
+        let broker = EmbeddedBroker { proxies, owner };
         for t in topics {
             broker.create_topic(t)?;
         }
@@ -126,9 +201,13 @@ impl EmbeddedBroker {
             })
     }
 
-    /// `host:port,...` for `bootstrap.servers`.
+    /// `host:port,...` for `bootstrap.servers` (the brokers' proxies).
     pub fn bootstrap_servers(&self) -> String {
-        self.cluster().bootstrap_servers()
+        self.proxies
+            .iter()
+            .map(|p| p.address.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// The mock cluster itself, for fault injection (broker down/up, request
