@@ -427,7 +427,41 @@ struct JsonFeatureEvent {
     model: String,
     symbol: String,
     event_time: i64,
-    features: HashMap<String, Option<f64>>,
+    features: JsonFeatures,
+}
+
+/// The `features` object in message order; a name given twice is an error
+/// (which value was meant is unknowable, and JSON parsers disagree).
+struct JsonFeatures(Vec<(String, f64)>);
+
+impl<'de> Deserialize<'de> for JsonFeatures {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = JsonFeatures;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of feature names to numbers or null")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<JsonFeatures, A::Error> {
+                let mut out: Vec<(String, f64)> = Vec::with_capacity(m.size_hint().unwrap_or(8));
+                let mut seen = std::collections::HashSet::new();
+                while let Some((k, v)) = m.next_entry::<String, Option<f64>>()? {
+                    if !seen.insert(k.clone()) {
+                        return Err(serde::de::Error::custom(format!(
+                            "feature '{}' appears twice",
+                            crate::text::escape(&k)
+                        )));
+                    }
+                    out.push((k, v.unwrap_or(f64::NAN)));
+                }
+                Ok(JsonFeatures(out))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 /// Encodes and decodes events in one wire format. Confluent schema ids of
@@ -558,11 +592,7 @@ impl Codec {
                     model: j.model,
                     symbol: j.symbol,
                     event_time: j.event_time,
-                    features: j
-                        .features
-                        .into_iter()
-                        .map(|(k, v)| (k, v.unwrap_or(f64::NAN)))
-                        .collect(),
+                    features: j.features.0,
                 })
             }
         }

@@ -276,7 +276,10 @@ pub struct Seen {
 pub struct DeadLetter {
     pub key: Option<Vec<u8>>,
     pub value: Vec<u8>,
+    /// By name (the last of a repeated name).
     pub headers: BTreeMap<String, String>,
+    /// In order, repeats included.
+    pub header_list: Vec<(String, String)>,
 }
 
 /// Reads the worker's output topics from the beginning (no group commits).
@@ -389,7 +392,7 @@ impl Reader {
                     Err(_) => s.undecodable += 1,
                 }
             } else if m.topic() == self.dead_letters {
-                let headers = m
+                let list: Vec<(String, String)> = m
                     .headers()
                     .map(|h| {
                         h.iter()
@@ -405,7 +408,8 @@ impl Reader {
                 s.dead_letters.push(DeadLetter {
                     key: m.key().map(<[u8]>::to_vec),
                     value: payload.to_vec(),
-                    headers,
+                    headers: list.iter().cloned().collect(),
+                    header_list: list,
                 });
             }
         }

@@ -193,7 +193,7 @@ fn main() {
     let code: u8 = match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", chain_message(&e));
+            eprintln!("error: {}", escape(&chain_message(&e)));
             2
         }
     };
@@ -219,9 +219,11 @@ fn chain_message(e: &anyhow::Error) -> String {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ML_WORKER_LOG")
         .unwrap_or_else(|_| "warn".into());
+    // control characters in log fields (from model files, events) escaped
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(false)
+        .with_writer(|| ml_worker::text::SafeWriter(std::io::stderr()));
     if json {
         b.json().init();
     } else {
@@ -496,7 +498,10 @@ fn models_list(registry: &Path, onnx: onnx::RuntimeConfig) -> Result<u8> {
                 };
                 (sha, status)
             }
-            Err(e) => (String::from("-"), format!("unreadable: {e}")),
+            Err(e) => (
+                String::from("-"),
+                format!("unreadable: {}", escape(&e.to_string())),
+            ),
         };
         let version = spec
             .version
@@ -506,8 +511,8 @@ fn models_list(registry: &Path, onnx: onnx::RuntimeConfig) -> Result<u8> {
         writeln!(
             out,
             "{:<24} {:<14} {:<9} {:<64} {status}{lazy}",
-            name,
-            version,
+            escape(name),
+            escape(&version),
             spec.kind.to_string(),
             sha
         )?;
@@ -541,11 +546,11 @@ fn models_verify(registry: &Path, audit_db: &Path, onnx: onnx::RuntimeConfig) ->
                 writeln!(
                     out,
                     "{:<24} {:<14} {:<9} {:<64} ok: {}",
-                    name,
-                    i.version,
+                    escape(&name),
+                    escape(&i.version),
                     i.kind.to_string(),
                     i.sha256,
-                    i.detail
+                    escape(&i.detail)
                 )?;
             }
             None => {
@@ -556,11 +561,12 @@ fn models_verify(registry: &Path, audit_db: &Path, onnx: onnx::RuntimeConfig) ->
                 };
                 writeln!(
                     out,
-                    "{:<24} {:<14} {:<9} {:<64} FAILED: {reason}",
-                    name,
+                    "{:<24} {:<14} {:<9} {:<64} FAILED: {}",
+                    escape(&name),
                     "-",
                     spec.kind.to_string(),
-                    "-"
+                    "-",
+                    escape(&reason)
                 )?;
             }
         }
@@ -591,8 +597,9 @@ fn predict(
     let info = m.info();
     if let Some(orig) = &served.fallback_for {
         eprintln!(
-            "warning: model '{orig}' is unavailable; predicting with its fallback '{}'",
-            info.name
+            "warning: model '{}' is unavailable; predicting with its fallback '{}'",
+            escape(orig),
+            escape(&info.name)
         );
     }
     let rows = read_rows(input, &info.features)?;

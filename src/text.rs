@@ -30,6 +30,31 @@ pub fn escape(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// A log writer that escapes control characters in each record but its
+/// final newline, so a log line stays one line whatever a model file or an
+/// event put into it. (Used with colours off: they are escape sequences.)
+pub struct SafeWriter<W>(pub W);
+
+impl<W: std::io::Write> std::io::Write for SafeWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let (body, newline) = match buf.strip_suffix(b"\n") {
+            Some(b) => (b, true),
+            None => (buf, false),
+        };
+        let text = String::from_utf8_lossy(body);
+        let mut out = escape(&text).into_owned().into_bytes();
+        if newline {
+            out.push(b'\n');
+        }
+        self.0.write_all(&out)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -41,5 +66,17 @@ mod tests {
         assert_eq!(escape("x\rok: 3 rows\n"), "x\\rok: 3 rows\\n");
         assert_eq!(escape("\u{7f}\u{85}"), "\\u{7f}\\u{85}");
         assert_eq!(escape("abc\u{202e}fed"), "abc\\u{202e}fed");
+    }
+
+    #[test]
+    fn the_log_writer_keeps_one_line_per_record() {
+        use std::io::Write;
+        let mut w = SafeWriter(Vec::new());
+        w.write_all(b"model 'x\x1b[2K\rok': refused\nsecond line\n")
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(w.0).unwrap(),
+            "model 'x\\u{1b}[2K\\rok': refused\\nsecond line\n"
+        );
     }
 }

@@ -247,6 +247,10 @@ fn json_events_read_null_as_missing_and_write_nan_as_null() {
         .unwrap_err()
         .to_string();
     assert!(err.starts_with("json:") && err.contains("model"), "{err}");
+    // a feature named twice: which value was meant is unknowable
+    let twice = br#"{"event_id": "e", "model": "m", "symbol": "X", "event_time": 5, "features": {"a": 1.5, "b": 2, "a": 9}}"#;
+    let err = codec.decode_feature(twice).unwrap_err().to_string();
+    assert!(err.contains("feature 'a' appears twice"), "{err}");
 
     let mut out = Vec::new();
     codec.encode_prediction(

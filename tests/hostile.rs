@@ -547,3 +547,49 @@ fn a_librdkafka_plugin_in_the_config_is_refused_and_never_loaded() {
     );
     assert!(!mark.exists(), "the plugin's constructor ran");
 }
+
+#[test]
+fn control_characters_from_files_are_escaped_in_everything_printed() {
+    let dir = scratch();
+    // a model file whose objective carries a terminal escape and a carriage
+    // return (to overwrite the line with a forged "ok"), and a version with
+    // the same in models.yaml
+    let text = std::fs::read_to_string(root().join("tests/fixtures/lgb_regression.txt")).unwrap();
+    let forged = text.replace("objective=regression", "objective=regression\x1b[2K\rok:");
+    assert_ne!(forged, text);
+    let model = dir.path().join("forged.txt");
+    std::fs::write(&model, forged).unwrap();
+    let good = root().join("tests/fixtures/lgb_regression.txt");
+    let yaml = format!(
+        "models:\n  - name: \"forged\"\n    path: \"{}\"\n    kind: \"lightgbm\"\n    features: [{f}]\n    target: \"y\"\n    task_type: \"regression\"\n  - name: \"versioned\"\n    path: \"{}\"\n    kind: \"lightgbm\"\n    features: [{f}]\n    target: \"y\"\n    task_type: \"regression\"\n    version: \"v1\\e[2K\\rok\"\n",
+        model.display(),
+        good.display(),
+        f = (0..10).map(|i| format!("\"f{i}\"")).collect::<Vec<_>>().join(", ")
+    );
+    let reg = dir.path().join("models.yaml");
+    std::fs::write(&reg, yaml).unwrap();
+    let runs = [
+        verify(dir.path(), &reg),
+        ml_worker(
+            dir.path(),
+            &["models", "list", "--registry", reg.to_str().unwrap()],
+        ),
+        ml_worker(dir.path(), &["audit", "show"]),
+    ];
+    for run in &runs {
+        assert!(
+            !run.out.contains('\x1b') && !run.out.contains('\r'),
+            "raw control characters in: {:?}",
+            run.out
+        );
+    }
+    assert!(
+        runs[0]
+            .out
+            .contains("unknown objective 'regression\\u{1b}[2K'"),
+        "{}",
+        runs[0].out
+    );
+    assert!(runs[1].out.contains("v1\\u{1b}[2K\\rok"), "{}", runs[1].out);
+    assert!(runs[2].out.contains("v1\\u{1b}[2K\\rok"), "{}", runs[2].out);
+}

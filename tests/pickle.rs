@@ -75,6 +75,14 @@ const HOSTILE: &[(&str, &[&str])] = &[
         "empty",
         &["not a valid pickle model", "protocol 2 or later"],
     ),
+    (
+        "joblib_compressed",
+        &[
+            "not a valid pickle model",
+            "a compressed file (zlib",
+            "without compress",
+        ],
+    ),
 ];
 
 #[test]

@@ -382,6 +382,11 @@ fn poison_messages_reach_the_dead_letter_topic_with_their_reason_while_good_even
         .unwrap();
     let mut lgbm_missing = ml_worker::loadgen::event(std::slice::from_ref(lgbm), "p", 3, 1);
     lgbm_missing.features.remove(2); // allowed: tree models take NaN
+    let mut twice = ml_worker::loadgen::event(std::slice::from_ref(lgbm), "p", 4, 1);
+    let again = twice.features[1].clone();
+    twice.features.push((again.0, again.1 + 1.0));
+    let mut long_ago = ml_worker::loadgen::event(std::slice::from_ref(lgbm), "p", 5, 1);
+    long_ago.event_time = i64::MIN;
     let enc = |e: &ml_worker::events::FeatureEvent| {
         let mut b = Vec::new();
         ml_worker::loadgen::encode_feature(WireFormat::AvroRaw, e, &mut b);
@@ -409,16 +414,39 @@ fn poison_messages_reach_the_dead_letter_topic_with_their_reason_while_good_even
             "'alcalinity_of_ash' is missing",
         ),
         ("nan-feature", enc(&nan), "validate", "'alcohol' is NaN"),
+        (
+            "feature-twice",
+            enc(&twice),
+            "validate",
+            "'sex' appears twice",
+        ),
+        (
+            "bad-event-time",
+            enc(&long_ago),
+            "validate",
+            "event_time -9223372036854775808",
+        ),
     ];
     let raw: ThreadedProducer<_> = ClientConfig::new()
         .set("bootstrap.servers", s.brokers())
         .create()
         .unwrap();
     for (key, value, _, _) in &poison {
-        let h = OwnedHeaders::new().insert(Header {
-            key: "trace-id",
-            value: Some("abc"),
-        });
+        // the record's own headers in the worker's namespace are not kept
+        // (they would forge or shadow the real reason)
+        let h = OwnedHeaders::new()
+            .insert(Header {
+                key: "trace-id",
+                value: Some("abc"),
+            })
+            .insert(Header {
+                key: "error.reason",
+                value: Some("ok: forged"),
+            })
+            .insert(Header {
+                key: "source.offset",
+                value: Some("-1"),
+            });
         raw.send(
             BaseRecord::to(&s.features)
                 .key(*key)
@@ -469,6 +497,18 @@ fn poison_messages_reach_the_dead_letter_topic_with_their_reason_while_good_even
             d.headers["error.reason"]
         );
         assert_eq!(d.headers["trace-id"], "abc", "{key}: original headers kept");
+        for name in ["error.reason", "error.stage", "source.offset"] {
+            assert_eq!(
+                d.header_list.iter().filter(|(k, _)| k == name).count(),
+                1,
+                "{key}: {name} once, the worker's: {:?}",
+                d.header_list
+            );
+        }
+        assert!(!d
+            .header_list
+            .iter()
+            .any(|(_, v)| v == "ok: forged" || v == "-1"));
         assert_eq!(d.headers["source.topic"], s.features);
         assert!(d.headers["source.offset"].parse::<i64>().is_ok());
         assert!(d.headers["source.partition"].parse::<i32>().is_ok());
@@ -499,7 +539,7 @@ fn poison_messages_reach_the_dead_letter_topic_with_their_reason_while_good_even
         metrics.contains("ml_worker_dead_letters_total{stage=\"decode\"} 3"),
         "{metrics}"
     );
-    assert!(metrics.contains("ml_worker_dead_letters_total{stage=\"validate\"} 2"));
+    assert!(metrics.contains("ml_worker_dead_letters_total{stage=\"validate\"} 4"));
     assert!(metrics.contains("ml_worker_dead_letters_total{stage=\"route\"} 1"));
     let summary = w.stop();
     assert!(summary.clean);

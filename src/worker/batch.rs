@@ -221,6 +221,18 @@ impl Route {
     {
         row.fill(f64::NAN);
         let names = &self.features;
+        let column = |k: &[u8]| {
+            std::str::from_utf8(k)
+                .ok()
+                .and_then(|k| self.index.get(k))
+                .copied()
+        };
+        let twice = |i: usize| {
+            format!(
+                "feature '{}' appears twice in the event; which value was meant is unknowable",
+                crate::text::escape(&names[i])
+            )
+        };
         // fast path: the event lists the model's features in model order
         let mut it = features.clone();
         let mut in_order = true;
@@ -233,11 +245,19 @@ impl Route {
                 }
             }
         }
-        if !in_order {
+        if in_order {
+            // anything after them must not name one of them again
+            if let Some(i) = it.find_map(|(k, _)| column(k)) {
+                return Err(twice(i));
+            }
+        } else {
             row.fill(f64::NAN);
+            let mut seen = vec![false; row.len()];
             for (k, v) in features.clone() {
-                let i = std::str::from_utf8(k).ok().and_then(|k| self.index.get(k));
-                if let Some(&i) = i {
+                if let Some(i) = column(k) {
+                    if std::mem::replace(&mut seen[i], true) {
+                        return Err(twice(i));
+                    }
                     row[i] = v;
                 }
             }
@@ -723,6 +743,9 @@ impl Batcher {
     }
 }
 
+/// Latest `event_time` accepted: 9999-12-31T23:59:59.999Z, in ms.
+const MAX_EVENT_TIME_MS: i64 = 253_402_300_799_999;
+
 /// Puts a decoded event's row into its model's group.
 fn place<'a>(
     chunk: &mut Chunk,
@@ -733,6 +756,15 @@ fn place<'a>(
     symbol: Range<usize>,
     event_time: i64,
 ) -> Kind {
+    // downstream readers turn it into a date (Avro timestamp-millis)
+    if !(0..=MAX_EVENT_TIME_MS).contains(&event_time) {
+        return Kind::Dead {
+            stage: Stage::Validate,
+            reason: format!(
+                "event_time {event_time} is not a time between 1970-01-01 and 9999-12-31 (milliseconds since the epoch)"
+            ),
+        };
+    }
     let gi = match chunk
         .groups
         .iter()

@@ -28,7 +28,7 @@ use std::time::Duration;
 use rdkafka::bindings as rd;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use rdkafka::Message;
 use rdkafka::TopicPartitionList;
 
@@ -56,7 +56,8 @@ impl<'a> Incoming<'a> {
             timestamp: msg.timestamp().to_millis(),
             payload: msg.payload(),
             key: msg.key(),
-            headers: msg.headers().filter(|h| h.count() > 0).map(|h| h.detach()),
+            // SAFETY: a live message, borrowed for this call
+            headers: unsafe { headers(msg.ptr()) },
         }
     }
 }
@@ -195,7 +196,14 @@ unsafe fn incoming<'a>(m: *mut rd::rd_kafka_message_t) -> Result<Incoming<'a>, K
     })
 }
 
-/// The record's headers, copied, when it has any.
+/// Header names the worker writes on dead letters; an input record's own
+/// headers under these are dropped, so a dead letter's `error.reason` is
+/// always the worker's (the record cannot forge or shadow it).
+pub const RESERVED_HEADER_PREFIXES: [&str; 2] = ["error.", "source."];
+
+/// The record's headers, copied (names read as bytes: they need not be
+/// UTF-8), except those under [`RESERVED_HEADER_PREFIXES`]; `None` when
+/// none are left.
 ///
 /// # Safety
 /// `m` must be a valid message.
@@ -212,6 +220,7 @@ unsafe fn headers(m: *mut rd::rd_kafka_message_t) -> Option<OwnedHeaders> {
         return None;
     }
     let mut owned = OwnedHeaders::new_with_capacity(count);
+    let mut kept = 0;
     for i in 0..count {
         let mut name: *const std::ffi::c_char = ptr::null();
         let mut value: *const std::ffi::c_void = ptr::null();
@@ -221,12 +230,20 @@ unsafe fn headers(m: *mut rd::rd_kafka_message_t) -> Option<OwnedHeaders> {
         {
             break;
         }
-        let key = CStr::from_ptr(name).to_string_lossy();
+        let raw = CStr::from_ptr(name).to_bytes();
+        if RESERVED_HEADER_PREFIXES
+            .iter()
+            .any(|p| raw.len() >= p.len() && raw[..p.len()].eq_ignore_ascii_case(p.as_bytes()))
+        {
+            continue;
+        }
+        let key = String::from_utf8_lossy(raw);
         let value =
             (!value.is_null()).then(|| std::slice::from_raw_parts(value as *const u8, size));
         owned = owned.insert(Header { key: &key, value });
+        kept += 1;
     }
-    Some(owned)
+    (kept > 0).then_some(owned)
 }
 
 impl Drop for FetchQueue {

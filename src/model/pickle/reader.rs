@@ -131,6 +131,15 @@ pub fn read_with_buffers(
             ),
         });
     }
+    if let Some(codec) = compression(data) {
+        return Err(ReadError {
+            offset: 0,
+            reason: format!(
+                "a compressed file ({codec}; joblib.dump with compress=): compressed pickles are not read; \
+                 save it with joblib.dump(model, path) without compress, or pickle.dump"
+            ),
+        });
+    }
     if data.first() != Some(&0x80) {
         return Err(ReadError {
             offset: 0,
@@ -158,6 +167,20 @@ pub fn read_with_buffers(
     };
     r.graph.root = r.run()?;
     Ok(r.graph)
+}
+
+/// The compression a file starts with (joblib's compressors), if any.
+fn compression(data: &[u8]) -> Option<&'static str> {
+    Some(match data {
+        [0x78, 0x01 | 0x5e | 0x9c | 0xda, ..] => "zlib",
+        [0x1f, 0x8b, ..] => "gzip",
+        [b'B', b'Z', b'h', ..] => "bz2",
+        [0xfd, b'7', b'z', b'X', b'Z', 0x00, ..] => "xz",
+        [0x5d, 0x00, 0x00, ..] => "lzma",
+        [0x04, 0x22, 0x4d, 0x18, ..] => "lz4",
+        [b'Z', b'F', ..] => "zlib (joblib's older format)",
+        _ => return None,
+    })
 }
 
 /// An entry of the value stack: a node or a MARK.
