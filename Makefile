@@ -60,6 +60,7 @@ build: libtorch
 fixtures:
 	bash scripts/setup-python.sh
 	.cache/venv/bin/python tools/make_fixtures.py
+	.cache/venv/bin/python tools/hostile_fixtures.py
 
 ## End to end on the embedded broker: pass-through baseline, worker
 ## throughput and latency at 20,000 events/s offered, in one run.
@@ -70,16 +71,14 @@ bench: onnxruntime build
 bench-models:
 	bash scripts/bench-models.sh
 
-## Coverage-guided fuzzing of the pickle reader (cargo-fuzz, libFuzzer), seeded
-## with the fixture pickles; FUZZ_SECONDS (default 600). CI runs the bounded
-## property test tests/pickle_props.rs instead.
+## Coverage-guided fuzzing (cargo-fuzz, libFuzzer) of every parser of
+## untrusted input: pickles, LightGBM text, XGBoost JSON/UBJSON, UBJSON,
+## feature events, the YAML configs, the ONNX external-data rewriter; each
+## seeded with the project's own files, FUZZ_SECONDS each (default 600).
+## CI runs the bounded property tests instead (tests/*_props.rs, robustness.rs).
 FUZZ_SECONDS ?= 600
 fuzz:
-	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
-	mkdir -p fuzz/corpus/pickle_reader
-	cp tests/fixtures/*.pkl tests/fixtures/hostile/*.pkl fuzz/corpus/pickle_reader/
-	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run pickle_reader corpus/pickle_reader -- \
-		-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 -max_len=262144
+	bash scripts/fuzz.sh $(FUZZ_SECONDS)
 
 clean:
 	$(CARGO) clean

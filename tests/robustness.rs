@@ -8,20 +8,9 @@ use std::path::Path;
 use ml_worker::model::tree::{ParsedTrees, TreeEnsemble};
 use ml_worker::model::{lightgbm, xgboost, ModelError};
 
-/// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
+mod common;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
+use common::{mutate, Rng};
 
 fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(
@@ -30,44 +19,6 @@ fn fixture(name: &str) -> Vec<u8> {
             .join(name),
     )
     .unwrap()
-}
-
-fn mutate(rng: &mut Rng, bytes: &[u8]) -> Vec<u8> {
-    let mut b = bytes.to_vec();
-    match rng.below(4) {
-        0 => {
-            // flip a few bytes
-            for _ in 0..1 + rng.below(4) {
-                let i = rng.below(b.len());
-                b[i] ^= 1 << rng.below(8);
-            }
-        }
-        1 => b.truncate(rng.below(b.len())),
-        2 => {
-            // replace a byte with a digit or separator, the likeliest to parse
-            let i = rng.below(b.len());
-            b[i] = b"0123456789-. ,[]{}"[rng.below(18)];
-        }
-        _ => {
-            // drop or duplicate a line
-            let lines: Vec<&[u8]> = bytes.split(|c| *c == b'\n').collect();
-            let k = rng.below(lines.len());
-            let mut out = Vec::new();
-            for (i, l) in lines.iter().enumerate() {
-                if i == k && rng.below(2) == 0 {
-                    continue;
-                }
-                out.extend_from_slice(l);
-                out.push(b'\n');
-                if i == k {
-                    out.extend_from_slice(l);
-                    out.push(b'\n');
-                }
-            }
-            b = out;
-        }
-    }
-    b
 }
 
 fn exercise(ens: &TreeEnsemble) {
