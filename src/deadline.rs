@@ -237,6 +237,13 @@ impl Executor {
     }
 }
 
+/// Counts `n` threads that are still running model code and will not be
+/// waited for (the worker's inference threads at the drain deadline), so
+/// [`exit`] does not run destructors under them.
+pub fn abandon(n: usize) {
+    ABANDONED.fetch_add(n, Ordering::Relaxed);
+}
+
 /// Exits the process with `code`. When model code is still running on an
 /// abandoned thread, exits without running C++ static destructors (which
 /// could wait on, or tear down libraries under, that thread).

@@ -593,3 +593,86 @@ fn control_characters_from_files_are_escaped_in_everything_printed() {
     assert!(runs[1].out.contains("v1\\u{1b}[2K\\rok"), "{}", runs[1].out);
     assert!(runs[2].out.contains("v1\\u{1b}[2K\\rok"), "{}", runs[2].out);
 }
+
+#[test]
+fn sigterm_is_honoured_within_the_drain_deadline_while_a_model_call_hangs() {
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    use std::io::BufRead;
+    let dir = scratch();
+    // a model stuck in its inference call far longer than the drain deadline
+    let reg = registry(
+        dir.path(),
+        &hostile("onnx_loop_on_positive.onnx"),
+        "onnx",
+        4,
+        "    inference_timeout_ms: 120000\n",
+    );
+    let shipped = std::fs::read_to_string(root().join("config/worker.yaml")).unwrap();
+    let yaml = shipped
+        .replace(
+            "registry: \"models.yaml\"",
+            &format!("registry: \"{}\"", reg.display()),
+        )
+        .replace("audit_db: \"../data/audit.db\"", "audit_db: \"audit.db\"")
+        .replace("address: \"127.0.0.1:9100\"", "address: \"127.0.0.1:0\"")
+        .replace("shutdown_timeout_ms: 10000", "shutdown_timeout_ms: 2000");
+    let cfg = dir.path().join("worker.yaml");
+    std::fs::write(&cfg, yaml).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ml-worker"))
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let brokers = loop {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the worker starts");
+        if let Some(rest) = line.strip_prefix("ml-worker: consuming from ") {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    let e = ml_worker::events::FeatureEvent {
+        event_id: "hang-1".into(),
+        model: "m".into(),
+        symbol: "S".into(),
+        event_time: ml_worker::loadgen::now_ms(),
+        features: (0..4).map(|i| (format!("f{i}"), 1.0)).collect(),
+    };
+    let mut value = Vec::new();
+    ml_worker::loadgen::encode_feature(ml_worker::events::WireFormat::AvroRaw, &e, &mut value);
+    let p: ThreadedProducer<_> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    p.send(BaseRecord::<(), [u8]>::to("features").payload(&value[..]))
+        .unwrap();
+    p.flush(std::time::Duration::from_secs(10)).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2)); // the call is under way
+    let t = std::time::Instant::now();
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(8),
+            "still running {:?} after SIGTERM with a 2 s drain deadline",
+            t.elapsed()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -995,6 +995,22 @@ mod tests {
     }
 
     #[test]
+    fn a_nan_margin_stays_nan_and_is_never_a_confident_class() {
+        // XGBoost's clamp `(-v).min(88.7)` would turn NaN into 88.7: class 0, p = 1
+        let mut s = [f64::NAN, f64::NAN];
+        apply_transform_f32(Transform::Sigmoid { alpha: 1.0 }, &mut s[..1], 1);
+        apply_transform_f32(Transform::Hinge, &mut s[1..], 1);
+        assert!(s[0].is_nan() && s[1].is_nan(), "{s:?}");
+        let mut e = stump();
+        e.flavor = FlavorKind::XgBoost;
+        e.transform = Transform::Sigmoid { alpha: 1.0 };
+        e.base_margin = vec![f64::NAN];
+        assert!(e.validate().unwrap_err().contains("base score"));
+        let p = predict_trees(&e, &[0.0, 0.0], 1, true);
+        assert!(p.row_problem(0).is_some(), "{p:?}");
+    }
+
+    #[test]
     fn bitset_membership() {
         let bits = bitset_from([1, 33, 64]);
         assert_eq!(bits, vec![2, 2, 1]);

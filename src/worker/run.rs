@@ -703,6 +703,7 @@ pub fn run(
     let stuck = threads.iter().filter(|t| !t.is_finished()).count();
     if stuck > 0 {
         tracing::warn!(threads = stuck, "inference threads still busy at the drain deadline; exiting without them (their events stay uncommitted)");
+        crate::deadline::abandon(stuck);
     }
     for t in threads.into_iter().filter(|t| t.is_finished()) {
         let _ = t.join();
