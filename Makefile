@@ -44,9 +44,11 @@ onnxruntime:
 libtorch:
 	bash scripts/fetch-libtorch.sh
 
-# the audit tamper test edits the store through the real sqlite3 shell
+# the audit tamper tests edit the store through the real sqlite3 shell; the
+# HTTPS test makes its certificates with the openssl command
 sqlite3:
 	@command -v sqlite3 >/dev/null || (apt-get update -qq && apt-get install -y -qq sqlite3 >/dev/null)
+	@command -v openssl >/dev/null || (apt-get update -qq && apt-get install -y -qq openssl >/dev/null)
 
 lint: libtorch
 	$(CARGO) fmt --all -- --check
