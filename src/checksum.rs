@@ -28,7 +28,7 @@ pub enum FileError {
     #[error("is {size} bytes, more than the limit of {limit} bytes (limits.max_model_mb)")]
     TooLarge { size: u64, limit: u64 },
     #[error("{0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
 }
 
 /// What a non-regular file is, in words.
@@ -51,14 +51,18 @@ fn kind_of(m: &Metadata) -> Option<&'static str> {
     }
 }
 
-/// Checks that `path` (symbolic links followed) is a regular file of at
-/// most `limit` bytes, without opening it. Returns its size.
-pub fn check_file(path: &Path, limit: u64) -> Result<u64, FileError> {
-    let m = std::fs::metadata(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => FileError::Missing(e),
-        _ => FileError::Io(e),
-    })?;
-    if let Some(kind) = kind_of(&m) {
+impl From<io::Error> for FileError {
+    fn from(e: io::Error) -> FileError {
+        match e.kind() {
+            io::ErrorKind::NotFound => FileError::Missing(e),
+            _ => FileError::Io(e),
+        }
+    }
+}
+
+/// A regular file's size, if it is one of at most `limit` bytes.
+fn size_within(m: &Metadata, limit: u64) -> Result<u64, FileError> {
+    if let Some(kind) = kind_of(m) {
         return Err(FileError::NotRegular(kind));
     }
     if m.len() > limit {
@@ -70,6 +74,12 @@ pub fn check_file(path: &Path, limit: u64) -> Result<u64, FileError> {
     Ok(m.len())
 }
 
+/// Checks that `path` (symbolic links followed) is a regular file of at
+/// most `limit` bytes, without opening it. Returns its size.
+pub fn check_file(path: &Path, limit: u64) -> Result<u64, FileError> {
+    size_within(&std::fs::metadata(path)?, limit)
+}
+
 /// Opens a regular file of at most `limit` bytes. Opened non-blocking and
 /// checked again on the open handle, so a path swapped for a FIFO after
 /// [`check_file`] neither hangs nor passes.
@@ -78,21 +88,8 @@ fn open_checked(path: &Path, limit: u64) -> Result<File, FileError> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => FileError::Missing(e),
-            _ => FileError::Io(e),
-        })?;
-    let m = f.metadata()?;
-    if let Some(kind) = kind_of(&m) {
-        return Err(FileError::NotRegular(kind));
-    }
-    if m.len() > limit {
-        return Err(FileError::TooLarge {
-            size: m.len(),
-            limit,
-        });
-    }
+        .open(path)?;
+    size_within(&f.metadata()?, limit)?;
     Ok(f)
 }
 
@@ -108,7 +105,7 @@ fn stream(f: File, limit: u64, mut chunk: impl FnMut(&[u8])) -> Result<String, F
         let n = match r.read(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(FileError::Io(e)),
         };
         if n == 0 {
             break;

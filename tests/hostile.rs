@@ -96,6 +96,22 @@ fn ml_worker(dir: &Path, args: &[&str]) -> Run {
     }
 }
 
+/// `ml-worker predict --model m --input in.csv --registry REG` in `dir`.
+fn predict(dir: &Path, registry: &Path) -> Run {
+    ml_worker(
+        dir,
+        &[
+            "predict",
+            "--model",
+            "m",
+            "--input",
+            "in.csv",
+            "--registry",
+            registry.to_str().unwrap(),
+        ],
+    )
+}
+
 fn verify(dir: &Path, registry: &Path) -> Run {
     ml_worker(
         dir,
@@ -135,18 +151,7 @@ fn torchscript_that_reaches_the_host_is_refused_before_anything_of_it_runs() {
         assert!(audit.out.contains("refuse"), "{file}: {}", audit.out);
         // and predict refuses it the same way
         std::fs::write(dir.path().join("in.csv"), "f0,f1,f2,f3\n1,0,0,0\n").unwrap();
-        let run = ml_worker(
-            dir.path(),
-            &[
-                "predict",
-                "--model",
-                "m",
-                "--input",
-                "in.csv",
-                "--registry",
-                reg.to_str().unwrap(),
-            ],
-        );
+        let run = predict(dir.path(), &reg);
         assert_eq!(run.code, Some(2), "{file}: {}", run.out);
         assert!(run.out.contains(op), "{file}: {}", run.out);
         assert!(!run.out.contains("hunter2"), "{file}: {}", run.out);
@@ -160,18 +165,7 @@ fn a_non_finite_output_is_an_error_for_its_row_not_a_number() {
     let dir = scratch();
     let reg = registry(dir.path(), &hostile("ts_reciprocal.pt"), "torch", 2, "");
     std::fs::write(dir.path().join("in.csv"), "f0,f1\n2,0\n0,1\n4,1\n").unwrap();
-    let run = ml_worker(
-        dir.path(),
-        &[
-            "predict",
-            "--model",
-            "m",
-            "--input",
-            "in.csv",
-            "--registry",
-            reg.to_str().unwrap(),
-        ],
-    );
+    let run = predict(dir.path(), &reg);
     assert_eq!(run.code, Some(1), "{}", run.out);
     let lines: Vec<serde_json::Value> = run
         .out
@@ -252,18 +246,7 @@ fn onnx_external_data_beside_the_model_works_and_is_audited() {
     }
     std::fs::write(dir.path().join("in.csv"), csv).unwrap();
     // a regression model with 4 outputs: predict prints the vector
-    let run = ml_worker(
-        dir.path(),
-        &[
-            "predict",
-            "--model",
-            "m",
-            "--input",
-            "in.csv",
-            "--registry",
-            reg.to_str().unwrap(),
-        ],
-    );
+    let run = predict(dir.path(), &reg);
     assert_eq!(run.code, Some(0), "{}", run.out);
     let want = golden["outputs"].as_array().unwrap();
     let got: Vec<serde_json::Value> = run
@@ -467,18 +450,7 @@ fn loads_and_inference_calls_that_never_end_are_cut_off_at_their_deadlines() {
             "    inference_timeout_ms: 500\n",
         );
         let t = std::time::Instant::now();
-        let run = ml_worker(
-            dir.path(),
-            &[
-                "predict",
-                "--model",
-                "m",
-                "--input",
-                "in.csv",
-                "--registry",
-                reg.to_str().unwrap(),
-            ],
-        );
+        let run = predict(dir.path(), &reg);
         assert_eq!(run.code, Some(2), "{file}: {}", run.out);
         assert!(
             run.out
