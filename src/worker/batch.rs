@@ -99,10 +99,11 @@ pub struct Serving {
 
 impl Serving {
     /// Asks the registry who serves `name` (waiting for a load that runs,
-    /// at most until its deadline), for rows laid out as `columns`.
+    /// at most until its deadline), for rows laid out as `columns` (`None`:
+    /// as the serving model lists its features).
     fn resolve(
         name: &str,
-        columns: &[String],
+        columns: Option<&[String]>,
         registry: &Registry,
     ) -> Result<Arc<Serving>, String> {
         let served = registry.get(name).map_err(|e| e.to_string())?;
@@ -116,7 +117,7 @@ impl Serving {
                 info.name, info.n_outputs
             ));
         }
-        let remap = (info.features != columns).then(|| {
+        let remap = columns.filter(|c| info.features != *c).map(|columns| {
             info.features
                 .iter()
                 .map(|f| columns.iter().position(|c| c == f))
@@ -184,13 +185,8 @@ impl Route {
         };
         match registry.readiness(name) {
             Readiness::Settled => {
-                let serving = Serving::resolve(name, &[], registry)?;
-                let info = serving.model.info();
-                let route = make(&info.features, serving.missing);
-                let serving = Arc::new(Serving {
-                    remap: None,
-                    ..Arc::into_inner(serving).expect("just made")
-                });
+                let serving = Serving::resolve(name, None, registry)?;
+                let route = make(&serving.model.info().features, serving.missing);
                 let _ = route.serving.set(Ok(serving));
                 Ok(route)
             }
@@ -205,7 +201,7 @@ impl Route {
     /// load, at most until its deadline: call it off the consume thread).
     pub fn serving(&self, registry: &Registry) -> Result<Arc<Serving>, String> {
         self.serving
-            .get_or_init(|| Serving::resolve(&self.name, &self.features, registry))
+            .get_or_init(|| Serving::resolve(&self.name, Some(&self.features), registry))
             .clone()
     }
 
