@@ -1011,13 +1011,21 @@ fn models_that_never_return_are_cut_off_by_their_deadlines_while_every_other_mod
         )
     };
     let registry = format!(
-        "models:\n  - {}\n{}{}{}",
+        "models:\n  - {}\n{}{}{}{}",
         lgbm.trim_end(),
         hang(
             "lazy_hang",
             "onnx_loop_forever.onnx",
             "onnx",
             "    lazy: true\n    load_timeout_ms: 1500\n"
+        ),
+        // the same, with a fallback that lists other features: its rows are
+        // remapped by name (absent features are missing, which trees take)
+        hang(
+            "lazy_hang_fb",
+            "onnx_loop_forever.onnx",
+            "onnx",
+            "    lazy: true\n    load_timeout_ms: 1500\n    fallback: \"diabetes_lgbm\"\n"
         ),
         hang(
             "onnx_hang",
@@ -1056,6 +1064,7 @@ fn models_that_never_return_are_cut_off_by_their_deadlines_while_every_other_mod
         .find(|x| x.model == "diabetes_lgbm")
         .unwrap();
     let mut hostile_keys = Vec::new();
+    let mut fallback_ids = Vec::new();
     for i in 0..good {
         let e = ml_worker::loadgen::event(
             std::slice::from_ref(diabetes),
@@ -1069,6 +1078,11 @@ fn models_that_never_return_are_cut_off_by_their_deadlines_while_every_other_mod
         raw.send(BaseRecord::to(&s.features).key(&key).payload(&b))
             .unwrap();
         if i % 50 == 10 {
+            let key = format!("lazy_hang_fb-{i}");
+            let v = hostile_event("lazy_hang_fb", key.clone(), 1.0);
+            raw.send(BaseRecord::to(&s.features).key(&key).payload(&v))
+                .unwrap();
+            fallback_ids.push(key);
             for model in ["lazy_hang", "onnx_hang", "torch_hang"] {
                 let key = format!("{model}-{i}");
                 let v = hostile_event(model, key.clone(), 1.0);
@@ -1084,8 +1098,16 @@ fn models_that_never_return_are_cut_off_by_their_deadlines_while_every_other_mod
     reader.read(Duration::from_secs(60), |seen| {
         seen.by_id.keys().filter(|k| k.starts_with("g-")).count() as u64 >= good
             && seen.dead_letters.len() >= hostile_keys.len()
+            && fallback_ids.iter().all(|id| seen.by_id.contains_key(id))
     });
     let seen = &reader.seen;
+    for id in &fallback_ids {
+        let p = seen
+            .by_id
+            .get(id)
+            .unwrap_or_else(|| panic!("{id}: not served by the fallback"));
+        assert!(p.fallback && p.model == "lazy_hang_fb", "{id}: {p:?}");
+    }
     let missing = missing_ids(seen, "g", good);
     assert!(
         missing.is_empty(),
@@ -1134,7 +1156,7 @@ fn models_that_never_return_are_cut_off_by_their_deadlines_while_every_other_mod
     assert!(summary.clean, "{summary:?}");
     assert_eq!(
         s.committed_total(2),
-        good as i64 + hostile_keys.len() as i64,
+        (good as usize + hostile_keys.len() + fallback_ids.len()) as i64,
         "every input, served or dead-lettered, committed"
     );
 }
