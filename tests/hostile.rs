@@ -213,6 +213,11 @@ fn onnx_external_data_is_read_from_the_model_folder_only() {
     assert_bait_untouched(dir.path());
 
     for (file, why) in [
+        // data_location as a varint ONNX Runtime reads as EXTERNAL
+        (
+            "onnx_external_wide_location.onnx",
+            "external data 'config/worker.yaml'",
+        ),
         ("onnx_external_parent.onnx", "leaves the model's folder"),
         ("onnx_external_absolute.onnx", "absolute path"),
     ] {

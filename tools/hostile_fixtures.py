@@ -26,8 +26,10 @@ TorchScript (torch 2.13):
                          (a non-finite output is an error for its row)
 ONNX (onnx 1.23):
   onnx_external_*.onnx   a MatMul whose weight is external data at
-                         'config/worker.yaml', '../secret.bin', an absolute
-                         path, and (legitimately) 'onnx_external_sibling.weights'
+                         'config/worker.yaml' (also with data_location as the
+                         varint 2^32+1, which ONNX Runtime reads as EXTERNAL),
+                         '../secret.bin', an absolute path, and
+                         (legitimately) 'onnx_external_sibling.weights'
                          beside the model; golden outputs from ONNX Runtime
                          for the legitimate one
   onnx_loop_forever.onnx a Loop without trip count whose condition stays true
@@ -179,6 +181,32 @@ def onnx_files():
     ]:
         with open(path(name), "wb") as f:
             f.write(matmul_model(loc).SerializeToString())
+
+    # the same attack with data_location written as the 10-byte varint
+    # 2^32 + 1: a 32-bit enum to ONNX Runtime, which reads it as EXTERNAL
+    m = matmul_model("config/worker.yaml")
+    w = m.graph.initializer[0]
+    w.ClearField("data_location")
+    def varint(v):
+        out = bytearray()
+        while v >= 0x80:
+            out.append((v & 0x7F) | 0x80)
+            v >>= 7
+        out.append(v)
+        return bytes(out)
+    def field(n, payload):
+        return varint((n << 3) | 2) + varint(len(payload)) + payload
+    tensor = w.SerializeToString() + varint(14 << 3) + varint((1 << 32) + 1)
+    graph = m.graph
+    rest = onnx.GraphProto()
+    rest.CopyFrom(graph)
+    del rest.initializer[:]
+    graph_bytes = rest.SerializeToString() + field(5, tensor)
+    top = onnx.ModelProto()
+    top.CopyFrom(m)
+    top.ClearField("graph")
+    with open(path("onnx_external_wide_location.onnx"), "wb") as f:
+        f.write(top.SerializeToString() + field(7, graph_bytes))
 
     # a legitimate model with its weights beside it, at an offset
     rng = np.random.default_rng(7)

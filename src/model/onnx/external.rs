@@ -85,7 +85,7 @@ fn child(msg: Msg, field: u64) -> Option<Msg> {
 const TENSOR_RAW_DATA: u64 = 9;
 const TENSOR_EXTERNAL_DATA: u64 = 13;
 const TENSOR_DATA_LOCATION: u64 = 14;
-const DATA_LOCATION_EXTERNAL: u64 = 1;
+const DATA_LOCATION_EXTERNAL: i32 = 1;
 
 /// One field of a message: its number, wire type, and the bytes of the
 /// whole field (key included) and of its payload.
@@ -314,13 +314,29 @@ fn rewrite(
 /// A tensor with `data_location: EXTERNAL` as the same tensor with
 /// `raw_data` inline; `None` for any other tensor.
 fn external_tensor(fields: &[Field<'_>], r: &mut Resolver<'_>) -> Result<Option<Vec<u8>>, String> {
-    // the last occurrence of a singular field wins, as in protobuf
-    let location_external = fields
-        .iter()
-        .rfind(|f| f.number == TENSOR_DATA_LOCATION && f.wire == 0)
-        .is_some_and(|f| f.varint == DATA_LOCATION_EXTERNAL);
-    if !location_external {
-        return Ok(None);
+    // data_location as ONNX Runtime's protobuf reads it: an int32 enum
+    // (a varint truncated to 32 bits: 2^32 + 1 is EXTERNAL too), the last
+    // occurrence winning. Anything this reader cannot see the same way (the
+    // field in another wire type, a value that is neither DEFAULT nor
+    // EXTERNAL) is refused rather than guessed at.
+    let mut location = 0i32;
+    for f in fields.iter().filter(|f| f.number == TENSOR_DATA_LOCATION) {
+        if f.wire != 0 {
+            return Err(format!(
+                "a tensor's data_location has wire type {}; refused",
+                f.wire
+            ));
+        }
+        location = f.varint as i32;
+    }
+    match location {
+        0 => return Ok(None),
+        DATA_LOCATION_EXTERNAL => {}
+        other => {
+            return Err(format!(
+                "a tensor's data_location is {other}, neither DEFAULT (0) nor EXTERNAL (1); refused"
+            ))
+        }
     }
     let mut entries: BTreeMap<String, String> = BTreeMap::new();
     for f in fields
@@ -495,6 +511,43 @@ mod tests {
         assert!(inline(&model(&[("offset", "0")]), &dir, 4)
             .unwrap_err()
             .contains("no location"));
+    }
+
+    #[test]
+    fn data_location_is_read_as_onnx_runtime_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("w.bin"), b"0123").unwrap();
+        // a tensor with data_location `value` (as a varint) and location w.bin
+        let tensor = |value: &[u8]| {
+            let mut t = [field(8, b"w"), entry("location", "w.bin")].concat();
+            t.push(14 << 3);
+            t.extend_from_slice(value);
+            field(7, &field(5, &t))
+        };
+        // 2^32 + 1, which a 32-bit enum reads as 1 (EXTERNAL): inlined
+        let mut wide = Vec::new();
+        put_varint(&mut wide, (1u64 << 32) + 1);
+        let (out, files) = inline(&tensor(&wide), dir.path(), 1 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(files.len(), 1);
+        assert!(out.windows(4).any(|w| w == b"0123"));
+        // 0 and 2^32 (DEFAULT): left alone
+        let mut zero = Vec::new();
+        put_varint(&mut zero, 1u64 << 32);
+        assert!(inline(&tensor(&zero), dir.path(), 1 << 20)
+            .unwrap()
+            .is_none());
+        // any other value, or another wire type: refused
+        assert!(inline(&tensor(&[2]), dir.path(), 1 << 20)
+            .unwrap_err()
+            .contains("neither"));
+        let mut packed = [field(8, b"w"), entry("location", "w.bin")].concat();
+        packed.extend(field(14, &[1]));
+        let m = field(7, &field(5, &packed));
+        assert!(inline(&m, dir.path(), 1 << 20)
+            .unwrap_err()
+            .contains("wire type"));
     }
 
     #[test]

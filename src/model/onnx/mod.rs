@@ -99,6 +99,11 @@ fn environment(cfg: &RuntimeConfig) -> Result<&'static Environment, ModelError> 
         .map_err(|e| ModelError::Unsupported(e.clone()))
 }
 
+/// Where ONNX Runtime is told external data lives: nowhere (every external
+/// tensor has been inlined by [`external::inline`]).
+const NO_EXTERNAL_DATA_FOLDER: &str =
+    "/nonexistent/ml-worker: external data is inlined before loading";
+
 /// An output's kind and its fixed width, if known.
 type Shape = (OutKind, Option<usize>);
 
@@ -197,6 +202,16 @@ impl OnnxModel {
                     .map_err(Into::into)
             })
             .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
+            // a second barrier: were any external reference left, ONNX
+            // Runtime would look for it in a folder that does not exist,
+            // not in the working directory
+            .and_then(|b| {
+                b.with_config_entry(
+                    "session.model_external_initializers_file_folder_path",
+                    NO_EXTERNAL_DATA_FOLDER,
+                )
+                .map_err(Into::into)
+            })
             .and_then(|mut b| b.commit_from_memory(&bytes))
             .map_err(|e| format_err(e.to_string()))?;
 
