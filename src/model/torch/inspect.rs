@@ -551,7 +551,7 @@ extern "C" fn warning(msg: *const c_char, len: usize) {
     use std::sync::atomic::{AtomicU64, Ordering};
     static SEEN: AtomicU64 = AtomicU64::new(0);
     let n = SEEN.fetch_add(1, Ordering::Relaxed);
-    if n >= 10 && n % 10_000 != 0 {
+    if n >= 10 && !n.is_multiple_of(10_000) {
         return;
     }
     // SAFETY: libtorch passes its message's bytes for the call's duration
