@@ -168,6 +168,14 @@ fn chain_mac(key: &[u8], prev_mac: &str, row_hash: &str) -> String {
     hex::encode(m.finalize().into_bytes())
 }
 
+/// The schema version that starts the keyed chain.
+const KEYED_CHAIN_VERSION: usize = 3;
+
+/// `N:MAC`: how many rows predate the keyed chain, keyed.
+fn unkeyed_record(key: &[u8], n: i64) -> String {
+    format!("{n}:{}", chain_mac(key, "unkeyed_rows", &n.to_string()))
+}
+
 /// A key's public id: the first 16 hex digits of SHA256("ml-worker audit key" || key).
 fn key_id(key: &[u8]) -> String {
     let mut h = Sha256::new();
@@ -356,14 +364,14 @@ impl AuditStore {
                 problems,
             });
         }
-        if let Some(anchor) = store.anchored_head()? {
-            let report = store.verify_against(std::slice::from_ref(&anchor))?;
-            if !report.ok() {
-                return Err(AuditError::Tampered {
-                    path: store.path.clone(),
-                    problems: report.problems,
-                });
-            }
+        // the whole chain (a few thousand rows at most: model lifecycle
+        // events), against the anchor file when there is one
+        let report = store.verify()?;
+        if !report.ok() {
+            return Err(AuditError::Tampered {
+                path: store.path.clone(),
+                problems: report.problems,
+            });
         }
         Ok(store)
     }
@@ -428,6 +436,19 @@ impl AuditStore {
             tx.execute_batch(sql).map_err(|e| self.wrap(e))?;
             tx.pragma_update(None, "user_version", (i + 1) as i64)
                 .map_err(|e| self.wrap(e))?;
+            if i + 1 == KEYED_CHAIN_VERSION {
+                // the keyed chain starts now: the rows already here are the
+                // only ones that may lack a mac, and the count is keyed, so
+                // forged unkeyed rows cannot pass as older ones
+                let n: i64 = tx
+                    .query_row("SELECT COUNT(*) FROM audit_log", [], |r| r.get(0))
+                    .map_err(|e| self.wrap(e))?;
+                tx.execute(
+                    "INSERT INTO audit_meta (name, value) VALUES ('unkeyed_rows', ?1)",
+                    [unkeyed_record(&self.key, n)],
+                )
+                .map_err(|e| self.wrap(e))?;
+            }
         }
         // the key this store is chained with, recorded once
         tx.execute(
@@ -436,6 +457,30 @@ impl AuditStore {
         )
         .map_err(|e| self.wrap(e))?;
         tx.commit().map_err(|e| self.wrap(e))
+    }
+
+    /// How many rows predate the keyed chain, from its keyed record
+    /// (`Err`: the record is missing or forged).
+    fn unkeyed_limit(&self, conn: &Connection) -> rusqlite::Result<Result<i64, String>> {
+        let record: Option<String> = conn
+            .query_row(
+                "SELECT value FROM audit_meta WHERE name = 'unkeyed_rows'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(record) = record else {
+            return Ok(Err(
+                "the record of rows that predate the keyed chain is missing".into(),
+            ));
+        };
+        let n = record
+            .split_once(':')
+            .and_then(|(n, _)| n.parse::<i64>().ok());
+        Ok(match n {
+            Some(n) if unkeyed_record(&self.key, n) == record => Ok(n),
+            _ => Err("the record of rows that predate the keyed chain was altered".into()),
+        })
     }
 
     /// The store's recorded key id against ours.
@@ -608,10 +653,28 @@ impl AuditStore {
         })
     }
 
-    /// [`AuditStore::verify_against`] the anchor file's head, if any.
+    /// [`AuditStore::verify_against`] the anchor file's head. An anchor
+    /// file that is configured but missing while the store has rows is a
+    /// problem (it was removed; to start anchoring an existing store, write
+    /// its current head, `ID:MAC`, into the file).
     pub fn verify(&self) -> Result<VerifyReport, AuditError> {
+        self.verify_with(&[])
+    }
+
+    /// [`AuditStore::verify`], also against heads seen elsewhere (the log,
+    /// the metric).
+    pub fn verify_with(&self, heads: &[Head]) -> Result<VerifyReport, AuditError> {
         let anchor = self.anchored_head()?;
-        self.verify_against(anchor.as_slice())
+        let anchors: Vec<Head> = heads.iter().chain(anchor.iter()).cloned().collect();
+        let mut report = self.verify_against(&anchors)?;
+        if let (Some(file), None, Some(_)) = (&self.anchor_file, &anchor, &report.head) {
+            report.problems.push(format!(
+                "the anchor file {} is missing but the store has rows (it was removed; to start anchoring this store, write its head {} into it)",
+                file.display(),
+                report.head.as_ref().map(|h| h.to_string()).unwrap_or_default()
+            ));
+        }
+        Ok(report)
     }
 
     /// Re-walks the whole chain in one read snapshot: every row's hash and
@@ -629,6 +692,13 @@ impl AuditStore {
         let mut expected_id = 1;
         let mut keyed = false;
         let mut unkeyed_rows = 0;
+        let unkeyed_limit = match self.unkeyed_limit(&tx).map_err(|e| self.wrap(e))? {
+            Ok(n) => n,
+            Err(why) => {
+                problems.push(why);
+                0
+            }
+        };
         for r in &rows {
             if r.id != expected_id {
                 problems.push(format!("rows {expected_id}..{} are missing", r.id - 1));
@@ -647,9 +717,9 @@ impl AuditStore {
                 ));
             }
             if r.mac.is_empty() {
-                if keyed {
+                if keyed || r.id > unkeyed_limit {
                     problems.push(format!(
-                        "row {}: no mac after keyed rows (the row was forged or edited)",
+                        "row {}: no mac, but only rows 1..={unkeyed_limit} predate the keyed chain (the row was forged or edited)",
                         r.id
                     ));
                 }
@@ -1158,6 +1228,79 @@ mod tests {
         assert!(!report.ok(), "{report:?}");
         drop(s);
         // a store that does not reach its anchor is refused at open
+        let options = AuditOptions {
+            key: Some(b"0123456789abcdef-test-key".to_vec()),
+            key_file: None,
+            anchor_file: Some(dir.path().join("anchor")),
+        };
+        assert!(AuditStore::open_with(&dir.path().join("a.db"), "w", &options).is_err());
+    }
+
+    #[test]
+    fn rows_forged_without_a_mac_do_not_pass_as_older_than_the_keyed_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), false);
+        for m in ["a", "b", "c"] {
+            s.record(AuditEvent::Load, &entry(m)).unwrap();
+        }
+        // the editor rewrites row 2 and recomputes the unkeyed chain with
+        // every mac empty, as if all rows predated the keyed chain
+        {
+            let conn = s.lock();
+            conn.execute_batch("DROP TRIGGER audit_log_no_update;")
+                .unwrap();
+            let rows = query_rows(&conn, None, None).unwrap();
+            let mut prev = GENESIS.to_string();
+            for mut r in rows {
+                if r.id == 2 {
+                    r.sha256 = "f".repeat(64);
+                }
+                r.prev_hash = prev.clone();
+                r.row_hash = r.content_hash(&r.prev_hash);
+                conn.execute(
+                    "UPDATE audit_log SET sha256 = ?1, prev_hash = ?2, row_hash = ?3, mac = '' WHERE id = ?4",
+                    params![r.sha256, r.prev_hash, r.row_hash, r.id],
+                )
+                .unwrap();
+                prev = r.row_hash;
+            }
+            conn.execute_batch(NO_UPDATE).unwrap();
+        }
+        let report = s.verify().unwrap();
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.contains("row 1: no mac, but only rows 1..=0 predate")),
+            "{report:?}"
+        );
+        drop(s);
+        let options = AuditOptions {
+            key: Some(b"0123456789abcdef-test-key".to_vec()),
+            ..Default::default()
+        };
+        let e = AuditStore::open_with(&dir.path().join("a.db"), "w", &options)
+            .err()
+            .expect("refused at open");
+        assert!(e.to_string().contains("no mac"), "{e}");
+    }
+
+    #[test]
+    fn a_removed_anchor_file_is_a_problem_not_a_fresh_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), true);
+        s.record(AuditEvent::Load, &entry("a")).unwrap();
+        assert!(s.verify().unwrap().ok());
+        std::fs::remove_file(dir.path().join("anchor")).unwrap();
+        let report = s.verify().unwrap();
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.contains("is missing but the store has rows")),
+            "{report:?}"
+        );
+        drop(s);
         let options = AuditOptions {
             key: Some(b"0123456789abcdef-test-key".to_vec()),
             key_file: None,

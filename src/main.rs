@@ -715,18 +715,14 @@ fn audit_verify(db: &Path, anchor: Option<PathBuf>, head: Option<&str>) -> Resul
                 .map_err(|e: String| anyhow::anyhow!("--head: {e}"))
         })
         .transpose()?;
-    let anchors: Vec<Head> = head
-        .iter()
-        .chain(store.anchored_head()?.iter())
-        .cloned()
-        .collect();
-    let report = store.verify_against(&anchors)?;
+    let anchored = store.anchored_head()?.is_some();
+    let report = store.verify_with(head.as_slice())?;
     let head_text = report
         .head
         .as_ref()
         .map_or_else(|| "none".to_string(), |h| h.to_string());
     if report.ok() {
-        let checked = if anchors.is_empty() {
+        let checked = if head.is_none() && !anchored {
             ", no anchor given (compare the head with the log or ml_worker_audit_head)"
         } else {
             ", reaches its anchor"
