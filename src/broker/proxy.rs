@@ -150,6 +150,13 @@ fn pump_requests(
                 broker.write_all(&frame)?;
             }
             Verdict::Refuse(None) => {} // acks=0: nobody waits for an answer
+            Verdict::Close(why) => {
+                tracing::warn!(
+                    reason = why,
+                    "embedded broker: malformed produce request; connection closed"
+                );
+                return Err(io::Error::new(io::ErrorKind::InvalidData, why));
+            }
             Verdict::Refuse(Some(response)) => {
                 let mut s = lock(side);
                 if s.pending.is_empty() {
@@ -190,6 +197,9 @@ enum Verdict {
     Forward { answered: bool },
     /// Answer it here (`None`: acks=0, no answer).
     Refuse(Option<Vec<u8>>),
+    /// A Produce request this proxy cannot read: the connection is closed
+    /// (failing closed: what cannot be checked is not passed on).
+    Close(&'static str),
 }
 
 /// A cursor over a request body.
@@ -220,8 +230,9 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Reads a request; refuses a Produce whose records are too large.
-/// Anything it cannot read is passed on for the broker to judge.
+/// Reads a request; refuses a Produce whose records are too large. Other
+/// APIs pass; a Produce request of a version this proxy reads but whose
+/// body it cannot read closes the connection.
 fn inspect(req: &[u8], max: usize) -> Verdict {
     let forward = Verdict::Forward { answered: true };
     let mut c = Cursor { b: req, at: 0 };
@@ -232,8 +243,11 @@ fn inspect(req: &[u8], max: usize) -> Verdict {
         return forward;
     }
     let Some(parsed) = produce(&mut c) else {
-        return forward;
+        return Verdict::Close("a produce request that does not parse");
     };
+    if c.at != req.len() {
+        return Verdict::Close("a produce request with trailing bytes");
+    }
     if parsed.acks == 0 && parsed.topics.iter().all(|t| t.1.iter().all(|p| p.1 <= max)) {
         return Verdict::Forward { answered: false };
     }
@@ -260,13 +274,14 @@ fn produce<'a>(c: &mut Cursor<'a>) -> Option<Produce<'a>> {
     c.string()?; // transactional id
     let acks = c.i16()?;
     c.i32()?; // timeout
-    let n_topics = c.i32()?;
+              // counts beyond these are not a producer's: the request is refused
+    let n_topics = c.i32().filter(|n| (0..=10_000).contains(n))?;
     let mut topics = Vec::new();
-    for _ in 0..n_topics.clamp(0, 10_000) {
+    for _ in 0..n_topics {
         let name = c.string()??;
-        let n_parts = c.i32()?;
+        let n_parts = c.i32().filter(|n| (0..=100_000).contains(n))?;
         let mut parts = Vec::new();
-        for _ in 0..n_parts.clamp(0, 100_000) {
+        for _ in 0..n_parts {
             let index = c.i32()?;
             let size = c.i32()?;
             let size = if size < 0 { 0 } else { size as usize };
@@ -382,10 +397,14 @@ mod tests {
             inspect(&[0, 0, 0], 100),
             Verdict::Forward { answered: true }
         );
+        // a Produce request that does not read: the connection is closed
         let truncated = request(-1, &[200]);
-        assert_eq!(
-            inspect(&truncated[..40], 100),
-            Verdict::Forward { answered: true }
-        );
+        assert!(matches!(inspect(&truncated[..40], 100), Verdict::Close(_)));
+        let mut padded = request(-1, &[10]);
+        padded.extend_from_slice(&[0; 8]);
+        assert!(matches!(inspect(&padded, 100), Verdict::Close(_)));
+        let mut many = request(-1, &[10]);
+        many[21..25].copy_from_slice(&20_000i32.to_be_bytes()); // topic count
+        assert!(matches!(inspect(&many, 100), Verdict::Close(_)));
     }
 }
