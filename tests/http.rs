@@ -72,6 +72,44 @@ fn slow_and_idle_clients_delay_nobody_else() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// GET `path` from the local address `from` (any 127.x.y.z is local).
+fn get_from(from: &str, addr: SocketAddr, path: &str) -> (u16, Duration) {
+    let t = Instant::now();
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&format!("{from}:0").parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    sock.connect(&addr.into()).unwrap();
+    let mut s: TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, t.elapsed())
+}
+
+#[test]
+fn a_client_flooding_idle_connections_cannot_keep_others_out() {
+    let (addr, stop) = endpoint();
+    // 300 idle connections from one address: it gets its share, no more
+    let flood: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // another client (a health probe) is served at once
+    for path in ["/healthz", "/readyz"] {
+        let (code, took) = get_from("127.0.0.2", addr, path);
+        assert!(code == 200 || code == 503, "{path}: {code}");
+        assert!(took < Duration::from_secs(1), "{path} took {took:?}");
+    }
+    drop(flood);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 #[test]
 fn bad_requests_get_errors_not_a_stalled_server() {
     let (addr, stop) = endpoint();

@@ -413,7 +413,10 @@ fn escape(v: &str) -> String {
 }
 
 /// Most connections the endpoint serves at once; more are closed at once.
-pub const MAX_CONNECTIONS: usize = 256;
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Most connections from one client address at once, so one client
+/// holding idle connections cannot keep the health probes out.
+pub const MAX_CONNECTIONS_PER_CLIENT: usize = 32;
 /// A client must send its whole request head within this.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a connection (keep-alive included) stays open.
@@ -456,17 +459,22 @@ async fn accept_loop(
         }
     };
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_client: Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>> = Arc::default();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((stream, _)) => stream,
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
                     Err(e) => {
                         tracing::warn!(error = %e, "metrics accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
+                };
+                let Some(client) = ClientSlot::take(&per_client, peer.ip()) else {
+                    tracing::debug!(client = %peer.ip(), "metrics endpoint: this client's connection limit; connection closed");
+                    continue;
                 };
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
                     tracing::debug!("metrics endpoint at its connection limit; connection closed");
@@ -475,6 +483,7 @@ async fn accept_loop(
                 let metrics = metrics.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
+                    let _client = client;
                     let service = hyper::service::service_fn(move |req| {
                         let response = respond(&req, &metrics);
                         async move { Ok::<_, std::convert::Infallible>(response) }
@@ -493,6 +502,42 @@ async fn accept_loop(
                 if stop.load(Ordering::Relaxed) {
                     return;
                 }
+            }
+        }
+    }
+}
+
+/// One connection counted against its client's limit (released on drop).
+struct ClientSlot {
+    counts: Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl ClientSlot {
+    fn take(
+        counts: &Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<ClientSlot> {
+        let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = c.entry(ip).or_insert(0);
+        if *n >= MAX_CONNECTIONS_PER_CLIENT {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = c.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.ip);
             }
         }
     }
