@@ -1271,3 +1271,47 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .unwrap()
         .block_on(f)
 }
+
+#[test]
+fn records_in_every_compression_codec_are_read() {
+    let s = Setup::new(4);
+    let cfg = s.config("avro-raw", "");
+    let w = start(cfg);
+    let diabetes = s
+        .samples
+        .iter()
+        .find(|x| x.model == "diabetes_lgbm")
+        .unwrap();
+    let codecs = ["none", "gzip", "snappy", "lz4", "zstd"];
+    for (c, codec) in codecs.iter().enumerate() {
+        let p: ThreadedProducer<_> = ClientConfig::new()
+            .set("bootstrap.servers", s.brokers())
+            .set("compression.type", *codec)
+            .set("linger.ms", "20")
+            .create()
+            .unwrap();
+        for i in 0..50u64 {
+            let n = c as u64 * 50 + i;
+            let e = ml_worker::loadgen::event(std::slice::from_ref(diabetes), "z", n, 1);
+            let mut b = Vec::new();
+            ml_worker::loadgen::encode_feature(WireFormat::AvroRaw, &e, &mut b);
+            p.send(BaseRecord::<(), [u8]>::to(&s.features).payload(&b[..]))
+                .unwrap();
+        }
+        p.flush(Duration::from_secs(10)).unwrap();
+    }
+    let n = 50 * codecs.len() as u64;
+    let mut reader = s.reader(WireFormat::AvroRaw);
+    reader.read(Duration::from_secs(30), |seen| seen.by_id.len() as u64 >= n);
+    let missing = missing_ids(&reader.seen, "z", n);
+    assert!(
+        missing.is_empty(),
+        "{} not read, e.g. {:?} (codec {})",
+        missing.len(),
+        &missing[..missing.len().min(3)],
+        codecs[missing
+            .first()
+            .map_or(0, |m| m[2..].parse::<usize>().unwrap() / 50)]
+    );
+    w.stop();
+}

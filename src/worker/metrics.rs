@@ -73,6 +73,11 @@ const METRICS: &[(&str, &str, &str)] = &[
         "At-most-once: events read but not served because their offsets could not be committed first.",
     ),
     (
+        "ml_worker_consume_errors_total",
+        "counter",
+        "Errors the consumer reported (librdkafka retries them), by error; a steady rise means a partition is stuck.",
+    ),
+    (
         "ml_worker_input_skipped_total",
         "counter",
         "Input records deleted by the broker before they were read (an offset reset jumped over them), by topic and partition.",

@@ -606,7 +606,13 @@ pub fn run(
                     ),
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "consumer error (librdkafka retries)"),
+            Err(e) => {
+                tracing::warn!(error = %e, "consumer error (librdkafka retries)");
+                let code = e
+                    .rdkafka_error_code()
+                    .map_or_else(|| "other".to_string(), |c| format!("{c:?}"));
+                metrics.add("ml_worker_consume_errors_total", &[("error", &code)], 1);
+            }
         };
         let assigned = metrics.assigned.load(Ordering::Relaxed) > 0;
         let mut polled = 0;
