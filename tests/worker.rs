@@ -1300,9 +1300,33 @@ fn records_in_every_compression_codec_are_read() {
         }
         p.flush(Duration::from_secs(10)).unwrap();
     }
+    // a compression bomb: 64 MB of zeros, a few kB on the wire
+    let p: ThreadedProducer<_> = ClientConfig::new()
+        .set("bootstrap.servers", s.brokers())
+        .set("compression.type", "gzip")
+        .set("message.max.bytes", "100000000")
+        .create()
+        .unwrap();
+    let zeros = vec![0u8; 64 << 20];
+    p.send(BaseRecord::to(&s.features).key("bomb").payload(&zeros[..]))
+        .unwrap();
+    p.flush(Duration::from_secs(30)).unwrap();
+    drop(zeros);
     let n = 50 * codecs.len() as u64;
     let mut reader = s.reader(WireFormat::AvroRaw);
-    reader.read(Duration::from_secs(30), |seen| seen.by_id.len() as u64 >= n);
+    reader.read(Duration::from_secs(30), |seen| {
+        seen.by_id.len() as u64 >= n && !seen.dead_letters.is_empty()
+    });
+    let bomb = &reader.seen.dead_letters[0];
+    assert!(bomb.value.is_empty(), "the huge value is not copied");
+    assert!(bomb.key.is_none());
+    assert!(
+        bomb.headers["error.reason"]
+            .contains("record of 67108868 bytes is larger than input.max_record_bytes"),
+        "{:?}",
+        bomb.headers
+    );
+    assert!(bomb.headers.contains_key("payload.omitted"));
     let missing = missing_ids(&reader.seen, "z", n);
     assert!(
         missing.is_empty(),

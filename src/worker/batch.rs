@@ -300,6 +300,9 @@ pub struct Record {
     pub key: Option<Range<usize>>,
     pub headers: Option<OwnedHeaders>,
     pub kind: Kind,
+    /// The value was too large to keep (`input.max_record_bytes`): it is
+    /// not in the arena, and its dead letter says where to read it.
+    pub omitted: bool,
 }
 
 /// The rows of one model within a chunk.
@@ -558,9 +561,26 @@ impl Batcher {
                 .and_then(|mut p| p.pop())
                 .unwrap_or_else(Chunk::new),
         };
-        let payload = chunk.push_bytes(msg.payload.unwrap_or(&[]));
-        let key = msg.key.map(|k| chunk.push_bytes(k));
-        let kind = if msg.payload.is_none() {
+        let size = msg.payload.map_or(0, <[u8]>::len) + msg.key.map_or(0, <[u8]>::len);
+        let omitted = size > self.cfg.max_record_bytes;
+        // a record over the limit is not copied (a compressed batch can
+        // hold a huge value); its dead letter points at it instead
+        let payload = chunk.push_bytes(if omitted {
+            &[]
+        } else {
+            msg.payload.unwrap_or(&[])
+        });
+        let key = msg.key.filter(|_| !omitted).map(|k| chunk.push_bytes(k));
+        let kind = if omitted {
+            self.tally.count(&topic, "");
+            Kind::Dead {
+                stage: Stage::Decode,
+                reason: format!(
+                    "record of {size} bytes is larger than input.max_record_bytes ({})",
+                    self.cfg.max_record_bytes
+                ),
+            }
+        } else if msg.payload.is_none() {
             self.tally.count(&topic, "");
             Kind::Dead {
                 stage: Stage::Decode,
@@ -579,6 +599,7 @@ impl Batcher {
             key,
             headers: msg.headers,
             kind,
+            omitted,
         });
         self.held += 1;
         if chunk.records.len() >= self.cfg.batching.max_batch_size.max(1) * 4 {

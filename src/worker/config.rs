@@ -168,7 +168,14 @@ struct RawInput {
     topics: Vec<String>,
     /// Wire format of those events.
     format: WireFormat,
+    /// Largest record (value and key) read as an event; a larger one is a
+    /// dead letter without its value (default 1048576).
+    #[serde(default)]
+    max_record_bytes: Option<usize>,
 }
+
+/// Default `input.max_record_bytes` (a feature event is a few hundred bytes).
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -394,6 +401,8 @@ pub struct WorkerConfig {
     pub librdkafka: BTreeMap<String, String>,
     pub input_topics: Vec<String>,
     pub input_format: WireFormat,
+    /// `input.max_record_bytes`.
+    pub max_record_bytes: usize,
     pub predictions: Output,
     pub signals: Output,
     pub dead_letters: String,
@@ -571,6 +580,16 @@ fn validate(
             ));
         }
     }
+    let max_record_bytes = match raw.input.max_record_bytes {
+        None => DEFAULT_MAX_RECORD_BYTES,
+        Some(n) if (1024..=100 << 20).contains(&n) => n,
+        Some(n) => {
+            return Err(err(
+                "input.max_record_bytes",
+                format!("{n} is not within 1024..=104857600"),
+            ))
+        }
+    };
     if raw.input.topics.is_empty() {
         return Err(err("input.topics", "must list at least one topic".into()));
     }
@@ -731,6 +750,7 @@ fn validate(
         librdkafka: raw.kafka.librdkafka,
         input_topics: raw.input.topics,
         input_format: raw.input.format,
+        max_record_bytes,
         predictions: Output {
             topic: raw.outputs.predictions.topic,
             format: raw.outputs.predictions.format,

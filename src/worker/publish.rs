@@ -719,11 +719,15 @@ impl Publisher {
         };
         tracing::debug!(stage = stage.as_str(), reason, topic = %rec.topic, partition = rec.partition, offset = rec.offset, "dead letter");
         let key = rec.key.as_ref().map(|k| chunk.bytes(k));
+        const OMITTED: (&str, &str) = (
+            "payload.omitted",
+            "too large to copy; read it at source.topic/partition/offset",
+        );
         let mut result = self.send(
             &self.dead_letters,
             key,
             chunk.bytes(&rec.payload),
-            Some(with_error(None)),
+            Some(with_error(rec.omitted.then_some(OMITTED))),
             opaque,
         );
         if matches!(
@@ -738,10 +742,7 @@ impl Publisher {
                 &self.dead_letters,
                 key,
                 &[],
-                Some(with_error(Some((
-                    "payload.omitted",
-                    "too large to copy; read it at source.topic/partition/offset",
-                )))),
+                Some(with_error(Some(OMITTED))),
                 opaque,
             );
         }
