@@ -177,6 +177,11 @@ def make(fix, write_golden, data, seed):
     case("pkl_gradient_boosting_multiclass", GradientBoostingClassifier(n_estimators=20, max_depth=2,
                                                                         random_state=seed).fit(xw_tr, yw_tr),
          xw, 4, True)
+    # fitted without random_state (scikit-learn's default): the estimator
+    # keeps numpy's global random state, with its SeedSequence, in the
+    # pickle (so this case differs from run to run; its golden goes with it)
+    case("pkl_gradient_boosting_unseeded", GradientBoostingRegressor(n_estimators=20, max_depth=3)
+         .fit(xd_tr, yd_tr), xd, 4, False)
     case("pkl_pipeline_scaled_forest", Pipeline([("scale", StandardScaler()),
                                                  ("rf", RandomForestRegressor(n_estimators=10, max_depth=5,
                                                                               random_state=seed, n_jobs=1))])

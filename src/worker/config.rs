@@ -32,8 +32,24 @@ const MANAGED: &[(&str, &str)] = &[
         "partition.assignment.strategy",
         "the worker relies on cooperative-sticky rebalancing",
     ),
+    (
+        "enable.idempotence",
+        "outputs must be written once and in order (the producer is idempotent)",
+    ),
+    (
+        "acks",
+        "an output counts as delivered only once all in-sync replicas have it",
+    ),
+    (
+        "group.protocol",
+        "the worker relies on the classic protocol's cooperative-sticky rebalance callbacks",
+    ),
     // librdkafka's aliases of the above
     ("metadata.broker.list", "set 'kafka.brokers'"),
+    (
+        "request.required.acks",
+        "an output counts as delivered only once all in-sync replicas have it",
+    ),
     (
         "auto.commit.enable",
         "offsets are committed only after outputs are acknowledged",
@@ -63,6 +79,10 @@ const REFUSED: &[(&str, &str)] = &[
         "selects an OpenSSL engine to load (ssl.engine.location)",
     ),
     ("ssl.providers", "loads OpenSSL 3 provider modules"),
+    (
+        "internal.termination.signal",
+        "makes librdkafka take over a signal (SIGTERM would no longer drain the worker)",
+    ),
     (
         "ut_handle_ProduceResponse",
         "is an internal test hook that librdkafka calls as a function pointer",

@@ -198,6 +198,14 @@ impl Resolver<'_> {
             if !m.file_type().is_file() {
                 return Err(format!("external data '{location}' is not a regular file"));
             }
+            // a hard link is a file of elsewhere under a name in the folder
+            use std::os::unix::fs::MetadataExt;
+            if m.nlink() > 1 {
+                return Err(format!(
+                    "external data '{location}' has {} hard links: it may be a file from outside the model's folder; copy it instead",
+                    m.nlink()
+                ));
+            }
             self.files.insert(location.to_string(), (f, m.len()));
         }
         Ok(&self.files[location])
@@ -498,6 +506,8 @@ mod tests {
         assert!(refused("linkdir/secret").contains("symbolic link"));
         assert!(refused("absent.bin").contains("No such file"));
         assert!(refused("sub").contains("not a regular file"));
+        std::fs::hard_link(root.path().join("secret"), dir.join("hard.bin")).unwrap();
+        assert!(refused("hard.bin").contains("hard links"));
         let e = inline(
             &model(&[("location", "sub/ok.bin"), ("offset", "2"), ("length", "9")]),
             &dir,

@@ -37,6 +37,10 @@ pub fn is_allowed(module: &str, name: &str) -> bool {
         ("numpy.random._pickle", "__generator_ctor"),
         ("numpy.random._mt19937", "MT19937"),
         ("numpy.random._pcg64", "PCG64"),
+        // the seed of an estimator's random state (GradientBoosting's `_rng`
+        // when fitted without random_state): data, never used
+        ("numpy.random.bit_generator", "SeedSequence"),
+        ("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence"),
         ("_codecs", "encode"),
         ("builtins", "bytearray"),
         ("builtins", "set"),
@@ -229,9 +233,18 @@ fn scaler(g: &Graph, id: Id, class: &str) -> Result<Scaler, String> {
             };
             let with_mean = get(g, st, "with_mean").is_none_or(|v| g.get(v) != &Obj::Bool(false));
             let with_std = get(g, st, "with_std").is_none_or(|v| g.get(v) != &Obj::Bool(false));
+            let scale = if with_std { opt("scale_")? } else { None };
+            // scikit-learn replaces a zero scale by 1 when fitting: a zero
+            // here would divide features into infinities
+            if let Some(i) = scale
+                .as_ref()
+                .and_then(|s| s.iter().position(|v| *v == 0.0))
+            {
+                return Err(format!("StandardScaler scale_ is 0 at index {i}; a fitted scaler never has a zero scale"));
+            }
             Ok(Scaler::Standard {
                 mean: if with_mean { opt("mean_")? } else { None },
-                scale: if with_std { opt("scale_")? } else { None },
+                scale,
             })
         }
         "sklearn.preprocessing._data.MinMaxScaler" => {
