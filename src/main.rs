@@ -185,6 +185,15 @@ enum AuditCommand {
 }
 
 fn main() {
+    // a torch model's own process (see src/model/torch/host.rs): before
+    // anything else, it speaks frames on stdin/stdout, not a command line
+    #[cfg(feature = "torch")]
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == ml_worker::model::torch::host::HOST_COMMAND)
+    {
+        ml_worker::model::torch::host::serve();
+    }
     let cli = Cli::parse();
     // `run` logs as its config says (or as --log-json says)
     if !matches!(cli.command, Command::Run { .. }) {

@@ -621,7 +621,7 @@ fn load_file(
         }
         #[cfg(feature = "torch")]
         ModelKind::Torch => {
-            let mut m = crate::model::torch::TorchModel::load(spec, bytes, info)?;
+            let mut m = crate::model::torch::host::HostedTorch::load(spec, bytes, info)?;
             m.info.load_time = elapsed();
             Arc::new(m)
         }

@@ -246,6 +246,29 @@ fn a_non_finite_output_is_an_error_for_its_row_not_a_number() {
     );
 }
 
+#[cfg(feature = "torch")]
+#[test]
+fn a_torchscript_model_that_crashes_libtorch_fails_its_call_and_the_process_carries_on() {
+    // INT64_MIN // -1 in TorchScript: the CPU faults (SIGFPE) inside
+    // libtorch, which would end the worker; it ends the model's own process
+    let dir = scratch();
+    let reg = registry(dir.path(), &hostile("ts_sigfpe.pt"), "torch", 4, "");
+    let run = verify(dir.path(), &reg);
+    assert_eq!(run.code, Some(0), "zeros pass: {}", run.out);
+    assert!(run.out.contains("in its own process"), "{}", run.out);
+    std::fs::write(dir.path().join("in.csv"), "f0,f1,f2,f3\n1,1,1,1\n").unwrap();
+    let run = predict(dir.path(), &reg);
+    assert_eq!(run.code, Some(2), "{}", run.out);
+    assert!(
+        run.out
+            .contains("the model's process died of signal 8 (SIGFPE"),
+        "{}",
+        run.out
+    );
+    assert!(!run.out.contains("panicked"), "{}", run.out);
+    // (tests/worker.rs shows a worker serving on after such a crash)
+}
+
 /// The model's folder for the ONNX external-data tests: `models/` in the
 /// scratch directory, with the model copied in.
 fn onnx_model_dir(dir: &Path, file: &str) -> PathBuf {

@@ -1161,6 +1161,88 @@ fn models_that_never_return_are_cut_off_by_their_deadlines_while_every_other_mod
     );
 }
 
+#[cfg(feature = "torch")]
+#[test]
+fn a_torchscript_model_that_crashes_libtorch_loses_its_batch_to_dead_letters_and_serves_on() {
+    // ts_sigfpe.pt divides INT64_MIN by -1 when f0 > 0.5: SIGFPE inside
+    // libtorch. It runs in a process of its own, so the worker lives, the
+    // batch's events become dead letters naming the signal, and the next
+    // batch starts a new process
+    let s = Setup::new(1);
+    let reg_file = s.dir.path().join("models.yaml");
+    std::fs::write(
+        &reg_file,
+        format!(
+            "models:\n  - name: \"torch_crash\"\n    path: \"{}\"\n    kind: \"torch\"\n    features: [\"f0\", \"f1\", \"f2\", \"f3\"]\n    target: \"y\"\n    task_type: \"regression\"\n",
+            root().join("tests/fixtures/hostile/ts_sigfpe.pt").display()
+        ),
+    )
+    .unwrap();
+    let yaml = s.yaml("avro-raw", "").replace(
+        &root().join("config/models.yaml").display().to_string(),
+        &reg_file.display().to_string(),
+    );
+    let w = start(s.config_from(&yaml));
+    let raw: ThreadedProducer<_> = ClientConfig::new()
+        .set("bootstrap.servers", s.brokers())
+        .create()
+        .unwrap();
+    let send = |key: &str, v: f64| {
+        let e = hostile_event("torch_crash", key.to_string(), v);
+        raw.send(BaseRecord::to(&s.features).key(key).payload(&e))
+            .unwrap();
+        raw.flush(Duration::from_secs(10)).unwrap();
+    };
+    let mut reader = s.reader(WireFormat::AvroRaw);
+    let mut served = 0;
+    for round in 0..2 {
+        let crash = format!("crash-{round}");
+        send(&crash, 1.0);
+        reader.read(Duration::from_secs(30), |seen| {
+            seen.dead_letters
+                .iter()
+                .any(|d| d.key.as_deref() == Some(crash.as_bytes()))
+        });
+        let d = reader
+            .seen
+            .dead_letters
+            .iter()
+            .find(|d| d.key.as_deref() == Some(crash.as_bytes()))
+            .unwrap_or_else(|| panic!("no dead letter for {crash}"));
+        let reason = &d.headers["error.reason"];
+        assert!(
+            reason.contains("model 'torch_crash': inference failed: the model's process died of signal 8 (SIGFPE"),
+            "{reason}"
+        );
+        // events after the crash are served by a new process
+        for i in 0..20 {
+            send(&format!("ok-{round}-{i}"), 0.25);
+        }
+        served += 20;
+        reader.read(Duration::from_secs(30), |seen| {
+            seen.by_id.keys().filter(|k| k.starts_with("ok-")).count() >= served
+        });
+        for i in 0..20 {
+            let id = format!("ok-{round}-{i}");
+            let p = reader
+                .seen
+                .by_id
+                .get(&id)
+                .unwrap_or_else(|| panic!("{id}: not served after the crash"));
+            assert_eq!(p.prediction, 1.0, "{id}: {p:?}");
+        }
+    }
+    // crashes are not a deadline: the model stays healthy
+    let (code, body) = http_get(w.started.metrics_address, "/readyz");
+    assert_eq!(code, 200, "{body}");
+    assert!(w.stop().clean);
+    assert_eq!(
+        s.committed_total(1),
+        42,
+        "every input, served or dead-lettered, committed"
+    );
+}
+
 #[test]
 fn the_embedded_broker_refuses_a_record_it_cannot_keep_and_input_it_dropped_is_reported() {
     let s = Setup::new(1);

@@ -22,6 +22,10 @@ TorchScript (torch 2.13):
   ts_loop_on_positive.pt forward() loops for seconds on a row with a
                          positive sum (allowed operators only, and it passes
                          the all-zero warm-up: for the inference deadline)
+  ts_sigfpe.pt           forward() divides INT64_MIN by -1 in TorchScript's
+                         integer arithmetic when the first feature is > 0.5:
+                         the CPU faults (SIGFPE), libtorch does not check
+                         (zeros, the load's warm-up row, pass)
   ts_reciprocal.pt       forward() returns 1/x[:, 0]: infinite for a zero
                          (a non-finite output is an error for its row)
   ts_type_confusion.pt   hand-written code: unchecked_cast of an object to a
@@ -149,7 +153,15 @@ def torchscript():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return 1.0 / x[:, 0]
 
+    class SigFpe(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            big = bool(x[0, 0] > 0.5)
+            m = -9223372036854775807 - int(big)
+            n = -1 if big else 1
+            return x.sum(1) + float(m // n) * 0.0
+
     torch.jit.script(Reciprocal()).save(path("ts_reciprocal.pt"))
+    torch.jit.script(SigFpe()).save(path("ts_sigfpe.pt"))
     code_attacks(torch)
     torch.jit.script(FileWriter()).save(path("ts_file_writer.pt"))
     torch.jit.script(FileReader()).save(path("ts_file_reader.pt"))

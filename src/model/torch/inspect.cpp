@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <cstring>
 #include <set>
 #include <unordered_map>
 #include <string>
@@ -55,6 +56,16 @@ bool contains_custom_class(const c10::TypePtr& t) {
   return false;
 }
 
+// Whether a value of type `t` holds objects whose layout libtorch reads
+// unchecked: class instances (slots by index), interfaces, tuples.
+bool holds_layout(const c10::TypePtr& t) {
+  if (t->cast<c10::ClassType>() || t->cast<c10::InterfaceType>() || t->cast<c10::TupleType>())
+    return true;
+  for (const auto& c : t->containedTypes())
+    if (holds_layout(c)) return true;
+  return false;
+}
+
 struct Report {
   std::set<std::string> ops;       // "function\tkind"
   std::set<std::string> problems;
@@ -67,6 +78,9 @@ const size_t kMaxNodes = 5000000;
 // Deepest bracket nesting and indentation (columns) in the code.
 const size_t kMaxBrackets = 200;
 const size_t kMaxIndent = 800;
+// longest statement, in characters; most `elif` branches in one file
+const size_t kMaxLogicalLine = 16384;
+const size_t kMaxElifs = 1000;
 // Most bytes of code in all.
 const size_t kMaxCodeBytes = 64u << 20;
 
@@ -82,7 +96,11 @@ void walk(const Block* b, const std::string& fn, Report& r) {
     if (n->kind() == prim::unchecked_cast && n->inputs().size() == 1 && n->outputs().size() == 1) {
       const auto& from = n->input()->type();
       const auto& to = n->output()->type();
-      if (!to->isSubtypeOf(*from))
+      // a narrowing of Any, a union or an interface to an object type is
+      // still a guess at the object's layout: only Optional[T] to T is safe
+      auto opt = from->cast<c10::OptionalType>();
+      bool unwraps_optional = opt && *opt->getElementType() == *to;
+      if (!to->isSubtypeOf(*from) || (holds_layout(to) && !unwraps_optional && *from != *to))
         r.problems.insert(fn + ": prim::unchecked_cast from " + from->repr_str() + " to " +
                           to->repr_str() + " is not a narrowing (type confusion)");
     }
@@ -140,13 +158,19 @@ uint64_t expanded(const Block* b, std::unordered_map<const Function*, uint64_t>&
 
 // Refuses code nested deeper than the parser should recurse.
 void check_nesting(const char* p, size_t n, const std::string& name) {
-  size_t depth = 0, indent = 0;
+  size_t depth = 0, indent = 0, logical = 0, elifs = 0;
   bool line_start = true;
   for (size_t i = 0; i < n; ++i) {
     char c = p[i];
+    // a logical line (a statement; newlines inside brackets continue it):
+    // a long chain of operators in one expression is parsed and compiled
+    // recursively, one stack frame per operator
+    if (++logical > kMaxLogicalLine)
+      throw std::runtime_error(name + ": a statement longer than 16384 characters");
     if (c == '\n') {
       line_start = true;
       indent = 0;
+      if (depth == 0) logical = 0;
       continue;
     }
     if (line_start) {
@@ -156,6 +180,10 @@ void check_nesting(const char* p, size_t n, const std::string& name) {
         continue;
       }
       line_start = false;
+      // each `elif` nests the rest of its chain one level deeper
+      if (n - i > 4 && std::memcmp(p + i, "elif", 4) == 0 && (p[i + 4] == ' ' || p[i + 4] == '(') &&
+          ++elifs > kMaxElifs)
+        throw std::runtime_error(name + ": more than 1000 `elif` branches");
     }
     if (c == '(' || c == '[' || c == '{') {
       if (++depth > kMaxBrackets)

@@ -20,6 +20,7 @@
 //! restricted unpickler. The graph is code all the same: [`inspect`] checks
 //! every operator of every function before libtorch loads the file.
 
+pub mod host;
 pub mod inspect;
 
 use std::cell::Cell;

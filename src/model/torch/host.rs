@@ -1,0 +1,730 @@
+//! TorchScript models run in a process of their own.
+//!
+//! libtorch was not written for hostile input: its TorchScript compiler and
+//! CPU kernels trust their arguments (an integer division of the smallest
+//! integer by -1 raises SIGFPE, a hostile `batch_sizes` corrupts the heap,
+//! a cast to the wrong class reads past an object). The operator check
+//! ([`super::inspect`]) keeps files and code execution out; this keeps
+//! whatever libtorch does wrong out of the worker. Each torch model gets a
+//! child process (`ml-worker torch-host`) that inspects, loads and runs it
+//! and talks to the worker over its stdin and stdout:
+//!
+//! - a child that crashes fails the call it was making (the rows become dead
+//!   letters, the load is refused) and the worker carries on; the next call
+//!   starts a new child (after 3 crashes in a row the model is refused for
+//!   good);
+//! - a deadline kills the child (SIGKILL): the call really stops, no thread
+//!   is left spinning;
+//! - the child's stderr (libtorch's warnings) reaches the worker's log one
+//!   escaped line at a time; it dies with the worker (`PR_SET_PDEATHSIG`)
+//!   and never writes a core file.
+//!
+//! The cost is a copy of each batch over a pipe: tens of microseconds.
+//!
+//! Messages are frames: a `u32` little-endian length, then a tag byte and
+//! the body (`f64`s little-endian).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{MissingPolicy, ModelSpec, TorchDevice, TorchOutput};
+use crate::model::{Batch, Model, ModelError, ModelInfo, Output, Prediction, TaskType};
+
+/// Largest frame either side reads (a batch of 100,000 rows of 500 features).
+const MAX_FRAME: usize = 512 << 20;
+/// Crashes in a row after which a model is refused for good.
+const MAX_CRASHES: u32 = 3;
+/// The command line argument that makes the binary a torch host.
+pub const HOST_COMMAND: &str = "torch-host";
+
+/// The worker's pid, for the child to check that it is still there.
+const PARENT_ENV: &str = "ML_WORKER_TORCH_PARENT";
+
+/// What the child needs to load a model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LoadRequest {
+    name: String,
+    path: PathBuf,
+    features: Vec<String>,
+    classification: bool,
+    output: Option<String>,
+    device: String,
+    threads: usize,
+    allow_nan: bool,
+}
+
+/// What the child says about a loaded model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Loaded {
+    n_outputs: usize,
+    n_classes: Option<usize>,
+    detail: String,
+}
+
+/// Error kinds across the pipe.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+enum Kind {
+    Format,
+    Input,
+    Unsupported,
+    Runtime,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Failure {
+    kind: Kind,
+    message: String,
+}
+
+fn to_failure(e: &ModelError) -> Failure {
+    let (kind, message) = match e {
+        ModelError::Format { reason, .. } => (Kind::Format, reason.clone()),
+        ModelError::Input(m) => (Kind::Input, m.clone()),
+        ModelError::Unsupported(m) => (Kind::Unsupported, m.clone()),
+        ModelError::Runtime(m) => (Kind::Runtime, m.clone()),
+        ModelError::Io { source, .. } => (Kind::Runtime, source.to_string()),
+    };
+    Failure { kind, message }
+}
+
+fn from_failure(f: Failure, path: &std::path::Path) -> ModelError {
+    match f.kind {
+        Kind::Format => ModelError::Format {
+            path: path.to_path_buf(),
+            format: "TorchScript",
+            reason: f.message,
+        },
+        Kind::Input => ModelError::Input(f.message),
+        Kind::Unsupported => ModelError::Unsupported(f.message),
+        Kind::Runtime => ModelError::Runtime(f.message),
+    }
+}
+
+fn write_frame(w: &mut impl Write, tag: u8, parts: &[&[u8]]) -> std::io::Result<()> {
+    let len: usize = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
+    let mut head = Vec::with_capacity(5);
+    head.extend_from_slice(&(len as u32).to_le_bytes());
+    head.push(tag);
+    w.write_all(&head)?;
+    for p in parts {
+        w.write_all(p)?;
+    }
+    w.flush()
+}
+
+fn read_frame(r: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let n = u32::from_le_bytes(len) as usize;
+    if n == 0 || n > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {n} bytes"),
+        ));
+    }
+    let mut buf = vec![0u8; n];
+    r.read_exact(&mut buf)?;
+    let tag = buf[0];
+    buf.drain(..1);
+    Ok((tag, buf))
+}
+
+fn f64s(b: &[u8]) -> Vec<f64> {
+    b.chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect()
+}
+
+fn bytes_of(v: &[f64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// `u32` at `at`, if there.
+fn u32_at(b: &[u8], at: usize) -> Option<usize> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?) as usize)
+}
+
+fn encode_output(o: &Output, out: &mut Vec<u8>) {
+    out.extend_from_slice(&(o.width as u32).to_le_bytes());
+    out.extend_from_slice(&(o.values.len() as u32).to_le_bytes());
+    out.extend(bytes_of(&o.values));
+}
+
+fn decode_output(b: &[u8], at: &mut usize) -> Option<Output> {
+    let width = u32_at(b, *at)?;
+    let n = u32_at(b, *at + 4)?;
+    let start = *at + 8;
+    let end = start.checked_add(n.checked_mul(8)?)?;
+    let values = f64s(b.get(start..end)?);
+    *at = end;
+    Some(Output { values, width })
+}
+
+/// The child: serves one model on stdin/stdout until stdin closes.
+pub fn serve() -> ! {
+    // SAFETY: plain libc calls on this process
+    unsafe {
+        // die with the worker; never write a core file of a hostile model
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        // the worker may have died before that took effect
+        let parent = std::env::var(PARENT_ENV)
+            .ok()
+            .and_then(|p| p.parse::<libc::pid_t>().ok());
+        if parent.is_some_and(|p| p != libc::getppid()) {
+            libc::_exit(1);
+        }
+        let no_core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        libc::setrlimit(libc::RLIMIT_CORE, &no_core);
+    }
+    super::inspect::WARN_TO_STDERR.store(true, std::sync::atomic::Ordering::Relaxed);
+    // libtorch's compiler recurses on deep code: the deadline's model
+    // thread stack, as in the worker
+    let served = std::thread::Builder::new()
+        .name("torch-host".into())
+        .stack_size(crate::deadline::MODEL_THREAD_STACK)
+        .spawn(serve_loop)
+        .map_err(|e| e.to_string())
+        .and_then(|h| h.join().map_err(|_| "panicked".to_string()))
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    let code = match served {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("torch host: {e}");
+            1
+        }
+    };
+    // SAFETY: ends the process without running libtorch's destructors
+    unsafe { libc::_exit(code) }
+}
+
+fn serve_loop() -> std::io::Result<()> {
+    use std::os::fd::FromRawFd;
+    // frames go out on a private copy of stdout; fd 1 becomes stderr, so
+    // nothing libtorch prints can corrupt a frame
+    // SAFETY: plain descriptor calls; `frames` owns the new descriptor
+    let mut output = unsafe {
+        let fd = libc::dup(1);
+        if fd < 0 || libc::dup2(2, 1) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        std::io::BufWriter::new(std::fs::File::from_raw_fd(fd))
+    };
+    let mut input = std::io::BufReader::new(std::io::stdin().lock());
+    let mut model: Option<super::TorchModel> = None;
+    loop {
+        let (tag, body) = match read_frame(&mut input) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let reply: Result<(u8, Vec<u8>), Failure> = match tag {
+            b'L' => load_in_child(&body).map(|(m, loaded)| {
+                model = Some(m);
+                (b'l', serde_json::to_vec(&loaded).unwrap_or_default())
+            }),
+            b'P' => match &model {
+                None => Err(Failure {
+                    kind: Kind::Runtime,
+                    message: "no model loaded".into(),
+                }),
+                Some(m) => predict_in_child(m, &body),
+            },
+            other => Err(Failure {
+                kind: Kind::Runtime,
+                message: format!("unknown request {other}"),
+            }),
+        };
+        match reply {
+            Ok((tag, b)) => write_frame(&mut output, tag, &[&b])?,
+            Err(f) => write_frame(
+                &mut output,
+                b'e',
+                &[&serde_json::to_vec(&f).unwrap_or_default()],
+            )?,
+        }
+    }
+}
+
+fn load_in_child(body: &[u8]) -> Result<(super::TorchModel, Loaded), Failure> {
+    let bad = |m: &str| Failure {
+        kind: Kind::Runtime,
+        message: m.to_string(),
+    };
+    let json_len = u32_at(body, 0).ok_or_else(|| bad("short load request"))?;
+    let json = body
+        .get(4..4 + json_len)
+        .ok_or_else(|| bad("short load request"))?;
+    let req: LoadRequest = serde_json::from_slice(json).map_err(|e| bad(&e.to_string()))?;
+    let bytes = &body[4 + json_len..];
+    let spec = ModelSpec {
+        name: req.name.clone(),
+        path: req.path.clone(),
+        kind: crate::model::ModelKind::Torch,
+        features: req.features.clone(),
+        target: String::new(),
+        task_type: if req.classification {
+            TaskType::Classification
+        } else {
+            TaskType::Regression
+        },
+        version: None,
+        sha256: None,
+        lazy: false,
+        fallback: None,
+        description: None,
+        onnx: Default::default(),
+        torch: crate::config::TorchOptions {
+            output: match req.output.as_deref() {
+                Some("logits") => Some(TorchOutput::Logits),
+                Some(_) => Some(TorchOutput::Probabilities),
+                None => None,
+            },
+            device: match req.device.as_str() {
+                "auto" => TorchDevice::Auto,
+                d => d
+                    .strip_prefix("cuda:")
+                    .and_then(|n| n.parse().ok())
+                    .map_or(TorchDevice::Cpu, TorchDevice::Cuda),
+            },
+            intra_op_threads: req.threads,
+        },
+        signal: None,
+        missing: if req.allow_nan {
+            MissingPolicy::Nan
+        } else {
+            MissingPolicy::Reject
+        },
+        limits: Default::default(),
+    };
+    let info = ModelInfo {
+        name: spec.name.clone(),
+        version: String::new(),
+        kind: crate::model::ModelKind::Torch,
+        sha256: String::new(),
+        path: spec.path.clone(),
+        features: spec.features.clone(),
+        target: String::new(),
+        task_type: spec.task_type,
+        n_outputs: 1,
+        n_classes: None,
+        detail: String::new(),
+        load_time: Default::default(),
+    };
+    let m = super::TorchModel::load(&spec, bytes, info).map_err(|e| to_failure(&e))?;
+    let loaded = Loaded {
+        n_outputs: m.info.n_outputs,
+        n_classes: m.info.n_classes,
+        detail: m.info.detail.clone(),
+    };
+    Ok((m, loaded))
+}
+
+fn predict_in_child(m: &super::TorchModel, body: &[u8]) -> Result<(u8, Vec<u8>), Failure> {
+    let bad = || Failure {
+        kind: Kind::Runtime,
+        message: "malformed predict request".into(),
+    };
+    let nf = u32_at(body, 0).ok_or_else(bad)?;
+    let data = f64s(body.get(4..).ok_or_else(bad)?);
+    let batch = Batch::new(&data, nf).map_err(|e| to_failure(&e))?;
+    let p = m.predict_full(batch).map_err(|e| to_failure(&e))?;
+    let mut out = Vec::with_capacity(16 + 8 * p.values.values.len());
+    encode_output(&p.values, &mut out);
+    match &p.probabilities {
+        None => out.push(0),
+        Some(pr) => {
+            out.push(1);
+            encode_output(pr, &mut out);
+        }
+    }
+    Ok((b'p', out))
+}
+
+/// The executable that serves as a torch host: `ML_WORKER_TORCH_HOST`,
+/// else this executable if it is `ml-worker`, else an `ml-worker` beside it
+/// or one folder up (tests and benchmarks run from `target/*/deps`).
+fn host_executable() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("ML_WORKER_TORCH_HOST").filter(|p| !p.is_empty()) {
+        // absolute: the host starts in `/`
+        return std::fs::canonicalize(&p)
+            .map_err(|e| format!("ML_WORKER_TORCH_HOST={}: {e}", PathBuf::from(&p).display()));
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    if exe.file_name().is_some_and(|n| n == "ml-worker") {
+        return Ok(exe);
+    }
+    let dir = exe
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    for candidate in [dir.join("ml-worker"), dir.join("../ml-worker")] {
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err("torch models run in an `ml-worker torch-host` process, and no ml-worker executable was found \
+         beside this one; set ML_WORKER_TORCH_HOST to its path"
+        .into())
+}
+
+/// Environment variables a torch host keeps: where libraries are, locale,
+/// and the thread-pool and device settings libtorch reads.
+fn host_env(name: &std::ffi::OsStr) -> bool {
+    let Some(name) = name.to_str() else {
+        return false;
+    };
+    const EXACT: &[&str] = &["PATH", "LD_LIBRARY_PATH", "LANG", "TZ", "TMPDIR", "RUST_BACKTRACE"];
+    const PREFIX: &[&str] = &["LC_", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "CUDA_", "NVIDIA_", "TORCH_", "PYTORCH_"];
+    let secret = ["KEY", "PASSWORD", "SECRET", "TOKEN", "CREDENTIAL"]
+        .iter()
+        .any(|s| name.to_ascii_uppercase().contains(s));
+    !secret && (EXACT.contains(&name) || PREFIX.iter().any(|p| name.starts_with(p)))
+}
+
+/// A running child and its pipes.
+struct Host {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: ChildStdout,
+    killer: Killer,
+}
+
+impl Host {
+    /// Waits up to 100 ms for the child to end; how it ended, in words.
+    fn died(&mut self) -> String {
+        died(&mut self.child, &self.killer)
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.killer.reap(|| {
+            let _ = self.child.kill();
+            ((), self.child.wait().is_ok())
+        });
+    }
+}
+
+/// Kills a child from a deadline's thread, never after the child was
+/// reaped (its pid could by then name another process).
+#[derive(Clone)]
+struct Killer {
+    pid: u32,
+    alive: Arc<Mutex<bool>>,
+}
+
+impl Killer {
+    fn kill(&self) {
+        let alive = self.alive.lock().unwrap_or_else(|p| p.into_inner());
+        if *alive {
+            // SAFETY: a signal to our own child, not yet reaped
+            unsafe {
+                libc::kill(self.pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+    }
+
+    /// Runs `f`, which may reap the child (it says whether it did), with
+    /// kills held off.
+    fn reap<T>(&self, f: impl FnOnce() -> (T, bool)) -> T {
+        let mut alive = self.alive.lock().unwrap_or_else(|p| p.into_inner());
+        let (r, reaped) = f();
+        if reaped {
+            *alive = false;
+        }
+        r
+    }
+}
+
+/// The state of a model's host process.
+struct State {
+    host: Option<Host>,
+    crashes: u32,
+}
+
+/// A TorchScript model served by a child process.
+pub struct HostedTorch {
+    pub info: ModelInfo,
+    /// The load frame's body, kept to start a new child after a crash.
+    load: Vec<u8>,
+    state: Mutex<State>,
+}
+
+impl HostedTorch {
+    /// Starts a host process and loads `bytes` (the verified file) in it.
+    pub fn load(spec: &ModelSpec, bytes: &[u8], mut info: ModelInfo) -> Result<Self, ModelError> {
+        let req = LoadRequest {
+            name: spec.name.clone(),
+            path: spec.path.clone(),
+            features: spec.features.clone(),
+            classification: spec.task_type == TaskType::Classification,
+            output: spec.torch.output.map(|o| match o {
+                TorchOutput::Logits => "logits".to_string(),
+                TorchOutput::Probabilities => "probabilities".to_string(),
+            }),
+            device: spec.torch.device.to_string(),
+            threads: spec.torch.intra_op_threads,
+            allow_nan: spec.missing == MissingPolicy::Nan,
+        };
+        let json = serde_json::to_vec(&req).map_err(|e| ModelError::Runtime(e.to_string()))?;
+        let mut load = Vec::with_capacity(4 + json.len() + bytes.len());
+        load.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        load.extend_from_slice(&json);
+        load.extend_from_slice(bytes);
+        let model = HostedTorch {
+            info: info.clone(),
+            load,
+            state: Mutex::new(State {
+                host: None,
+                crashes: 0,
+            }),
+        };
+        let loaded = {
+            let mut state = model.state.lock().unwrap_or_else(|p| p.into_inner());
+            model.start(&mut state)?
+        };
+        info.n_outputs = loaded.n_outputs;
+        info.n_classes = loaded.n_classes;
+        info.detail = format!("{} (in its own process)", loaded.detail);
+        Ok(HostedTorch { info, ..model })
+    }
+
+    /// Starts a child and loads the model in it.
+    fn start(&self, state: &mut State) -> Result<Loaded, ModelError> {
+        let exe = host_executable().map_err(ModelError::Unsupported)?;
+        let mut command = Command::new(&exe);
+        command
+            .arg(HOST_COMMAND)
+            // none of the worker's secrets (audit key, SASL passwords) in
+            // a process that runs model code
+            .env_clear()
+            .envs(std::env::vars_os().filter(|(k, _)| host_env(k)))
+            .env(PARENT_ENV, std::process::id().to_string())
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = spawn(command).map_err(|e| {
+            ModelError::Unsupported(format!(
+                "cannot start the torch host {}: {e}",
+                exe.display()
+            ))
+        })?;
+        let pid = child.id();
+        let killer = Killer {
+            pid,
+            alive: Arc::new(Mutex::new(true)),
+        };
+        // its stderr (libtorch's warnings): one escaped log line each
+        if let Some(err) = child.stderr.take() {
+            let name = self.info.name.clone();
+            let _ = std::thread::Builder::new()
+                .name("torch-host-log".into())
+                .spawn(move || {
+                    for line in BufReader::new(err)
+                        .split(b'\n')
+                        .map_while(Result::ok)
+                        .take(100_000)
+                    {
+                        let text = String::from_utf8_lossy(&line);
+                        let text: String = text.chars().take(2000).collect();
+                        tracing::warn!(model = %name, pid, "torch host: {text}");
+                    }
+                });
+        }
+        let mut host = Host {
+            stdin: child.stdin.take().expect("piped"),
+            stdout: child.stdout.take().expect("piped"),
+            child,
+            killer: killer.clone(),
+        };
+        // a deadline kills the child: the load really stops
+        crate::deadline::on_cancel(move || killer.kill());
+        let reply = write_frame(&mut host.stdin, b'L', &[&self.load])
+            .and_then(|_| read_frame(&mut host.stdout));
+        let loaded = match reply {
+            Ok((b'l', b)) => serde_json::from_slice::<Loaded>(&b)
+                .map_err(|e| ModelError::Runtime(format!("torch host: {e}")))?,
+            Ok((b'e', b)) => {
+                let f: Failure = serde_json::from_slice(&b)
+                    .map_err(|e| ModelError::Runtime(format!("torch host: {e}")))?;
+                return Err(from_failure(f, &self.info.path));
+            }
+            Ok((t, _)) => {
+                return Err(ModelError::Runtime(format!(
+                    "torch host: unexpected reply {t}"
+                )))
+            }
+            Err(_) => {
+                return Err(ModelError::Format {
+                    path: self.info.path.clone(),
+                    format: "TorchScript",
+                    reason: format!("the process loading it {}", host.died()),
+                })
+            }
+        };
+        state.host = Some(host);
+        Ok(loaded)
+    }
+
+    fn predict_hosted(&self, batch: Batch<'_>) -> Result<Prediction, ModelError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.crashes >= MAX_CRASHES {
+            return Err(ModelError::Runtime(format!(
+                "the model's process crashed {MAX_CRASHES} times in a row; it is not started again"
+            )));
+        }
+        if state.host.is_none() {
+            self.start(&mut state)?;
+        }
+        let host = state.host.as_mut().expect("started");
+        let killer = host.killer.clone();
+        crate::deadline::on_cancel(move || killer.kill());
+        let nf = (batch.n_features() as u32).to_le_bytes();
+        let data = bytes_of(batch.data());
+        let reply = write_frame(&mut host.stdin, b'P', &[&nf, &data])
+            .and_then(|_| read_frame(&mut host.stdout));
+        match reply {
+            Ok((b'p', b)) => {
+                state.crashes = 0;
+                let mut at = 0;
+                let values = decode_output(&b, &mut at);
+                let probabilities = match b.get(at) {
+                    Some(1) => {
+                        at += 1;
+                        Some(decode_output(&b, &mut at))
+                    }
+                    _ => None,
+                };
+                match (values, probabilities) {
+                    (Some(values), None) => Ok(Prediction {
+                        values,
+                        probabilities: None,
+                    }),
+                    (Some(values), Some(Some(p))) => Ok(Prediction {
+                        values,
+                        probabilities: Some(p),
+                    }),
+                    _ => Err(ModelError::Runtime("torch host: malformed reply".into())),
+                }
+            }
+            Ok((b'e', b)) => {
+                state.crashes = 0;
+                let f: Failure = serde_json::from_slice(&b)
+                    .map_err(|e| ModelError::Runtime(format!("torch host: {e}")))?;
+                Err(from_failure(f, &self.info.path))
+            }
+            Ok((t, _)) => Err(ModelError::Runtime(format!(
+                "torch host: unexpected reply {t}"
+            ))),
+            Err(_) => {
+                let mut host = state.host.take().expect("present");
+                state.crashes += 1;
+                let why = host.died();
+                tracing::error!(model = %self.info.name, crashes = state.crashes, "torch model process {why}");
+                Err(ModelError::Runtime(format!("the model's process {why}")))
+            }
+        }
+    }
+}
+
+/// Starts `command` from a thread that lives as long as the worker: the
+/// child's `PR_SET_PDEATHSIG` fires when the *thread* that started it ends,
+/// and loads and restarts happen on short-lived threads.
+fn spawn(command: Command) -> std::io::Result<Child> {
+    type Request = (Command, std::sync::mpsc::SyncSender<std::io::Result<Child>>);
+    static SPAWNER: std::sync::OnceLock<Mutex<std::sync::mpsc::Sender<Request>>> =
+        std::sync::OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Request>();
+        let started = std::thread::Builder::new()
+            .name("torch-spawner".into())
+            .spawn(move || {
+                for (mut command, reply) in rx {
+                    let _ = reply.send(command.spawn());
+                }
+            });
+        if let Err(e) = started {
+            tracing::error!("cannot start the torch spawner thread: {e}");
+        }
+        Mutex::new(tx)
+    });
+    let (reply, answer) = std::sync::mpsc::sync_channel(1);
+    let sent = spawner
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send((command, reply));
+    if sent.is_err() {
+        return Err(std::io::Error::other("the torch spawner thread is gone"));
+    }
+    answer
+        .recv()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the torch spawner thread is gone")))
+}
+
+/// How a child ended, in words (waiting up to 100 ms for it to end).
+fn died(child: &mut Child, killer: &Killer) -> String {
+    let status = (0..50).find_map(|_| {
+        match killer.reap(|| {
+            let r = child.try_wait();
+            let reaped = matches!(r, Ok(Some(_)));
+            (r, reaped)
+        }) {
+            Ok(Some(s)) => Some(s),
+            _ => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                None
+            }
+        }
+    });
+    use std::os::unix::process::ExitStatusExt;
+    match status.and_then(|s| s.signal()) {
+        Some(sig) => format!("died of signal {sig} ({})", signal_name(sig)),
+        None => match status.and_then(|s| s.code()) {
+            Some(c) => format!("exited with status {c}"),
+            None => "stopped answering".into(),
+        },
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGSEGV => "SIGSEGV: invalid memory access",
+        libc::SIGFPE => "SIGFPE: arithmetic fault",
+        libc::SIGABRT => "SIGABRT: aborted",
+        libc::SIGKILL => "SIGKILL: killed, e.g. at its deadline",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGILL => "SIGILL",
+        _ => "a signal",
+    }
+}
+
+impl Model for HostedTorch {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn predict_full(&self, batch: Batch<'_>) -> Result<Prediction, ModelError> {
+        batch.expect_features(self.info.features.len())?;
+        if batch.n_rows() == 0 {
+            return Ok(Prediction {
+                values: Output {
+                    values: Vec::new(),
+                    width: self.info.n_outputs,
+                },
+                probabilities: self.info.n_classes.map(|k| Output {
+                    values: Vec::new(),
+                    width: k,
+                }),
+            });
+        }
+        self.predict_hosted(batch)
+    }
+}
