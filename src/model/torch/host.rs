@@ -317,6 +317,7 @@ fn load_in_child(body: &[u8]) -> Result<(super::TorchModel, Loaded), Failure> {
         detail: String::new(),
         load_time: Default::default(),
     };
+    confine(spec.torch.device, spec.torch.intra_op_threads)?;
     let m = super::TorchModel::load(&spec, bytes, info).map_err(|e| to_failure(&e))?;
     let loaded = Loaded {
         n_outputs: m.info.n_outputs,
@@ -324,6 +325,29 @@ fn load_in_child(body: &[u8]) -> Result<(super::TorchModel, Loaded), Failure> {
         detail: m.info.detail.clone(),
     };
     Ok((m, loaded))
+}
+
+/// Initialises libtorch (CPU detection, thread pool, the device) with a
+/// small computation, then installs the seccomp filter ([`super::sandbox`]):
+/// nothing of the model has been read yet.
+fn confine(device: TorchDevice, threads: usize) -> Result<(), Failure> {
+    let fail = |kind, message: String| Failure { kind, message };
+    let device = super::resolve_device(device).map_err(|m| fail(Kind::Unsupported, m))?;
+    super::set_threads(threads);
+    let warm = || -> Result<f64, tch::TchError> {
+        let _no_grad = tch::no_grad_guard();
+        let x = tch::Tensor::f_ones([256, 256], (tch::Kind::Float, device))?;
+        let y = x.f_matmul(&x)?.f_relu()?.f_softmax(1, tch::Kind::Float)?;
+        y.f_sum(tch::Kind::Double)?
+            .f_to_device(tch::Device::Cpu)?
+            .f_double_value(&[])
+    };
+    warm().map_err(|e| fail(Kind::Runtime, format!("libtorch does not start: {e}")))?;
+    let filters = super::sandbox::filters().and_then(|f| f.apply());
+    if let Err(e) = filters {
+        eprintln!("the torch host runs without its system-call filter: {e}");
+    }
+    Ok(())
 }
 
 fn predict_in_child(m: &super::TorchModel, body: &[u8]) -> Result<(u8, Vec<u8>), Failure> {
@@ -380,8 +404,25 @@ fn host_env(name: &std::ffi::OsStr) -> bool {
     let Some(name) = name.to_str() else {
         return false;
     };
-    const EXACT: &[&str] = &["PATH", "LD_LIBRARY_PATH", "LANG", "TZ", "TMPDIR", "RUST_BACKTRACE"];
-    const PREFIX: &[&str] = &["LC_", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "CUDA_", "NVIDIA_", "TORCH_", "PYTORCH_"];
+    const EXACT: &[&str] = &[
+        "PATH",
+        "LD_LIBRARY_PATH",
+        "LANG",
+        "TZ",
+        "TMPDIR",
+        "RUST_BACKTRACE",
+    ];
+    const PREFIX: &[&str] = &[
+        "LC_",
+        "OMP_",
+        "MKL_",
+        "KMP_",
+        "OPENBLAS_",
+        "CUDA_",
+        "NVIDIA_",
+        "TORCH_",
+        "PYTORCH_",
+    ];
     let secret = ["KEY", "PASSWORD", "SECRET", "TOKEN", "CREDENTIAL"]
         .iter()
         .any(|s| name.to_ascii_uppercase().contains(s));

@@ -22,6 +22,7 @@
 
 pub mod host;
 pub mod inspect;
+pub mod sandbox;
 
 use std::cell::Cell;
 use std::io::Cursor;
@@ -199,7 +200,7 @@ impl Model for TorchModel {
 /// The libtorch device for a configured one. `auto` is CUDA device 0 when
 /// libtorch reports CUDA, else the CPU; an explicit CUDA device that is not
 /// there is an error (silently running on the CPU would hide a misconfiguration).
-fn resolve_device(d: TorchDevice) -> Result<Device, String> {
+pub(crate) fn resolve_device(d: TorchDevice) -> Result<Device, String> {
     match d {
         TorchDevice::Cpu => Ok(Device::Cpu),
         TorchDevice::Auto if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
@@ -238,7 +239,7 @@ thread_local! {
 /// Sets libtorch's intra-op thread count for this thread's forward passes
 /// when it differs from the last one set here (setting it can rebuild a
 /// thread pool, so not on every batch).
-fn set_threads(n: usize) {
+pub(crate) fn set_threads(n: usize) {
     THREADS.with(|t| {
         if t.get() != n {
             tch::set_num_threads(n.clamp(1, i32::MAX as usize) as i32);
