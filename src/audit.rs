@@ -641,10 +641,16 @@ impl AuditStore {
         query_rows(&self.lock(), model, limit).map_err(|e| self.wrap(e))
     }
 
-    /// The head recorded in the anchor file, if one is configured and has one.
+    /// The newest head recorded in the anchor file, if one is configured
+    /// and has one.
     pub fn anchored_head(&self) -> Result<Option<Head>, AuditError> {
+        Ok(self.anchored_heads()?.pop())
+    }
+
+    /// Every head recorded in the anchor file, oldest first.
+    pub fn anchored_heads(&self) -> Result<Vec<Head>, AuditError> {
         let Some(anchor) = &self.anchor_file else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
         read_anchor(anchor).map_err(|source| AuditError::Anchor {
             path: self.path.clone(),
@@ -653,7 +659,7 @@ impl AuditStore {
         })
     }
 
-    /// [`AuditStore::verify_against`] the anchor file's head. An anchor
+    /// [`AuditStore::verify_against`] every head in the anchor file. An anchor
     /// file that is configured but missing while the store has rows is a
     /// problem (it was removed; to start anchoring an existing store, write
     /// its current head, `ID:MAC`, into the file).
@@ -664,10 +670,11 @@ impl AuditStore {
     /// [`AuditStore::verify`], also against heads seen elsewhere (the log,
     /// the metric).
     pub fn verify_with(&self, heads: &[Head]) -> Result<VerifyReport, AuditError> {
-        let anchor = self.anchored_head()?;
-        let anchors: Vec<Head> = heads.iter().chain(anchor.iter()).cloned().collect();
+        let anchored = self.anchored_heads()?;
+        let anchors: Vec<Head> = heads.iter().chain(anchored.iter()).cloned().collect();
         let mut report = self.verify_against(&anchors)?;
-        if let (Some(file), None, Some(_)) = (&self.anchor_file, &anchor, &report.head) {
+        if let (Some(file), true, Some(_)) = (&self.anchor_file, anchored.is_empty(), &report.head)
+        {
             report.problems.push(format!(
                 "the anchor file {} is missing but the store has rows (it was removed; to start anchoring this store, write its head {} into it)",
                 file.display(),
@@ -752,18 +759,29 @@ impl AuditStore {
                 seq.unwrap_or(0)
             ));
         }
-        for a in anchors {
-            match rows.iter().find(|r| r.id == a.id) {
-                None => problems.push(format!(
+        // ids run 1, 2, ... (checked above); a head is found by its id
+        let mut anchor_problems = anchors.iter().filter_map(|a| {
+            let row = usize::try_from(a.id - 1)
+                .ok()
+                .and_then(|i| rows.get(i))
+                .filter(|r| r.id == a.id)
+                .or_else(|| rows.iter().find(|r| r.id == a.id));
+            match row {
+                None => Some(format!(
                     "the anchored head {a} is not in the store: it has {} rows (rows were removed or the store replaced)",
                     rows.len()
                 )),
-                Some(r) if r.mac != a.mac => problems.push(format!(
+                Some(r) if r.mac != a.mac => Some(format!(
                     "row {}: its mac differs from the anchored head {a} (the chain was rewritten)",
                     r.id
                 )),
-                Some(_) => {}
+                Some(_) => None,
             }
+        });
+        problems.extend(anchor_problems.by_ref().take(10));
+        let more = anchor_problems.count();
+        if more > 0 {
+            problems.push(format!("and {more} more anchored head(s) not matched"));
         }
         Ok(VerifyReport {
             rows: rows.len(),
@@ -852,20 +870,38 @@ fn append_anchor(file: &Path, head: &Head) -> std::io::Result<()> {
     f.sync_data()
 }
 
-/// The last head in an anchor file (none if it does not exist or is empty).
-fn read_anchor(file: &Path) -> std::io::Result<Option<Head>> {
+/// Every head in an anchor file, oldest first (none if it does not exist).
+/// Every non-empty line must be a head, with ids strictly increasing (the
+/// file is only ever appended to).
+fn read_anchor(file: &Path) -> std::io::Result<Vec<Head>> {
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
-    match text.lines().rev().find(|l| !l.trim().is_empty()) {
-        None => Ok(None),
-        Some(l) => l
+    let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+    let mut heads: Vec<Head> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let head: Head = line
+            .trim()
             .parse()
-            .map(Some)
-            .map_err(|e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+            .map_err(|e: String| bad(format!("line {}: {e}", n + 1)))?;
+        if let Some(last) = heads.last() {
+            if head.id <= last.id {
+                return Err(bad(format!(
+                    "line {}: head {} follows head {} (ids only grow: the file was edited)",
+                    n + 1,
+                    head.id,
+                    last.id
+                )));
+            }
+        }
+        heads.push(head);
     }
+    Ok(heads)
 }
 
 /// `(type, name, tbl_name, sql)` of every schema object.
@@ -1179,6 +1215,49 @@ mod tests {
             !report.problems.iter().any(|p| p.contains("row_hash")),
             "the unkeyed chain alone looks intact: {report:?}"
         );
+    }
+
+    #[test]
+    fn every_head_in_the_anchor_file_counts_not_only_the_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path(), true);
+        for m in ["a", "b", "c"] {
+            s.record(AuditEvent::Load, &entry(m)).unwrap();
+        }
+        let heads = s.anchored_heads().unwrap();
+        assert_eq!(heads.iter().map(|h| h.id).collect::<Vec<_>>(), [1, 2, 3]);
+        // the newest row removed and the anchor file made to end at the
+        // row that is left: its last line matches, its earlier one does not
+        {
+            let conn = s.lock();
+            conn.execute_batch(
+                "DROP TRIGGER audit_log_no_delete; DELETE FROM audit_log WHERE id = 3;
+                 UPDATE sqlite_sequence SET seq = 2 WHERE name = 'audit_log';",
+            )
+            .unwrap();
+            conn.execute_batch(NO_DELETE).unwrap();
+        }
+        let anchor = dir.path().join("anchor");
+        let mut text = std::fs::read_to_string(&anchor).unwrap();
+        text.push_str(&format!("{}\n", heads[1]));
+        std::fs::write(&anchor, &text).unwrap();
+        let e = s.verify().unwrap_err().to_string();
+        assert!(e.contains("line 4: head 2 follows head 3"), "{e}");
+        // the same without the out-of-order line: head 3 is missing
+        let text: String = text.lines().take(3).map(|l| format!("{l}\n")).collect();
+        std::fs::write(&anchor, text).unwrap();
+        let report = s.verify().unwrap();
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.contains(&format!("anchored head {} is not in the store", heads[2]))),
+            "{report:?}"
+        );
+        // a line that is not a head
+        std::fs::write(&anchor, format!("{}\nnot a head\n", heads[0])).unwrap();
+        let e = s.verify().unwrap_err().to_string();
+        assert!(e.contains("line 2:"), "{e}");
     }
 
     #[test]

@@ -126,6 +126,15 @@ fn fields(b: &[u8]) -> Result<Vec<Field<'_>>, String> {
     while pos < b.len() {
         let start = pos;
         let key = varint(b, &mut pos)?;
+        // protobuf reads a key as at most 5 bytes and keeps 32 bits of them:
+        // a longer key, or one past 32 bits, would name another field there
+        // than here
+        if pos - start > 5 || key > u64::from(u32::MAX) {
+            return Err(format!(
+                "a field key of {} bytes at byte {start} (past 32 bits: ONNX Runtime would read another field)",
+                pos - start
+            ));
+        }
         let (number, wire) = (key >> 3, (key & 7) as u8);
         if number == 0 {
             return Err(format!("field number 0 at byte {start}"));
@@ -521,6 +530,29 @@ mod tests {
         assert!(inline(&model(&[("offset", "0")]), &dir, 4)
             .unwrap_err()
             .contains("no location"));
+    }
+
+    #[test]
+    fn keys_that_protobuf_would_read_as_another_field_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // graph (7) as a 5-byte key with bits past 32 (protobuf keeps 32
+        // bits: field 7 there, field 2^30+7 here), then as a 6-byte key
+        let graph = model(&[("location", "w.bin")]);
+        let body = &graph[1..]; // the graph's length and message
+        let mut past_32 = Vec::new();
+        put_varint(&mut past_32, (1u64 << 33) | (7 << 3 | 2));
+        past_32.extend_from_slice(body);
+        let e = inline(&past_32, dir.path(), 1 << 20).unwrap_err();
+        assert!(e.contains("field key of 5 bytes"), "{e}");
+        let mut six = vec![0xba, 0x80, 0x80, 0x80, 0x80, 0x00];
+        six.extend_from_slice(body);
+        let e = inline(&six, dir.path(), 1 << 20).unwrap_err();
+        assert!(e.contains("field key of 6 bytes"), "{e}");
+        // a non-minimal key within 5 bytes names the same field both ways
+        let mut padded = vec![0xba, 0x80, 0x00];
+        padded.extend_from_slice(body);
+        let e = inline(&padded, dir.path(), 1 << 20).unwrap_err();
+        assert!(e.contains("No such file"), "{e}");
     }
 
     #[test]

@@ -118,10 +118,8 @@ fn arch() -> Result<seccompiler::TargetArch, String> {
 /// Builds the filters (nothing is installed yet).
 pub fn filters() -> Result<Filters, String> {
     let err = |e: seccompiler::BackendError| e.to_string();
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = denied()
-        .into_iter()
-        .map(|s| (s, Vec::new()))
-        .collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        denied().into_iter().map(|s| (s, Vec::new())).collect();
     // clone: only threads (the flags word, argument 0, has CLONE_THREAD)
     let no_thread = SeccompCondition::new(
         0,
@@ -142,9 +140,7 @@ pub fn filters() -> Result<Filters, String> {
     )
     .map_err(err)?;
     let enosys = SeccompFilter::new(
-        [(libc::SYS_clone3, Vec::new())]
-            .into_iter()
-            .collect(),
+        [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
         SeccompAction::Allow,
         SeccompAction::Errno(libc::ENOSYS as u32),
         arch()?,
