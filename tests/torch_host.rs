@@ -66,11 +66,27 @@ fn each_model_runs_in_a_confined_process_of_its_own_which_ends_with_it() {
                 .any(|l| l.split_whitespace().eq(["Seccomp:", "2"])),
             "host {pid} is not filtered:\n{status}"
         );
+        // the OOM killer's first choice
+        let adj = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap();
+        assert_eq!(adj.trim(), "1000", "host {pid}");
         // started in /, with none of the worker's environment but libraries
         // and thread settings
-        if let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) {
-            assert_eq!(cwd, Path::new("/"), "host {pid}");
-        }
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap();
+        assert_eq!(cwd, Path::new("/"), "host {pid}");
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let names: Vec<String> = environ
+            .split(|b| *b == 0)
+            .filter_map(|v| v.split(|b| *b == b'=').next())
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .filter(|n| !n.is_empty())
+            .collect();
+        assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+        // the test's own CARGO_* variables stayed behind
+        assert!(
+            !names.iter().any(|n| n.starts_with("CARGO"))
+                && names.contains(&"ML_WORKER_TORCH_PARENT".to_string()),
+            "host {pid} environment: {names:?}"
+        );
     }
     let pid = hosts[0].0;
     drop(m);

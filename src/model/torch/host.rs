@@ -183,6 +183,8 @@ pub fn serve() -> ! {
         };
         libc::setrlimit(libc::RLIMIT_CORE, &no_core);
     }
+    // out of memory, the kernel kills this process before the worker
+    let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
     super::inspect::WARN_TO_STDERR.store(true, std::sync::atomic::Ordering::Relaxed);
     // libtorch's compiler recurses on deep code: the deadline's model
     // thread stack, as in the worker
