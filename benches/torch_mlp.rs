@@ -5,6 +5,10 @@
 //! the next batch from a pool of 10,000 distinct rows. `tools/bench_torch.py`
 //! does the same in Python torch (same model, rows and thread count);
 //! `make bench-models` runs both and prints the ratio.
+//!
+//! The worker runs each torch model in a process of its own (see
+//! src/model/torch/host.rs); `in-process` runs the same model loaded in
+//! the benchmark's own process, to show what the isolation costs.
 
 mod common;
 
@@ -12,7 +16,8 @@ use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use ml_worker::config::load_registry_file;
-use ml_worker::model::Batch;
+use ml_worker::model::torch::TorchModel;
+use ml_worker::model::{Batch, Model};
 use ml_worker::registry::{Registry, RegistryOptions};
 
 fn bench(c: &mut Criterion) {
@@ -29,6 +34,17 @@ fn bench(c: &mut Criterion) {
     let pool = common::rows(common::POOL, nf, false);
     common::bench_batches(&mut g, &pool, nf, &[1, 1000], |data, _| {
         model.predict_full(Batch::new(data, nf).unwrap())
+    });
+    // the same model without the process boundary
+    let spec = &load_registry_file(&root.join("config/models.yaml"))
+        .expect("shipped registry")
+        .into_iter()
+        .find(|s| s.name == "wine_mlp")
+        .expect("wine_mlp");
+    let bytes = std::fs::read(&spec.path).expect("wine_mlp.pt");
+    let local = TorchModel::load(spec, &bytes, model.info().clone()).expect("loads in process");
+    common::bench_batches_as("in-process", &mut g, &pool, nf, &[1, 1000], |data, _| {
+        local.predict_full(Batch::new(data, nf).unwrap())
     });
     g.finish();
 }

@@ -20,10 +20,10 @@ cargo bench --bench torch_mlp -- --noplot --output-format bencher 2>/dev/null | 
 python3 - "$out" <<'PY'
 import json, re, sys, os
 out = sys.argv[1]
-def native(f):
+def native(f, label="native"):
     r = {}
     for line in open(os.path.join(out, f)):
-        m = re.match(r"test \S+/native/(\d+)\s+\.\.\. bench:\s+([\d,]+) ns/iter", line)
+        m = re.match(r"test \S+/" + label + r"/(\d+)\s+\.\.\. bench:\s+([\d,]+) ns/iter", line)
         if m:
             batch, ns = int(m.group(1)), int(m.group(2).replace(",", ""))
             r[batch] = batch / (ns * 1e-9)
@@ -36,4 +36,9 @@ for title, nat, py, ref in [("LightGBM, 150 trees (models/diabetes_lgbm.txt)", "
     print(f"\n{title}\n{'batch':>6} {'ml-worker rows/s':>17} {ref + ' rows/s':>16} {'ratio':>7} {'ml-worker us/row':>17}")
     for b in sorted(n):
         print(f"{b:>6} {n[b]:>17,.0f} {p.get(b, float('nan')):>16,.0f} {n[b] / p.get(b, float('nan')):>6.1f}x {1e6 / n[b]:>17.3f}")
+    local = native(nat, "in-process")
+    if local:
+        print("torch models run in a process of their own; the same model in the worker's process:")
+        for b in sorted(local):
+            print(f"{b:>6} {local[b]:>17,.0f} rows/s in process; the process boundary costs {1e6 / n[b] - 1e6 / local[b]:,.3f} us/row ({local[b] / n[b]:.2f}x)")
 PY

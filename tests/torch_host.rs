@@ -56,6 +56,28 @@ fn each_model_runs_in_a_confined_process_of_its_own_which_ends_with_it() {
         .predict(Batch::new(&[0.01; 10 * 64], 10).unwrap())
         .unwrap();
     assert_eq!(p.values.len(), 64);
+    // a batch larger than the first shared memory (3.2 MB of rows): it
+    // grows, and the rows' predictions are the ones they get on their own
+    let rows: Vec<f64> = (0..40_000 * 10)
+        .map(|i| ((i / 10) % 997) as f64 * 1e-4 + (i % 10) as f64 * 0.01)
+        .collect();
+    let big = m.predict(Batch::new(&rows, 10).unwrap()).unwrap();
+    assert_eq!(big.values.len(), 40_000);
+    for at in [0, 1, 996, 997, 39_999] {
+        let one = m
+            .predict(Batch::new(&rows[at * 10..at * 10 + 10], 10).unwrap())
+            .unwrap();
+        assert!(
+            (one.values[0] - big.values[at]).abs() <= 1e-6 * one.values[0].abs().max(1.0),
+            "row {at}: {} alone, {} in the batch",
+            one.values[0],
+            big.values[at]
+        );
+    }
+    assert_eq!(
+        big.values[0], big.values[997],
+        "the same row, the same answer"
+    );
     let hosts = torch_hosts();
     assert_eq!(hosts.len(), 1, "one model, one host: {hosts:?}");
     for (pid, status) in &hosts {

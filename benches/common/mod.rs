@@ -37,12 +37,24 @@ pub fn bench_batches<T>(
     pool: &[f64],
     nf: usize,
     batches: &[usize],
+    score: impl FnMut(&[f64], usize) -> T,
+) {
+    bench_batches_as("native", g, pool, nf, batches, score)
+}
+
+/// [`bench_batches`] under another label.
+pub fn bench_batches_as<T>(
+    label: &str,
+    g: &mut BenchmarkGroup<'_, WallTime>,
+    pool: &[f64],
+    nf: usize,
+    batches: &[usize],
     mut score: impl FnMut(&[f64], usize) -> T,
 ) {
     let n_rows = pool.len() / nf;
     for &batch in batches {
         g.throughput(Throughput::Elements(batch as u64));
-        g.bench_function(BenchmarkId::new("native", batch), |b| {
+        g.bench_function(BenchmarkId::new(label, batch), |b| {
             let mut at = 0;
             b.iter(|| {
                 if at + batch > n_rows {

@@ -19,23 +19,30 @@
 //!   escaped line at a time; it dies with the worker (`PR_SET_PDEATHSIG`)
 //!   and never writes a core file.
 //!
-//! The cost is a copy of each batch over a pipe: tens of microseconds.
-//!
-//! Messages are frames: a `u32` little-endian length, then a tag byte and
-//! the body (`f64`s little-endian).
+//! Requests and replies are frames on the pipes: a `u32` little-endian
+//! length, then a tag byte and the body. A batch's rows and its predictions
+//! travel through memory the two share ([`super::shm`]), not the pipe: the
+//! worker copies the rows in once, the model reads them in place, and the
+//! cost of the process boundary is a few microseconds a call plus that copy.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use super::shm::{self, Shm};
 use crate::config::{MissingPolicy, ModelSpec, TorchDevice, TorchOutput};
 use crate::model::{Batch, Model, ModelError, ModelInfo, Output, Prediction, TaskType};
 
 /// Largest frame either side reads (a batch of 100,000 rows of 500 features).
 const MAX_FRAME: usize = 512 << 20;
+/// Pipe capacity asked for (Linux's default ceiling for unprivileged
+/// processes, `/proc/sys/fs/pipe-max-size`).
+const PIPE_BYTES: libc::c_int = 1 << 20;
 /// Crashes in a row after which a model is refused for good.
 const MAX_CRASHES: u32 = 3;
 /// The command line argument that makes the binary a torch host.
@@ -43,6 +50,8 @@ pub const HOST_COMMAND: &str = "torch-host";
 
 /// The worker's pid, for the child to check that it is still there.
 const PARENT_ENV: &str = "ML_WORKER_TORCH_PARENT";
+/// The descriptor of the shared batch memory in the child.
+const SHM_ENV: &str = "ML_WORKER_TORCH_SHM";
 
 /// What the child needs to load a model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,41 +115,79 @@ fn from_failure(f: Failure, path: &std::path::Path) -> ModelError {
 
 fn write_frame(w: &mut impl Write, tag: u8, parts: &[&[u8]]) -> std::io::Result<()> {
     let len: usize = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
-    let mut head = Vec::with_capacity(5);
-    head.extend_from_slice(&(len as u32).to_le_bytes());
-    head.push(tag);
-    w.write_all(&head)?;
+    // one write: the other side wakes once
+    let mut frame = Vec::with_capacity(4 + len);
+    frame.extend_from_slice(&(len as u32).to_le_bytes());
+    frame.push(tag);
     for p in parts {
-        w.write_all(p)?;
+        frame.extend_from_slice(p);
     }
+    w.write_all(&frame)?;
     w.flush()
 }
 
-fn read_frame(r: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len)?;
-    let n = u32::from_le_bytes(len) as usize;
+/// How long the host polls for the next request, and the worker for a
+/// reply, before sleeping in `read`: waking a sleeping process costs tens of
+/// microseconds (about 65 µs a round trip on a virtual machine's idle CPU),
+/// and a reply (a model's forward pass) or the next batch often comes sooner.
+/// The worker waits longer: it is waiting for its own answer.
+const HOST_SPIN: std::time::Duration = std::time::Duration::from_micros(100);
+const WORKER_SPIN: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Polls `fd` for up to `budget` until it has something to read, yielding
+/// the CPU between polls (to the worker's other threads, if they want it).
+fn spin_until_readable(fd: std::os::fd::RawFd, budget: std::time::Duration) {
+    let start = std::time::Instant::now();
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    while start.elapsed() < budget {
+        // SAFETY: one pollfd, zero timeout; sched_yield has no arguments
+        unsafe {
+            if libc::poll(&mut p, 1, 0) != 0 {
+                return;
+            }
+            libc::sched_yield();
+        }
+    }
+}
+
+/// A frame's tag and body length.
+fn read_head(r: &mut impl Read) -> std::io::Result<(u8, usize)> {
+    let mut head = [0u8; 5];
+    r.read_exact(&mut head)?;
+    let n = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
     if n == 0 || n > MAX_FRAME {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("frame of {n} bytes"),
         ));
     }
+    Ok((head[4], n - 1))
+}
+
+fn read_frame(r: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
+    let (tag, n) = read_head(r)?;
     let mut buf = vec![0u8; n];
     r.read_exact(&mut buf)?;
-    let tag = buf[0];
-    buf.drain(..1);
     Ok((tag, buf))
+}
+
+// frames carry f64s as their in-memory bytes: little-endian machines only
+const _: () = assert!(cfg!(target_endian = "little"));
+
+/// The bytes of `v` (little-endian `f64`s), without a copy.
+fn f64_bytes(v: &[f64]) -> &[u8] {
+    // SAFETY: any f64 is 8 initialised bytes; u8 has no alignment needs
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
 fn f64s(b: &[u8]) -> Vec<f64> {
     b.chunks_exact(8)
         .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
         .collect()
-}
-
-fn bytes_of(v: &[f64]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 /// `u32` at `at`, if there.
@@ -151,7 +198,7 @@ fn u32_at(b: &[u8], at: usize) -> Option<usize> {
 fn encode_output(o: &Output, out: &mut Vec<u8>) {
     out.extend_from_slice(&(o.width as u32).to_le_bytes());
     out.extend_from_slice(&(o.values.len() as u32).to_le_bytes());
-    out.extend(bytes_of(&o.values));
+    out.extend_from_slice(f64_bytes(&o.values));
 }
 
 fn decode_output(b: &[u8], at: &mut usize) -> Option<Output> {
@@ -220,24 +267,41 @@ fn serve_loop() -> std::io::Result<()> {
     };
     let mut input = std::io::BufReader::new(std::io::stdin().lock());
     let mut model: Option<super::TorchModel> = None;
+    // SAFETY: the descriptor the worker passed for this purpose
+    let mut shared = std::env::var(SHM_ENV)
+        .ok()
+        .and_then(|v| v.parse::<std::os::fd::RawFd>().ok())
+        .filter(|fd| *fd > 2)
+        .map(|fd| unsafe { Shm::inherit(fd) });
     loop {
-        let (tag, body) = match read_frame(&mut input) {
-            Ok(f) => f,
+        if input.buffer().is_empty() {
+            spin_until_readable(0, HOST_SPIN);
+        }
+        let (tag, n) = match read_head(&mut input) {
+            Ok(h) => h,
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
         };
         let reply: Result<(u8, Vec<u8>), Failure> = match tag {
-            b'L' => load_in_child(&body).map(|(m, loaded)| {
-                model = Some(m);
-                (b'l', serde_json::to_vec(&loaded).unwrap_or_default())
-            }),
-            b'P' => match &model {
-                None => Err(Failure {
-                    kind: Kind::Runtime,
-                    message: "no model loaded".into(),
-                }),
-                Some(m) => predict_in_child(m, &body),
-            },
+            b'L' => {
+                let mut body = vec![0u8; n];
+                input.read_exact(&mut body)?;
+                load_in_child(&body).map(|(m, loaded)| {
+                    model = Some(m);
+                    (b'l', serde_json::to_vec(&loaded).unwrap_or_default())
+                })
+            }
+            b'P' => {
+                let mut body = vec![0u8; n];
+                input.read_exact(&mut body)?;
+                match (&model, shared.as_mut()) {
+                    (Some(m), Some(shm)) => predict_in_child(m, shm, &body),
+                    _ => Err(Failure {
+                        kind: Kind::Runtime,
+                        message: "no model loaded, or no shared memory".into(),
+                    }),
+                }
+            }
             other => Err(Failure {
                 kind: Kind::Runtime,
                 message: format!("unknown request {other}"),
@@ -352,14 +416,36 @@ fn confine(device: TorchDevice, threads: usize) -> Result<(), Failure> {
     Ok(())
 }
 
-fn predict_in_child(m: &super::TorchModel, body: &[u8]) -> Result<(u8, Vec<u8>), Failure> {
-    let bad = || Failure {
+/// A predict request: the feature count and row count (`u32`s) and the
+/// shared memory's length (`u64`); the rows are at its start, the reply
+/// goes right after them ('q' and its length), or on the pipe ('p') if it
+/// does not fit.
+fn predict_in_child(
+    m: &super::TorchModel,
+    shm: &mut Shm,
+    body: &[u8],
+) -> Result<(u8, Vec<u8>), Failure> {
+    let bad = |message: String| Failure {
         kind: Kind::Runtime,
-        message: "malformed predict request".into(),
+        message,
     };
-    let nf = u32_at(body, 0).ok_or_else(bad)?;
-    let data = f64s(body.get(4..).ok_or_else(bad)?);
-    let batch = Batch::new(&data, nf).map_err(|e| to_failure(&e))?;
+    let (Some(nf), Some(rows), Some(len)) = (
+        u32_at(body, 0),
+        u32_at(body, 4),
+        body.get(8..16)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))),
+    ) else {
+        return Err(bad("malformed predict request".into()));
+    };
+    shm.resize(len as usize, false)
+        .map_err(|e| bad(e.to_string()))?;
+    let n = nf
+        .checked_mul(rows)
+        .ok_or_else(|| bad("malformed predict request".into()))?;
+    let data = shm
+        .f64s(n)
+        .ok_or_else(|| bad("the rows are past the shared memory".into()))?;
+    let batch = Batch::new(data, nf).map_err(|e| to_failure(&e))?;
     let p = m.predict_full(batch).map_err(|e| to_failure(&e))?;
     let mut out = Vec::with_capacity(16 + 8 * p.values.values.len());
     encode_output(&p.values, &mut out);
@@ -369,6 +455,11 @@ fn predict_in_child(m: &super::TorchModel, body: &[u8]) -> Result<(u8, Vec<u8>),
             out.push(1);
             encode_output(pr, &mut out);
         }
+    }
+    let at = n * 8;
+    if at + out.len() <= shm.size() {
+        shm.write(at, &out);
+        return Ok((b'q', (out.len() as u64).to_le_bytes().to_vec()));
     }
     Ok((b'p', out))
 }
@@ -436,6 +527,7 @@ struct Host {
     child: Child,
     stdin: ChildStdin,
     stdout: ChildStdout,
+    shm: Shm,
     killer: Killer,
 }
 
@@ -542,7 +634,20 @@ impl HostedTorch {
     /// Starts a child and loads the model in it.
     fn start(&self, state: &mut State) -> Result<Loaded, ModelError> {
         let exe = host_executable().map_err(ModelError::Unsupported)?;
+        let shm = Shm::create(shm::MIN_BYTES)
+            .map_err(|e| ModelError::Runtime(format!("torch host: {e}")))?;
+        let shm_fd = shm.raw_fd();
         let mut command = Command::new(&exe);
+        // SAFETY: fcntl is async-signal-safe; the child keeps the memory's
+        // descriptor across exec (only the child: the flag is per process)
+        unsafe {
+            command.pre_exec(move || {
+                if libc::fcntl(shm_fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         command
             .arg(HOST_COMMAND)
             // none of the worker's secrets (audit key, SASL passwords) in
@@ -550,6 +655,7 @@ impl HostedTorch {
             .env_clear()
             .envs(std::env::vars_os().filter(|(k, _)| host_env(k)))
             .env(PARENT_ENV, std::process::id().to_string())
+            .env(SHM_ENV, shm_fd.to_string())
             .current_dir("/")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -582,9 +688,19 @@ impl HostedTorch {
                     }
                 });
         }
+        let (stdin, stdout) = (
+            child.stdin.take().expect("piped"),
+            child.stdout.take().expect("piped"),
+        );
+        // a model file of megabytes: in fewer turns than 64 KiB each
+        for fd in [stdin.as_raw_fd(), stdout.as_raw_fd()] {
+            // SAFETY: fcntl on a pipe this process holds; failure is harmless
+            unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, PIPE_BYTES) };
+        }
         let mut host = Host {
-            stdin: child.stdin.take().expect("piped"),
-            stdout: child.stdout.take().expect("piped"),
+            stdin,
+            stdout,
+            shm,
             child,
             killer: killer.clone(),
         };
@@ -630,10 +746,56 @@ impl HostedTorch {
         let host = state.host.as_mut().expect("started");
         let killer = host.killer.clone();
         crate::deadline::on_cancel(move || killer.kill());
-        let nf = (batch.n_features() as u32).to_le_bytes();
-        let data = bytes_of(batch.data());
-        let reply = write_frame(&mut host.stdin, b'P', &[&nf, &data])
-            .and_then(|_| read_frame(&mut host.stdout));
+        // the rows into the shared memory, room for the reply after them
+        let data = f64_bytes(batch.data());
+        let width = self.info.n_outputs + self.info.n_classes.unwrap_or(0);
+        let need = batch
+            .n_rows()
+            .saturating_mul(width)
+            .saturating_mul(8)
+            .saturating_add(64)
+            .saturating_add(data.len());
+        if need > shm::MAX_BYTES {
+            return Err(ModelError::Input(format!(
+                "a batch of {} MiB with its predictions is more than a torch model's process takes at once ({} MiB)",
+                need >> 20,
+                shm::MAX_BYTES >> 20
+            )));
+        }
+        if need > host.shm.size() {
+            let size = need
+                .next_power_of_two()
+                .clamp(shm::MIN_BYTES, shm::MAX_BYTES);
+            host.shm
+                .resize(size, true)
+                .map_err(|e| ModelError::Runtime(format!("torch host: {e}")))?;
+        }
+        host.shm.write(0, data);
+        let mut body = Vec::with_capacity(16);
+        body.extend_from_slice(&(batch.n_features() as u32).to_le_bytes());
+        body.extend_from_slice(&(batch.n_rows() as u32).to_le_bytes());
+        body.extend_from_slice(&(host.shm.size() as u64).to_le_bytes());
+        let reply = write_frame(&mut host.stdin, b'P', &[&body]).and_then(|_| {
+            spin_until_readable(host.stdout.as_raw_fd(), WORKER_SPIN);
+            read_frame(&mut host.stdout)
+        });
+        // a reply in the shared memory: copied out, then read like one from the pipe
+        let reply = match reply {
+            Ok((b'q', b)) => {
+                let len = b
+                    .get(..8)
+                    .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+                match len.and_then(|len| host.shm.read(data.len(), usize::try_from(len).ok()?)) {
+                    Some(b) => Ok((b'p', b)),
+                    None => {
+                        return Err(ModelError::Runtime(
+                            "torch host: a reply past the shared memory".into(),
+                        ))
+                    }
+                }
+            }
+            other => other,
+        };
         match reply {
             Ok((b'p', b)) => {
                 state.crashes = 0;

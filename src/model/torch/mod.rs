@@ -23,6 +23,7 @@
 pub mod host;
 pub mod inspect;
 pub mod sandbox;
+pub(crate) mod shm;
 
 use std::cell::Cell;
 use std::io::Cursor;
