@@ -30,6 +30,19 @@ pub fn escape(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// `s` cut to at most `max` bytes (at a character boundary), saying how
+/// long it was when cut.
+pub fn clip(s: &str, max: usize) -> Cow<'_, str> {
+    if s.len() <= max {
+        return Cow::Borrowed(s);
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}... ({} bytes in all)", &s[..end], s.len()))
+}
+
 /// A log writer that escapes control characters in each record but its
 /// final newline, so a log line stays one line whatever a model file or an
 /// event put into it. (Used with colours off: they are escape sequences.)
@@ -58,6 +71,12 @@ impl<W: std::io::Write> std::io::Write for SafeWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clip_cuts_long_text_at_a_character_boundary_and_says_so() {
+        assert_eq!(clip("short", 10), "short");
+        assert_eq!(clip("ééé", 3), "é... (6 bytes in all)");
+    }
 
     #[test]
     fn control_characters_and_direction_overrides_are_escaped() {

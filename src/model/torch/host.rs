@@ -43,6 +43,19 @@ const MAX_FRAME: usize = 512 << 20;
 /// Pipe capacity asked for (Linux's default ceiling for unprivileged
 /// processes, `/proc/sys/fs/pipe-max-size`).
 const PIPE_BYTES: libc::c_int = 1 << 20;
+/// The most columns a torch model's output may have (its width, or its
+/// number of classes).
+const MAX_WIDTH: usize = 1 << 16;
+/// The largest reply a host may send but predictions (an error, the loaded
+/// model's description); a host that sends more is ended.
+const MAX_REPLY: usize = 1 << 20;
+/// The longest error message or model description taken from a host.
+const MAX_TEXT: usize = 4096;
+/// Lines of a host's stderr logged per second at most (after a burst of
+/// as many), and the longest line logged; the rest is read and dropped, so
+/// the host never blocks on a full pipe.
+const STDERR_LINES_PER_S: u32 = 20;
+const STDERR_LINE_BYTES: usize = 2000;
 /// Crashes in a row after which a model is refused for good.
 const MAX_CRASHES: u32 = 3;
 /// The command line argument that makes the binary a torch host.
@@ -100,7 +113,8 @@ fn to_failure(e: &ModelError) -> Failure {
     Failure { kind, message }
 }
 
-fn from_failure(f: Failure, path: &std::path::Path) -> ModelError {
+fn from_failure(mut f: Failure, path: &std::path::Path) -> ModelError {
+    f.message = crate::text::clip(&f.message, MAX_TEXT).into_owned();
     match f.kind {
         Kind::Format => ModelError::Format {
             path: path.to_path_buf(),
@@ -115,6 +129,12 @@ fn from_failure(f: Failure, path: &std::path::Path) -> ModelError {
 
 fn write_frame(w: &mut impl Write, tag: u8, parts: &[&[u8]]) -> std::io::Result<()> {
     let len: usize = 1 + parts.iter().map(|p| p.len()).sum::<usize>();
+    if len > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("a frame of {len} bytes"),
+        ));
+    }
     // one write: the other side wakes once
     let mut frame = Vec::with_capacity(4 + len);
     frame.extend_from_slice(&(len as u32).to_le_bytes());
@@ -154,22 +174,22 @@ fn spin_until_readable(fd: std::os::fd::RawFd, budget: std::time::Duration) {
     }
 }
 
-/// A frame's tag and body length.
-fn read_head(r: &mut impl Read) -> std::io::Result<(u8, usize)> {
+/// A frame's tag and body length, refused over `max` bytes.
+fn read_head(r: &mut impl Read, max: usize) -> std::io::Result<(u8, usize)> {
     let mut head = [0u8; 5];
     r.read_exact(&mut head)?;
     let n = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
-    if n == 0 || n > MAX_FRAME {
+    if n == 0 || n > max {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("frame of {n} bytes"),
+            format!("a frame of {n} bytes, at most {max} expected"),
         ));
     }
     Ok((head[4], n - 1))
 }
 
-fn read_frame(r: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
-    let (tag, n) = read_head(r)?;
+fn read_frame(r: &mut impl Read, max: usize) -> std::io::Result<(u8, Vec<u8>)> {
+    let (tag, n) = read_head(r, max)?;
     let mut buf = vec![0u8; n];
     r.read_exact(&mut buf)?;
     Ok((tag, buf))
@@ -277,7 +297,7 @@ fn serve_loop() -> std::io::Result<()> {
         if input.buffer().is_empty() {
             spin_until_readable(0, HOST_SPIN);
         }
-        let (tag, n) = match read_head(&mut input) {
+        let (tag, n) = match read_head(&mut input, MAX_FRAME) {
             Ok(h) => h,
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
@@ -409,7 +429,7 @@ fn confine(device: TorchDevice, threads: usize) -> Result<(), Failure> {
             .f_double_value(&[])
     };
     warm().map_err(|e| fail(Kind::Runtime, format!("libtorch does not start: {e}")))?;
-    let filters = super::sandbox::filters().and_then(|f| f.apply());
+    let filters = super::sandbox::filters(std::process::id()).and_then(|f| f.apply());
     if let Err(e) = filters {
         eprintln!("the torch host runs without its system-call filter: {e}");
     }
@@ -455,6 +475,16 @@ fn predict_in_child(
             out.push(1);
             encode_output(pr, &mut out);
         }
+    }
+    if out.len() + 5 > MAX_FRAME {
+        return Err(Failure {
+            kind: Kind::Runtime,
+            message: format!(
+                "the model's output for {rows} rows is {} MiB, more than a reply holds ({} MiB)",
+                out.len() >> 20,
+                MAX_FRAME >> 20
+            ),
+        });
     }
     let at = n * 8;
     if at + out.len() <= shm.size() {
@@ -532,8 +562,13 @@ struct Host {
 }
 
 impl Host {
-    /// Waits up to 100 ms for the child to end; how it ended, in words.
-    fn died(&mut self) -> String {
+    /// What went wrong, in words, after reading from or writing to the
+    /// child failed with `e`: a malformed reply (the child is then ended,
+    /// as it is dropped), or how it ended (waiting up to 100 ms for it).
+    fn failed(&mut self, e: &std::io::Error) -> String {
+        if e.kind() == std::io::ErrorKind::InvalidData {
+            return format!("sent a malformed reply ({e}) and was stopped");
+        }
         died(&mut self.child, &self.killer)
     }
 }
@@ -676,17 +711,7 @@ impl HostedTorch {
             let name = self.info.name.clone();
             let _ = std::thread::Builder::new()
                 .name("torch-host-log".into())
-                .spawn(move || {
-                    for line in BufReader::new(err)
-                        .split(b'\n')
-                        .map_while(Result::ok)
-                        .take(100_000)
-                    {
-                        let text = String::from_utf8_lossy(&line);
-                        let text: String = text.chars().take(2000).collect();
-                        tracing::warn!(model = %name, pid, "torch host: {text}");
-                    }
-                });
+                .spawn(move || log_lines(err, &name, pid));
         }
         let (stdin, stdout) = (
             child.stdin.take().expect("piped"),
@@ -707,10 +732,25 @@ impl HostedTorch {
         // a deadline kills the child: the load really stops
         crate::deadline::on_cancel(move || killer.kill());
         let reply = write_frame(&mut host.stdin, b'L', &[&self.load])
-            .and_then(|_| read_frame(&mut host.stdout));
+            .and_then(|_| read_frame(&mut host.stdout, MAX_REPLY));
         let loaded = match reply {
-            Ok((b'l', b)) => serde_json::from_slice::<Loaded>(&b)
-                .map_err(|e| ModelError::Runtime(format!("torch host: {e}")))?,
+            Ok((b'l', b)) => {
+                let mut loaded = serde_json::from_slice::<Loaded>(&b)
+                    .map_err(|e| ModelError::Runtime(format!("torch host: {e}")))?;
+                let too_wide = |n: usize| n == 0 || n > MAX_WIDTH;
+                if too_wide(loaded.n_outputs) || loaded.n_classes.is_some_and(too_wide) {
+                    return Err(ModelError::Unsupported(format!(
+                        "the model has {} outputs{}; a torch model may have 1 to {MAX_WIDTH}",
+                        loaded.n_outputs,
+                        loaded
+                            .n_classes
+                            .map(|k| format!(" and {k} classes"))
+                            .unwrap_or_default()
+                    )));
+                }
+                loaded.detail = crate::text::clip(&loaded.detail, MAX_TEXT).into_owned();
+                loaded
+            }
             Ok((b'e', b)) => {
                 let f: Failure = serde_json::from_slice(&b)
                     .map_err(|e| ModelError::Runtime(format!("torch host: {e}")))?;
@@ -721,11 +761,11 @@ impl HostedTorch {
                     "torch host: unexpected reply {t}"
                 )))
             }
-            Err(_) => {
+            Err(e) => {
                 return Err(ModelError::Format {
                     path: self.info.path.clone(),
                     format: "TorchScript",
-                    reason: format!("the process loading it {}", host.died()),
+                    reason: format!("the process loading it {}", host.failed(&e)),
                 })
             }
         };
@@ -748,6 +788,7 @@ impl HostedTorch {
         crate::deadline::on_cancel(move || killer.kill());
         // the rows into the shared memory, room for the reply after them
         let data = f64_bytes(batch.data());
+        // both at most MAX_WIDTH (checked at load)
         let width = self.info.n_outputs + self.info.n_classes.unwrap_or(0);
         let need = batch
             .n_rows()
@@ -777,7 +818,8 @@ impl HostedTorch {
         body.extend_from_slice(&(host.shm.size() as u64).to_le_bytes());
         let reply = write_frame(&mut host.stdin, b'P', &[&body]).and_then(|_| {
             spin_until_readable(host.stdout.as_raw_fd(), WORKER_SPIN);
-            read_frame(&mut host.stdout)
+            // the predictions, or an error message
+            read_frame(&mut host.stdout, need.max(MAX_REPLY))
         });
         // a reply in the shared memory: copied out, then read like one from the pipe
         let reply = match reply {
@@ -808,16 +850,31 @@ impl HostedTorch {
                     }
                     _ => None,
                 };
-                match (values, probabilities) {
-                    (Some(values), None) => Ok(Prediction {
-                        values,
-                        probabilities: None,
-                    }),
-                    (Some(values), Some(Some(p))) => Ok(Prediction {
-                        values,
-                        probabilities: Some(p),
-                    }),
-                    _ => Err(ModelError::Runtime("torch host: malformed reply".into())),
+                let rows = batch.n_rows();
+                // the shape the model has, for as many rows as were sent
+                let fits = |o: &Output, width: usize| {
+                    o.width == width && Some(o.values.len()) == rows.checked_mul(width)
+                };
+                match (values, probabilities, self.info.n_classes) {
+                    (Some(values), None, None) if fits(&values, self.info.n_outputs) => {
+                        Ok(Prediction {
+                            values,
+                            probabilities: None,
+                        })
+                    }
+                    (Some(values), Some(Some(p)), Some(k))
+                        if fits(&values, self.info.n_outputs) && fits(&p, k) =>
+                    {
+                        Ok(Prediction {
+                            values,
+                            probabilities: Some(p),
+                        })
+                    }
+                    _ => Err(ModelError::Runtime(format!(
+                        "torch host: a reply that is not {} output{} for each of {rows} rows",
+                        self.info.n_outputs,
+                        if self.info.n_outputs == 1 { "" } else { "s" }
+                    ))),
                 }
             }
             Ok((b'e', b)) => {
@@ -829,14 +886,69 @@ impl HostedTorch {
             Ok((t, _)) => Err(ModelError::Runtime(format!(
                 "torch host: unexpected reply {t}"
             ))),
-            Err(_) => {
+            Err(e) => {
                 let mut host = state.host.take().expect("present");
                 state.crashes += 1;
-                let why = host.died();
+                let why = host.failed(&e);
                 tracing::error!(model = %self.info.name, crashes = state.crashes, "torch model process {why}");
                 Err(ModelError::Runtime(format!("the model's process {why}")))
             }
         }
+    }
+}
+
+/// Logs what a host writes to its stderr, a line at a time: each line cut
+/// to [`STDERR_LINE_BYTES`], at most [`STDERR_LINES_PER_S`] a second (the
+/// number dropped is logged when lines may be logged again). Reads until
+/// the host closes it, whatever it writes: the host never blocks on it and
+/// the worker never holds more than one line.
+fn log_lines(err: impl Read, name: &str, pid: u32) {
+    let mut r = BufReader::with_capacity(64 << 10, err);
+    let mut line: Vec<u8> = Vec::with_capacity(STDERR_LINE_BYTES);
+    let mut cut = false;
+    let mut tokens = STDERR_LINES_PER_S;
+    let mut refill = std::time::Instant::now();
+    let mut dropped = 0u64;
+    let mut emit = |line: &[u8], cut: bool| {
+        if refill.elapsed() >= std::time::Duration::from_secs(1) {
+            refill = std::time::Instant::now();
+            tokens = STDERR_LINES_PER_S;
+            if dropped > 0 {
+                tracing::warn!(model = %name, pid, "torch host: {dropped} more lines of its stderr not logged (at most {STDERR_LINES_PER_S} a second)");
+                dropped = 0;
+            }
+        }
+        if tokens == 0 {
+            dropped += 1;
+            return;
+        }
+        tokens -= 1;
+        let text = String::from_utf8_lossy(line);
+        let more = if cut { " (line cut)" } else { "" };
+        tracing::warn!(model = %name, pid, "torch host: {text}{more}");
+    };
+    loop {
+        let buf = match r.fill_buf() {
+            Ok([]) | Err(_) => break,
+            Ok(b) => b,
+        };
+        let (chunk, end) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        let room = STDERR_LINE_BYTES - line.len();
+        cut |= chunk.len() > room;
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let used = end.unwrap_or(buf.len());
+        r.consume(used);
+        if end.is_some() {
+            emit(&line, cut);
+            line.clear();
+            cut = false;
+        }
+    }
+    if !line.is_empty() {
+        emit(&line, cut);
     }
 }
 

@@ -42,6 +42,9 @@ pub struct TorchModel {
     threads: usize,
     /// `missing: nan`: NaN inputs are passed to the model.
     allow_nan: bool,
+    /// The output's width is known (from the load probe): every batch's
+    /// must be the same.
+    probed: bool,
 }
 
 impl TorchModel {
@@ -70,6 +73,7 @@ impl TorchModel {
             output: spec.torch.output,
             threads: spec.torch.intra_op_threads,
             allow_nan: spec.missing == MissingPolicy::Nan,
+            probed: false,
         };
         let n = spec.features.len();
         let probe = model
@@ -104,6 +108,7 @@ impl TorchModel {
         tracing::info!(model = %info.name, device = %device_name(device), threads = model.threads,
             "torch model loaded");
         model.info = info;
+        model.probed = true;
         Ok(model)
     }
 
@@ -125,7 +130,13 @@ impl TorchModel {
     }
 
     /// `[rows, width]` values of `t` (1-D or 2-D with `rows` rows) as `f64`.
-    fn read(t: &Tensor, rows: usize) -> Result<Output, ModelError> {
+    /// `widths` says which widths are right, once the load probe has set
+    /// the model's (checked before the values are copied).
+    fn read(
+        t: &Tensor,
+        rows: usize,
+        widths: Option<&dyn Fn(usize) -> bool>,
+    ) -> Result<Output, ModelError> {
         let size = t.size();
         let width = match size.as_slice() {
             [n] if *n as usize == rows => 1,
@@ -136,6 +147,12 @@ impl TorchModel {
                 )))
             }
         };
+        if widths.is_some_and(|ok| !ok(width)) {
+            return Err(ModelError::Runtime(format!(
+                "the model returned a tensor of shape {size:?} for {rows} row(s): {width} column(s), \
+                 not the width it had at load"
+            )));
+        }
         let values: Vec<f64> = t
             .f_contiguous()
             .and_then(|c| c.f_flatten(0, -1))
@@ -171,7 +188,11 @@ impl Model for TorchModel {
             .map_err(runtime)?;
         if self.info.task_type == TaskType::Regression {
             return Ok(Prediction {
-                values: Self::read(&out, rows)?,
+                values: Self::read(
+                    &out,
+                    rows,
+                    self.probed.then_some(&|w: usize| w == self.info.n_outputs),
+                )?,
                 probabilities: None,
             });
         }
@@ -183,7 +204,14 @@ impl Model for TorchModel {
             }
             _ => out,
         };
-        let mut probs = Self::read(&scores, rows)?;
+        // a binary classifier's one column (P(class 1)) becomes two
+        let k = self.info.n_classes.unwrap_or(0);
+        let mut probs = Self::read(
+            &scores,
+            rows,
+            self.probed
+                .then_some(&|w: usize| w == k || (k == 2 && w == 1)),
+        )?;
         if probs.width == 1 {
             // P(class 1) of a binary classifier
             probs = Output {

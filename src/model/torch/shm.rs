@@ -122,20 +122,21 @@ impl Shm {
         }
         // SAFETY: fstat/ftruncate on a descriptor this value owns
         unsafe {
-            if grow {
-                if libc::ftruncate(self.fd.as_raw_fd(), len as libc::off_t) != 0 {
-                    return Err(last_error("growing the shared batch memory"));
-                }
-            } else {
-                let mut st: libc::stat = std::mem::zeroed();
-                if libc::fstat(self.fd.as_raw_fd(), &mut st) != 0 {
-                    return Err(last_error("fstat of the shared batch memory"));
-                }
-                if (st.st_size as u64) < len as u64 {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstat(self.fd.as_raw_fd(), &mut st) != 0 {
+                return Err(last_error("fstat of the shared batch memory"));
+            }
+            // only ever grown (it cannot shrink), and only if it must: the
+            // other side may have grown it already
+            if (st.st_size as u64) < len as u64 {
+                if !grow {
                     return Err(std::io::Error::other(format!(
                         "the shared batch memory has {} bytes, {len} asked for",
                         st.st_size
                     )));
+                }
+                if libc::ftruncate(self.fd.as_raw_fd(), len as libc::off_t) != 0 {
+                    return Err(last_error("growing the shared batch memory"));
                 }
             }
         }
@@ -209,6 +210,13 @@ mod tests {
         assert_eq!(shm.read(0, 8).unwrap(), 1.5f64.to_le_bytes());
         assert!(shm.read(4 * MIN_BYTES - 4, 8).is_none());
         assert!(shm.resize(MAX_BYTES + 1, true).is_err());
+        // grown past what the owner asks for by the other side: still mapped
+        assert_eq!(
+            unsafe { libc::ftruncate(shm.raw_fd(), 16 * MIN_BYTES as i64) },
+            0
+        );
+        shm.resize(8 * MIN_BYTES, true).unwrap();
+        assert_eq!(shm.size(), 8 * MIN_BYTES);
         // the host's side maps no more than the file holds
         let dup = unsafe { libc::dup(shm.raw_fd()) };
         let mut other = unsafe { Shm::inherit(dup) };
