@@ -189,6 +189,20 @@ pub struct Prediction {
 }
 
 impl Prediction {
+    /// The prediction for no rows, in the model's shape.
+    pub fn empty(info: &ModelInfo) -> Prediction {
+        Prediction {
+            values: Output {
+                values: Vec::new(),
+                width: info.n_outputs,
+            },
+            probabilities: info.n_classes.map(|k| Output {
+                values: Vec::new(),
+                width: k,
+            }),
+        }
+    }
+
     /// Why row `r` cannot be served, if it cannot: a value or a probability
     /// that is NaN or infinite. Such a row is an error (a dead letter in the
     /// worker), never a class or a number: the argmax of NaN scores would

@@ -1031,16 +1031,7 @@ impl Model for HostedTorch {
     fn predict_full(&self, batch: Batch<'_>) -> Result<Prediction, ModelError> {
         batch.expect_features(self.info.features.len())?;
         if batch.n_rows() == 0 {
-            return Ok(Prediction {
-                values: Output {
-                    values: Vec::new(),
-                    width: self.info.n_outputs,
-                },
-                probabilities: self.info.n_classes.map(|k| Output {
-                    values: Vec::new(),
-                    width: k,
-                }),
-            });
+            return Ok(Prediction::empty(&self.info));
         }
         self.predict_hosted(batch)
     }

@@ -171,16 +171,7 @@ impl Model for TorchModel {
         super::check_input(&batch, &self.info, self.allow_nan)?;
         let rows = batch.n_rows();
         if rows == 0 {
-            return Ok(Prediction {
-                values: Output {
-                    values: Vec::new(),
-                    width: self.info.n_outputs,
-                },
-                probabilities: self.info.n_classes.map(|k| Output {
-                    values: Vec::new(),
-                    width: k,
-                }),
-            });
+            return Ok(Prediction::empty(&self.info));
         }
         let runtime = |e: TchError| ModelError::Runtime(brief(&e));
         let out = self
