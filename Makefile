@@ -1,6 +1,6 @@
 # Every target does its own set-up; nothing needs to be installed by hand
 # beyond the Rust toolchain, Python 3 and make.
-.PHONY: demo demo-offline bench test setup onnxruntime libtorch sqlite3 python-kafka lint build fixtures bench-models fuzz clean
+.PHONY: demo demo-offline bench test test-kafka setup onnxruntime libtorch sqlite3 python-kafka lint build fixtures bench-models fuzz clean
 
 CARGO ?= cargo
 BIN := target/release/ml-worker
@@ -30,6 +30,12 @@ demo-offline: onnxruntime build
 test: setup lint
 	$(CARGO) test --all-targets
 	$(CARGO) test --no-default-features --test registry
+	$(MAKE) test-kafka
+
+## The Kafka-facing process tests again, against a real Apache Kafka (4.1,
+## assembled from Maven Central, single-node KRaft on loopback).
+test-kafka:
+	bash scripts/kafka-broker.sh run -- $(CARGO) test --test group
 
 setup: onnxruntime libtorch sqlite3 python-kafka
 

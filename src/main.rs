@@ -441,38 +441,64 @@ fn run_worker(
 
 /// Sets `stop` on the first SIGINT/SIGTERM; a second one exits at once
 /// (nothing is lost: uncommitted events are read again on restart).
+/// SIGHUP (a closed terminal, or an operator's reload habit) is logged and
+/// ignored: its default action would kill the worker without a drain. The
+/// handlers are in place when this returns.
 fn stop_on_signal(stop: Arc<AtomicBool>) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let (mut term, mut int, mut hup) = rt.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::hangup())?,
+        ))
+    })?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             rt.block_on(async {
-                if shutdown_signal().await.is_ok() {
-                    eprintln!(
-                        "ml-worker: stopping (draining in-flight events; signal again to exit now)"
-                    );
-                    stop.store(true, Ordering::Relaxed);
-                }
-                if shutdown_signal().await.is_ok() {
-                    eprintln!(
-                        "ml-worker: exiting now; uncommitted events are read again on restart"
-                    );
-                    ml_worker::deadline::exit_now(130);
+                let mut stops = 0;
+                loop {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                        _ = hup.recv() => {
+                            tracing::warn!("SIGHUP received and ignored (no reload yet); SIGTERM or SIGINT stop the worker");
+                            continue;
+                        }
+                    }
+                    stops += 1;
+                    if stops == 1 {
+                        eprintln!(
+                            "ml-worker: stopping (draining in-flight events; signal again to exit now)"
+                        );
+                        stop.store(true, Ordering::Relaxed);
+                    } else {
+                        eprintln!(
+                            "ml-worker: exiting now; uncommitted events are read again on restart"
+                        );
+                        ml_worker::deadline::exit_now(130);
+                    }
                 }
             })
         })?;
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM.
+/// Resolves on SIGINT or SIGTERM; SIGHUP is ignored (as by the worker).
 async fn shutdown_signal() -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r,
-        _ = term.recv() => Ok(()),
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => return r,
+            _ = term.recv() => return Ok(()),
+            _ = hup.recv() => eprintln!("SIGHUP ignored; stop with Ctrl-C or SIGTERM"),
+        }
     }
 }
 

@@ -83,3 +83,33 @@ fn invalid_configs_are_refused_naming_the_field() {
     }
     assert!(n >= 10, "only {n} invalid fixtures");
 }
+
+#[test]
+fn the_group_protocol_is_kip_848_by_default_and_classic_takes_session_settings() {
+    use ml_worker::worker::config::GroupProtocol;
+    let shipped = std::fs::read_to_string(root().join("config/worker.yaml")).unwrap();
+    let parse = |text: &str| {
+        ml_worker::worker::config::parse_worker_config(
+            text,
+            Path::new("w.yaml"),
+            &Overrides::default(),
+        )
+    };
+    assert_eq!(
+        parse(&shipped).unwrap().group_protocol,
+        GroupProtocol::Consumer
+    );
+    let classic = shipped
+        .replace(
+            "group_protocol: \"consumer\"",
+            "group_protocol: \"classic\"",
+        )
+        .replace(
+            "librdkafka: {}",
+            "librdkafka: {\"session.timeout.ms\": \"30000\"}",
+        );
+    assert_ne!(classic, shipped);
+    let c = parse(&classic).unwrap();
+    assert_eq!(c.group_protocol, GroupProtocol::Classic);
+    assert_eq!(c.librdkafka["session.timeout.ms"], "30000");
+}

@@ -30,7 +30,7 @@ const MANAGED: &[(&str, &str)] = &[
     ),
     (
         "partition.assignment.strategy",
-        "the worker relies on cooperative-sticky rebalancing",
+        "set 'kafka.group_protocol' (classic uses cooperative-sticky)",
     ),
     (
         "enable.idempotence",
@@ -40,10 +40,7 @@ const MANAGED: &[(&str, &str)] = &[
         "acks",
         "an output counts as delivered only once all in-sync replicas have it",
     ),
-    (
-        "group.protocol",
-        "the worker relies on the classic protocol's cooperative-sticky rebalance callbacks",
-    ),
+    ("group.protocol", "set 'kafka.group_protocol'"),
     // librdkafka's aliases of the above
     ("metadata.broker.list", "set 'kafka.brokers'"),
     (
@@ -176,6 +173,9 @@ struct RawKafka {
     /// Client id reported to the brokers.
     #[serde(default)]
     client_id: Option<String>,
+    /// `consumer` (KIP-848, default) or `classic`.
+    #[serde(default)]
+    group_protocol: Option<GroupProtocol>,
     /// Extra librdkafka properties (TLS, SASL, timeouts, ...), passed through.
     #[serde(default)]
     librdkafka: BTreeMap<String, String>,
@@ -310,6 +310,28 @@ fn default_wait() -> u64 {
     5
 }
 
+/// How the consumer group shares partitions (librdkafka's `group.protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupProtocol {
+    /// KIP-848 (default): the broker assigns partitions incrementally on
+    /// heartbeats; a joining replica gets partitions within about two
+    /// broker heartbeat intervals, no member stops consuming. Apache Kafka
+    /// 4.0 and later, and the embedded broker.
+    Consumer,
+    /// The classic protocol with cooperative-sticky assignment, for brokers
+    /// before Kafka 4.0; session 10 s and heartbeat 1 s unless the
+    /// librdkafka pass-through says otherwise.
+    Classic,
+}
+
+/// Properties that are the broker's under `group_protocol: consumer`.
+const CLASSIC_ONLY: &[&str] = &[
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "group.protocol.type",
+];
+
 /// When input offsets are committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum DeliveryMode {
@@ -418,6 +440,7 @@ pub struct WorkerConfig {
     pub brokers: String,
     pub group_id: String,
     pub client_id: String,
+    pub group_protocol: GroupProtocol,
     pub librdkafka: BTreeMap<String, String>,
     pub input_topics: Vec<String>,
     pub input_format: WireFormat,
@@ -599,6 +622,17 @@ fn validate(
                 "has an empty value".into(),
             ));
         }
+        if raw.kafka.group_protocol.unwrap_or(GroupProtocol::Consumer) == GroupProtocol::Consumer
+            && CLASSIC_ONLY.contains(&key.as_str())
+        {
+            return Err(err(
+                &format!("kafka.librdkafka.{key}"),
+                "belongs to the classic group protocol; with 'kafka.group_protocol: consumer' (the \
+                 default) the broker sets it (group.consumer.session.timeout.ms, \
+                 group.consumer.heartbeat.interval.ms); set 'kafka.group_protocol: classic' to use it"
+                    .into(),
+            ));
+        }
     }
     let max_record_bytes = match raw.input.max_record_bytes {
         None => DEFAULT_MAX_RECORD_BYTES,
@@ -766,6 +800,7 @@ fn validate(
     Ok(WorkerConfig {
         brokers: raw.kafka.brokers,
         group_id: raw.kafka.group_id,
+        group_protocol: raw.kafka.group_protocol.unwrap_or(GroupProtocol::Consumer),
         client_id: raw.kafka.client_id.unwrap_or_else(|| "ml-worker".into()),
         librdkafka: raw.kafka.librdkafka,
         input_topics: raw.input.topics,

@@ -1,0 +1,417 @@
+//! Replicas of `ml-worker run` as a user runs them: separate processes on
+//! the shipped `config/worker.yaml` (no librdkafka overrides; only topic
+//! names, paths and the metrics port changed), sharing one consumer group.
+//!
+//! The broker is the embedded one (librdkafka's mock cluster, started in
+//! this process), or a real Kafka cluster when `KAFKA_BOOTSTRAP` names one
+//! (`.ci/run` starts Apache Kafka with `scripts/kafka-broker.sh` and runs
+//! this file again against it); each test prints which.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use ml_worker::broker::{EmbeddedBroker, TopicSpec};
+use ml_worker::events::WireFormat;
+use ml_worker::loadgen::{load_samples, Load, Reader, Traffic};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
+/// The embedded broker, or the cluster `KAFKA_BOOTSTRAP` names.
+enum Broker {
+    Embedded(EmbeddedBroker),
+    External(String),
+}
+
+impl Broker {
+    fn start() -> Broker {
+        match std::env::var("KAFKA_BOOTSTRAP") {
+            Ok(b) if !b.is_empty() => {
+                eprintln!("broker: Kafka at {b} (KAFKA_BOOTSTRAP)");
+                Broker::External(b)
+            }
+            _ => {
+                eprintln!("broker: the embedded broker (librdkafka's mock cluster)");
+                Broker::Embedded(EmbeddedBroker::start(1, &[]).unwrap())
+            }
+        }
+    }
+
+    fn address(&self) -> String {
+        match self {
+            Broker::Embedded(b) => b.bootstrap_servers(),
+            Broker::External(b) => b.clone(),
+        }
+    }
+
+    fn create_topic(&self, name: &str, partitions: i32) {
+        match self {
+            Broker::Embedded(b) => b
+                .create_topic(&TopicSpec {
+                    name: name.to_string(),
+                    partitions,
+                })
+                .unwrap(),
+            Broker::External(b) => {
+                let admin: AdminClient<_> = ClientConfig::new()
+                    .set("bootstrap.servers", b)
+                    .create()
+                    .unwrap();
+                let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+                let r = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(admin.create_topics([&topic], &AdminOptions::new()))
+                    .unwrap();
+                for t in r {
+                    t.unwrap();
+                }
+            }
+        }
+    }
+}
+
+/// Topics of one test, and the shipped worker config pointed at them.
+struct Setup {
+    broker: Broker,
+    features: String,
+    predictions: String,
+    signals: String,
+    dead_letters: String,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new(partitions: i32) -> Setup {
+        let s = Setup {
+            broker: Broker::start(),
+            features: unique("features"),
+            predictions: unique("predictions"),
+            signals: unique("signals"),
+            dead_letters: unique("dead"),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        s.broker.create_topic(&s.features, partitions);
+        for t in [&s.predictions, &s.signals] {
+            s.broker.create_topic(t, 4);
+        }
+        s.broker.create_topic(&s.dead_letters, 1);
+        let shipped = std::fs::read_to_string(root().join("config/worker.yaml")).unwrap();
+        let replace = [
+            (
+                "topics: [\"features\"]",
+                format!("topics: [\"{}\"]", s.features),
+            ),
+            (
+                "topic: \"predictions\"",
+                format!("topic: \"{}\"", s.predictions),
+            ),
+            ("topic: \"signals\"", format!("topic: \"{}\"", s.signals)),
+            (
+                "topic: \"dead-letters\"",
+                format!("topic: \"{}\"", s.dead_letters),
+            ),
+            (
+                "registry: \"models.yaml\"",
+                format!(
+                    "registry: \"{}\"",
+                    root().join("config/models.yaml").display()
+                ),
+            ),
+            (
+                "audit_db: \"../data/audit.db\"",
+                "audit_db: \"audit.db\"".into(),
+            ),
+            (
+                "address: \"127.0.0.1:9100\"",
+                "address: \"127.0.0.1:0\"".into(),
+            ),
+        ];
+        let mut yaml = shipped.clone();
+        for (from, to) in replace {
+            assert!(yaml.contains(from), "config/worker.yaml has no {from}");
+            yaml = yaml.replace(from, &to);
+        }
+        assert!(
+            yaml.contains("librdkafka: {}"),
+            "the shipped config, without librdkafka overrides"
+        );
+        std::fs::write(s.dir.path().join("worker.yaml"), yaml).unwrap();
+        s
+    }
+
+    fn committed_total(&self, group: &str, partitions: i32) -> i64 {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.broker.address())
+            .set("group.id", group)
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition(&self.features, p);
+        }
+        let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+        got.elements()
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+/// An `ml-worker run` process and its stderr lines.
+struct Worker {
+    child: Child,
+    lines: Receiver<String>,
+    metrics: std::net::SocketAddr,
+    started: Instant,
+}
+
+impl Worker {
+    fn start(s: &Setup, group: &str) -> Worker {
+        let started = Instant::now();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ml-worker"))
+            .args(["run", "--config"])
+            .arg(s.dir.path().join("worker.yaml"))
+            .args(["--brokers", &s.broker.address(), "--group", group])
+            .current_dir(s.dir.path())
+            .env("ML_WORKER_AUDIT_KEY", "group-test-key-0123456789")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut seen = Vec::new();
+        let metrics = loop {
+            let line = lines
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|e| panic!("the worker does not start ({e}): {seen:#?}"));
+            seen.push(line.clone());
+            if let Some(rest) = line.split_once("(metrics on http://") {
+                break rest.1.split('/').next().unwrap().parse().unwrap();
+            }
+        };
+        Worker {
+            child,
+            lines,
+            metrics,
+            started,
+        }
+    }
+
+    /// `ml_worker_assigned_partitions`.
+    fn assigned(&self) -> Option<u64> {
+        metric(self.metrics, "ml_worker_assigned_partitions")
+    }
+
+    fn signal(&self, sig: &str) {
+        assert!(Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// SIGTERM, then how long the process took to end (asserting it ended
+    /// well).
+    fn terminate(mut self) -> (Duration, Vec<String>) {
+        let t = Instant::now();
+        self.signal("TERM");
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "{status}");
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "still running after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (t.elapsed(), self.lines.try_iter().collect())
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn metric(addr: std::net::SocketAddr, name: &str) -> Option<u64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut page = String::new();
+    s.read_to_string(&mut page).ok()?;
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !done() {
+        assert!(t.elapsed() < timeout, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t.elapsed()
+}
+
+#[test]
+fn a_second_replica_on_the_shipped_config_takes_partitions_within_10_s_and_sigterm_drains_in_time()
+{
+    let s = Setup::new(6);
+    let group = unique("group");
+    let samples = load_samples(&root().join("models/samples")).unwrap();
+    // events all along: 12,000 at 1,000/s
+    let n = 12_000;
+    let address = s.broker.address();
+    let producer = {
+        let (address, features, samples) = (address.clone(), s.features.clone(), samples.clone());
+        std::thread::spawn(move || {
+            let t = Traffic {
+                topic: &features,
+                format: WireFormat::AvroRaw,
+                samples: &samples,
+                prefix: "g",
+            };
+            let load = Load::new(&address).unwrap();
+            let sent = load
+                .events(&t, 0, n, Some(1000.0), &AtomicBool::new(false))
+                .unwrap();
+            load.flush(Duration::from_secs(30)).unwrap();
+            sent
+        })
+    };
+    let a = Worker::start(&s, &group);
+    wait_for(
+        "the first replica holds all 6 partitions",
+        Duration::from_secs(30),
+        || a.assigned() == Some(6),
+    );
+    let b = Worker::start(&s, &group);
+    wait_for(
+        "the second replica holds partitions",
+        Duration::from_secs(10),
+        || b.assigned().unwrap_or(0) > 0,
+    );
+    let took = b.started.elapsed();
+    eprintln!("second replica: partitions {took:?} after it was started");
+    assert!(took <= Duration::from_secs(10), "{took:?}");
+    wait_for(
+        "the split settles at 3 and 3",
+        Duration::from_secs(15),
+        || a.assigned() == Some(3) && b.assigned() == Some(3),
+    );
+    // the first leaves mid-stream: within its drain deadline (10 s)
+    std::thread::sleep(Duration::from_secs(1));
+    let (took, _) = a.terminate();
+    eprintln!("first replica: SIGTERM to exit {took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    wait_for(
+        "the second takes over all 6",
+        Duration::from_secs(15),
+        || b.assigned() == Some(6),
+    );
+    assert_eq!(producer.join().unwrap(), n);
+    // every event predicted (at least once), and committed
+    let mut reader = Reader::new(
+        &address,
+        (&s.predictions, WireFormat::AvroRaw),
+        (&s.signals, WireFormat::AvroRaw),
+        &s.dead_letters,
+    )
+    .unwrap();
+    reader.read(Duration::from_secs(60), |seen| seen.by_id.len() as u64 >= n);
+    let missing: Vec<u64> = (0..n)
+        .filter(|i| !reader.seen.by_id.contains_key(&format!("g-{i}")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    let (took, _) = b.terminate();
+    eprintln!("second replica: SIGTERM to exit {took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert_eq!(s.committed_total(&group, 6), n as i64);
+}
+
+#[test]
+fn sighup_is_logged_and_ignored_and_the_worker_serves_on() {
+    let s = Setup::new(2);
+    let group = unique("group");
+    let w = Worker::start(&s, &group);
+    wait_for("partitions", Duration::from_secs(30), || {
+        w.assigned() == Some(2)
+    });
+    w.signal("HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    // still there, still serving
+    let samples = load_samples(&root().join("models/samples")).unwrap();
+    let t = Traffic {
+        topic: &s.features,
+        format: WireFormat::AvroRaw,
+        samples: &samples,
+        prefix: "h",
+    };
+    let load = Load::new(&s.broker.address()).unwrap();
+    load.events(&t, 0, 200, None, &AtomicBool::new(false))
+        .unwrap();
+    load.flush(Duration::from_secs(10)).unwrap();
+    let mut reader = Reader::new(
+        &s.broker.address(),
+        (&s.predictions, WireFormat::AvroRaw),
+        (&s.signals, WireFormat::AvroRaw),
+        &s.dead_letters,
+    )
+    .unwrap();
+    reader.read(Duration::from_secs(30), |seen| seen.by_id.len() >= 200);
+    assert_eq!(reader.seen.by_id.len(), 200);
+    let (_, lines) = w.terminate();
+    assert!(
+        lines.iter().any(|l| l.contains("SIGHUP")),
+        "the SIGHUP is logged: {lines:?}"
+    );
+    // the drain ran: every model's unload is in the audit store
+    let out = Command::new(env!("CARGO_BIN_EXE_ml-worker"))
+        .args(["audit", "show", "--db"])
+        .arg(s.dir.path().join("audit.db"))
+        .env("ML_WORKER_AUDIT_KEY", "group-test-key-0123456789")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("unload").count(), 4, "{text}");
+}
