@@ -512,6 +512,16 @@ impl Codec {
         self.format
     }
 
+    /// Whether feature events framed with schema `id` are decodable.
+    pub fn knows_feature_writer(&self, id: u32) -> bool {
+        self.is_shipped(id)
+            || self
+                .writers
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&id)
+    }
+
     /// Makes feature events written with `schema_json` under Confluent id
     /// `id` decodable (resolved against the shipped reader schema).
     pub fn register_feature_writer(

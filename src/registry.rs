@@ -223,19 +223,30 @@ impl Registry {
 
     /// Whether [`Registry::get`] would answer `name` without waiting for a
     /// load (never loads). Unknown names are settled (as errors).
+    /// A load past its deadline is refused here (as a waiter would), so
+    /// its fallback, if any, is what is asked about next.
     pub fn readiness(&self, name: &str) -> Readiness {
         let mut at = name;
         for _ in 0..=self.order.len() {
             let Some(e) = self.entries.get(at) else {
                 return Readiness::Settled;
             };
-            match &*e.slot.lock() {
+            let overdue = match &*e.slot.lock() {
                 LoadState::Loaded(_) => return Readiness::Settled,
-                LoadState::Idle | LoadState::Loading { .. } => return Readiness::Pending,
-                LoadState::Failed(_) => match &e.spec.fallback {
-                    None => return Readiness::Settled,
-                    Some(fb) => at = fb,
-                },
+                LoadState::Idle => return Readiness::Pending,
+                LoadState::Loading { deadline, .. } if Instant::now() < *deadline => {
+                    return Readiness::Pending
+                }
+                LoadState::Loading { .. } => true,
+                LoadState::Failed(_) => false,
+            };
+            if overdue {
+                // refuses it (audited) without waiting: the deadline passed
+                let _ = self.wait(e);
+            }
+            match &e.spec.fallback {
+                None => return Readiness::Settled,
+                Some(fb) => at = fb,
             }
         }
         Readiness::Settled

@@ -88,7 +88,6 @@ impl Setup {
 kafka:
   brokers: "{brokers}"
   group_id: "{group}"
-  librdkafka: {{"session.timeout.ms": "3000", "heartbeat.interval.ms": "300"}}
 input: {{topics: ["{features}"], format: "{format}"}}
 outputs:
   predictions: {{topic: "{predictions}", format: "{format}"}}
@@ -583,14 +582,10 @@ fn missing_ids(seen: &ml_worker::loadgen::Seen, prefix: &str, n: u64) -> Vec<Str
 #[test]
 fn broker_down_and_back_up_mid_stream_loses_nothing() {
     let s = Setup::new(4);
-    // an outage shorter than the session timeout: the worker keeps its
-    // partitions (a longer one ends in a rebalance, which loses nothing
-    // either but re-reads from the last commit)
-    let yaml = s.yaml("avro-raw", "").replace(
-        "\"session.timeout.ms\": \"3000\"",
-        "\"session.timeout.ms\": \"20000\"",
-    );
-    let cfg = s.config_from(&yaml);
+    // an outage shorter than the session timeout (the broker's, 30 s on the
+    // embedded one): the worker keeps its partitions (a longer one ends in a
+    // rebalance, which loses nothing either but re-reads from the last commit)
+    let cfg = s.config("avro-raw", "");
     let w = start(cfg);
     let n = 3000;
     let producer = produce_in_background(&s, "b", 0, n, 3000.0);
@@ -726,87 +721,219 @@ fn a_worker_killed_with_sigkill_and_restarted_loses_nothing() {
 /// `POST /subjects/S/versions` registers (ids from 100). Returns its URL and
 /// the subjects registered.
 fn fake_schema_registry(known: Vec<(u32, String)>) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    fake_schema_registry_gated(known, None)
+}
+
+/// The same; a lookup of the `gated` id is answered only once its gate
+/// opens (a slow registry). Connections are served concurrently.
+fn fake_schema_registry_gated(
+    known: Vec<(u32, String)>,
+    gated: Option<(u32, Arc<AtomicBool>)>,
+) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let subjects = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let schemas: Arc<std::sync::Mutex<std::collections::HashMap<u32, String>>> =
+        Arc::new(std::sync::Mutex::new(known.into_iter().collect()));
     let registered = subjects.clone();
     std::thread::spawn(move || {
-        let mut schemas: std::collections::HashMap<u32, String> = known.into_iter().collect();
         for stream in listener.incoming() {
             let mut s = stream.unwrap();
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            // headers, then Content-Length bytes of body
-            let (head, mut body) = loop {
-                let n = s.read(&mut chunk).unwrap();
-                buf.extend_from_slice(&chunk[..n]);
-                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break (
-                        String::from_utf8_lossy(&buf[..i]).to_string(),
-                        buf[i + 4..].to_vec(),
-                    );
+            let (schemas, registered, gated) = (schemas.clone(), registered.clone(), gated.clone());
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // headers, then Content-Length bytes of body
+                let (head, mut body) = loop {
+                    let n = s.read(&mut chunk).unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break (
+                            String::from_utf8_lossy(&buf[..i]).to_string(),
+                            buf[i + 4..].to_vec(),
+                        );
+                    }
+                };
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap_or(0);
+                while body.len() < len {
+                    let n = s.read(&mut chunk).unwrap();
+                    body.extend_from_slice(&chunk[..n]);
                 }
-            };
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap())
-                })
-                .unwrap_or(0);
-            while body.len() < len {
-                let n = s.read(&mut chunk).unwrap();
-                body.extend_from_slice(&chunk[..n]);
-            }
-            let mut words = head.split_whitespace();
-            let (method, path) = (
-                words.next().unwrap().to_string(),
-                words.next().unwrap().to_string(),
-            );
-            let (status, reply) = if method == "POST" && path.starts_with("/subjects/") {
-                let schema: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                let id = 100 + schemas.len() as u32;
-                schemas.insert(id, schema["schema"].as_str().unwrap().to_string());
-                let subject = path
-                    .trim_start_matches("/subjects/")
-                    .trim_end_matches("/versions");
-                registered.lock().unwrap().push(subject.to_string());
-                ("200 OK", serde_json::json!({ "id": id }).to_string())
-            } else if let Some(id) = path.strip_prefix("/schemas/ids/") {
-                match schemas.get(&id.parse::<u32>().unwrap_or(0)) {
-                    Some(sc) => ("200 OK", serde_json::json!({ "schema": sc }).to_string()),
-                    None => (
-                        "404 Not Found",
-                        r#"{"error_code":40403,"message":"Schema not found"}"#.to_string(),
-                    ),
+                let mut words = head.split_whitespace();
+                let (method, path) = (
+                    words.next().unwrap().to_string(),
+                    words.next().unwrap().to_string(),
+                );
+                let asked = path
+                    .strip_prefix("/schemas/ids/")
+                    .map(|id| id.parse::<u32>().unwrap_or(0));
+                if let Some((_, gate)) = gated.filter(|g| Some(g.0) == asked) {
+                    let until = Instant::now() + Duration::from_secs(60);
+                    while !gate.load(Ordering::Relaxed) && Instant::now() < until {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
                 }
-            } else {
-                ("404 Not Found", "{}".to_string())
-            };
-            let _ = write!(
-                s,
-                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
-                reply.len()
-            );
+                let mut schemas = schemas.lock().unwrap();
+                let (status, reply) = if method == "POST" && path.starts_with("/subjects/") {
+                    let schema: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                    let id = 100 + schemas.len() as u32;
+                    schemas.insert(id, schema["schema"].as_str().unwrap().to_string());
+                    let subject = path
+                        .trim_start_matches("/subjects/")
+                        .trim_end_matches("/versions");
+                    registered.lock().unwrap().push(subject.to_string());
+                    ("200 OK", serde_json::json!({ "id": id }).to_string())
+                } else if let Some(id) = asked {
+                    match schemas.get(&id) {
+                        Some(sc) => ("200 OK", serde_json::json!({ "schema": sc }).to_string()),
+                        None => (
+                            "404 Not Found",
+                            r#"{"error_code":40403,"message":"Schema not found"}"#.to_string(),
+                        ),
+                    }
+                } else {
+                    ("404 Not Found", "{}".to_string())
+                };
+                drop(schemas);
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                    reply.len()
+                );
+            });
         }
     });
     (url, subjects)
+}
+
+/// Sends an `avro` (Confluent-framed) feature event under schema `id`
+/// (8: the evolved writer, with its extra field) to one partition.
+fn send_framed(
+    p: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+    topic: &str,
+    partition: i32,
+    e: &ml_worker::events::FeatureEvent,
+    id: u32,
+) {
+    let mut msg = vec![0];
+    msg.extend_from_slice(&id.to_be_bytes());
+    ml_worker::events::write_feature_datum(e, &mut msg);
+    if id == 8 {
+        msg.push(12); // "source": a 6-byte string
+        msg.extend_from_slice(b"feed-a");
+    }
+    p.send(
+        BaseRecord::to(topic)
+            .partition(partition)
+            .key(e.symbol.as_bytes())
+            .payload(&msg),
+    )
+    .unwrap();
+}
+
+/// The evolved FeatureEvent writer schema (one more field, with a default).
+fn evolved_feature_schema() -> String {
+    let mut evolved: serde_json::Value =
+        serde_json::from_str(ml_worker::events::FEATURE_EVENT_SCHEMA).unwrap();
+    evolved["fields"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": "source", "type": "string", "default": "unknown"}));
+    evolved.to_string()
+}
+
+/// A slow schema registry holds back only the partition whose record waits
+/// for the schema: the consume thread does not wait on the lookup, the
+/// other partition is served meanwhile, and the waiting records are served
+/// in order once the schema comes (none dead-lettered, none lost).
+#[test]
+fn a_slow_schema_lookup_holds_back_only_its_partition() {
+    let gate = Arc::new(AtomicBool::new(false));
+    let (url, _) = fake_schema_registry_gated(
+        vec![
+            (7, ml_worker::events::FEATURE_EVENT_SCHEMA.to_string()),
+            (8, evolved_feature_schema()),
+        ],
+        Some((8, gate.clone())),
+    );
+    let s = Setup::new(2);
+    // the lookup may take 30 s before it times out
+    let cfg = s.config(
+        "avro",
+        &format!("schema_registry: {{url: \"{url}\", timeout_ms: 30000}}"),
+    );
+    let w = start(cfg);
+    let raw: ThreadedProducer<_> = ClientConfig::new()
+        .set("bootstrap.servers", s.brokers())
+        .create()
+        .unwrap();
+    let event = |prefix: &str, i: u64| ml_worker::loadgen::event(&s.samples, prefix, i, 1);
+    // schema 7 known to the worker first
+    send_framed(&raw, &s.features, 1, &event("warm", 0), 7);
+    raw.flush(Duration::from_secs(10)).unwrap();
+    let mut reader = s.reader(WireFormat::Avro);
+    reader.read(Duration::from_secs(30), |seen| !seen.by_id.is_empty());
+    // partition 0: records under the slow schema 8; partition 1: schema 7
+    let n = 50;
+    for i in 0..n {
+        send_framed(&raw, &s.features, 0, &event("slow", i), 8);
+    }
+    for i in 0..n {
+        send_framed(&raw, &s.features, 1, &event("fast", i), 7);
+    }
+    raw.flush(Duration::from_secs(10)).unwrap();
+    reader.read(Duration::from_secs(20), |seen| {
+        (0..n).all(|i| seen.by_id.contains_key(&format!("fast-{i}")))
+    });
+    let fast = (0..n)
+        .filter(|i| reader.seen.by_id.contains_key(&format!("fast-{i}")))
+        .count();
+    let slow_early = (0..n)
+        .filter(|i| reader.seen.by_id.contains_key(&format!("slow-{i}")))
+        .count();
+    gate.store(true, Ordering::Relaxed);
+    assert_eq!(
+        fast as u64, n,
+        "the other partition was held up by the lookup"
+    );
+    assert_eq!(slow_early, 0, "served before its schema came");
+    reader.read(Duration::from_secs(30), |seen| {
+        (0..n).all(|i| seen.by_id.contains_key(&format!("slow-{i}")))
+    });
+    assert!(missing_ids(&reader.seen, "slow", n).is_empty());
+    assert!(
+        reader.seen.dead_letters.is_empty(),
+        "{:?}",
+        reader.seen.dead_letters.len()
+    );
+    assert_eq!(reader.seen.duplicates, 0);
+    let (_, page) = http_get(w.started.metrics_address, "/metrics");
+    assert!(
+        metric(&page, "ml_worker_partition_waits_total{for=\"schema\"}").unwrap_or(0.0) >= 1.0,
+        "{page}"
+    );
+    assert!(w.stop().clean);
+    assert_eq!(s.committed_total(2), 2 * n as i64 + 1);
 }
 
 #[test]
 fn avro_with_a_schema_registry_reads_shipped_and_evolved_writers_and_registers_outputs() {
     use ml_worker::events::{write_feature_datum, FEATURE_EVENT_SCHEMA};
     // an evolved producer schema: one more field, with a default
-    let mut evolved: serde_json::Value = serde_json::from_str(FEATURE_EVENT_SCHEMA).unwrap();
-    evolved["fields"]
-        .as_array_mut()
-        .unwrap()
-        .push(serde_json::json!({"name": "source", "type": "string", "default": "unknown"}));
     let (url, subjects) = fake_schema_registry(vec![
         (7, FEATURE_EVENT_SCHEMA.to_string()),
-        (8, evolved.to_string()),
+        (8, evolved_feature_schema()),
     ]);
     let s = Setup::new(2);
     let cfg = s.config("avro", &format!("schema_registry: {{url: \"{url}\"}}"));
@@ -973,6 +1100,112 @@ fn at_most_once_serves_nothing_whose_offsets_could_not_be_committed() {
     assert!(w.stop().clean);
 }
 
+/// Periodic commits that fail (as they do during a rebalance) are re-issued
+/// at the next interval while the worker is idle: the committed offsets
+/// reach the end of the input within `commit_interval_ms` + 2 s after the
+/// failures stop, every attempt is counted, and the lag gauge reaches 0.
+/// (Async commit results used to be dropped by librdkafka: a failed
+/// commit was only re-issued once new events arrived.)
+#[test]
+fn failed_periodic_commits_are_reissued_while_idle_and_every_attempt_is_counted() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let s = Setup::new(2);
+    let cfg = s.config("avro-raw", "");
+    let n = 300;
+    produce_in_background(&s, "c", 0, n, 50_000.0)
+        .join()
+        .unwrap();
+    // the worker reads everything in its first interval; its next commits fail
+    let failures = 8;
+    s.broker.cluster().request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 8],
+    );
+    let w = start(cfg);
+    let mut reader = s.reader(WireFormat::AvroRaw);
+    reader.read(Duration::from_secs(30), |seen| seen.by_id.len() as u64 >= n);
+    assert!(missing_ids(&reader.seen, "c", n).is_empty());
+    // no new events from here on
+    let served = Instant::now();
+    let commit_interval = Duration::from_millis(100);
+    let deadline = served + commit_interval * (failures + 1) + Duration::from_secs(2);
+    loop {
+        let committed = s.committed_total(2);
+        if committed == n as i64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "committed offsets stayed at {committed} of {n} while the worker was idle"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, page) = http_get(w.started.metrics_address, "/metrics");
+    let errors = metric(&page, "ml_worker_commits_total{result=\"error\"}").unwrap_or(0.0);
+    let ok = metric(&page, "ml_worker_commits_total{result=\"ok\"}").unwrap_or(0.0);
+    assert!(
+        errors >= failures as f64 && ok >= 1.0,
+        "every commit attempt counted (errors {errors}, ok {ok}):\n{page}"
+    );
+    // the lag gauge, per partition, once the broker took the last commit
+    let lag_deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, page) = http_get(w.started.metrics_address, "/metrics");
+        let lags: Vec<f64> = page
+            .lines()
+            .filter(|l| l.starts_with("ml_worker_committed_offset_lag{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        if lags.len() == 2 && lags.iter().all(|&l| l == 0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < lag_deadline,
+            "committed-offset lag per partition: {lags:?}\n{page}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(w.stop().clean);
+}
+
+/// `max_batch_size` holds for every inference call, also when records come
+/// in bursts of hundreds (a backlog): it used to be checked once per burst
+/// of up to 512 records, so a limit of 5 gave batches of hundreds.
+#[test]
+fn max_batch_size_is_a_hard_limit_per_model_batch_even_from_a_backlog() {
+    let s = Setup::new(2);
+    let yaml = s.yaml("avro-raw", "").replace(
+        "batching: {max_batch_size: 200, max_wait_ms: 2}",
+        "batching: {max_batch_size: 5, max_wait_ms: 50}",
+    );
+    let cfg = s.config_from(&yaml);
+    assert_eq!(cfg.batching.max_batch_size, 5);
+    let n = 4000;
+    produce_in_background(&s, "b", 0, n, 200_000.0)
+        .join()
+        .unwrap();
+    let w = start(cfg);
+    let mut reader = s.reader(WireFormat::AvroRaw);
+    reader.read(Duration::from_secs(60), |seen| seen.by_id.len() as u64 >= n);
+    assert!(missing_ids(&reader.seen, "b", n).is_empty());
+    let (_, page) = http_get(w.started.metrics_address, "/metrics");
+    let mut models = 0;
+    for line in page.lines() {
+        let Some(rest) = line.strip_prefix("ml_worker_batch_size_count{") else {
+            continue;
+        };
+        let (labels, count) = rest.split_once("} ").unwrap();
+        let within = format!("ml_worker_batch_size_bucket{{{labels},le=\"5\"}} {count}");
+        assert!(
+            page.lines().any(|l| l == within),
+            "a batch over max_batch_size 5 ({labels}: {count} batches):\n{page}"
+        );
+        models += 1;
+    }
+    assert!(models >= 2, "batch sizes of every model:\n{page}");
+    assert!(w.stop().clean);
+}
+
 #[test]
 fn at_most_once_commits_before_publishing_and_still_serves_every_event() {
     let s = Setup::new(2);
@@ -1004,6 +1237,115 @@ fn hostile_event(model: &str, id: String, v: f64) -> Vec<u8> {
     let mut b = Vec::new();
     ml_worker::loadgen::encode_feature(WireFormat::AvroRaw, &e, &mut b);
     b
+}
+
+/// A lazy model still loading holds back only the partition whose record
+/// names it: with a single inference thread, events for a loaded model on
+/// the other partition are served while the load runs (the inference
+/// thread used to wait for the load, holding every partition it serves),
+/// and the waiting records are decided once the load is over (here: refused
+/// at its deadline, as dead letters).
+#[test]
+fn a_lazy_model_still_loading_holds_back_only_its_partition() {
+    let s = Setup::new(2);
+    let shipped = std::fs::read_to_string(root().join("config/models.yaml")).unwrap();
+    let lgbm = shipped
+        .split("\n  - ")
+        .find(|m| m.contains("diabetes_lgbm"))
+        .unwrap()
+        .replace("../models/", &format!("{}/models/", root().display()));
+    let load_timeout = Duration::from_secs(8);
+    let registry = format!(
+        "models:\n  - {}\n  - name: \"lazy_hang\"\n    path: \"{}\"\n    kind: \"onnx\"\n    features: [\"f0\", \"f1\", \"f2\", \"f3\"]\n    target: \"y\"\n    task_type: \"regression\"\n    lazy: true\n    load_timeout_ms: {}\n",
+        lgbm.trim_end(),
+        root()
+            .join("tests/fixtures/hostile/onnx_loop_forever.onnx")
+            .display(),
+        load_timeout.as_millis()
+    );
+    let reg_file = s.dir.path().join("models.yaml");
+    std::fs::write(&reg_file, registry).unwrap();
+    let yaml = s
+        .yaml("avro-raw", "")
+        .replace(
+            &root().join("config/models.yaml").display().to_string(),
+            &reg_file.display().to_string(),
+        )
+        .replace(
+            "batching: {max_batch_size: 200, max_wait_ms: 2}",
+            "batching: {max_batch_size: 200, max_wait_ms: 2, inference_threads: 1}",
+        );
+    let cfg = s.config_from(&yaml);
+    assert_eq!(cfg.inference_threads, 1);
+    let w = start(cfg);
+    let raw: ThreadedProducer<_> = ClientConfig::new()
+        .set("bootstrap.servers", s.brokers())
+        .create()
+        .unwrap();
+    let waiting = 5;
+    for i in 0..waiting {
+        let key = format!("lazy-{i}");
+        let v = hostile_event("lazy_hang", key.clone(), 1.0);
+        raw.send(
+            BaseRecord::to(&s.features)
+                .partition(0)
+                .key(&key)
+                .payload(&v),
+        )
+        .unwrap();
+    }
+    let diabetes = s
+        .samples
+        .iter()
+        .find(|x| x.model == "diabetes_lgbm")
+        .unwrap();
+    let good = 100u64;
+    let sent = Instant::now();
+    for i in 0..good {
+        let e = ml_worker::loadgen::event(
+            std::slice::from_ref(diabetes),
+            "g",
+            i,
+            ml_worker::loadgen::now_ms(),
+        );
+        let mut b = Vec::new();
+        ml_worker::loadgen::encode_feature(WireFormat::AvroRaw, &e, &mut b);
+        raw.send(
+            BaseRecord::to(&s.features)
+                .partition(1)
+                .key("g")
+                .payload(&b),
+        )
+        .unwrap();
+    }
+    raw.flush(Duration::from_secs(10)).unwrap();
+    let mut reader = s.reader(WireFormat::AvroRaw);
+    reader.read(Duration::from_secs(30), |seen| {
+        seen.by_id.keys().filter(|k| k.starts_with("g-")).count() as u64 >= good
+    });
+    let served_in = sent.elapsed();
+    assert!(missing_ids(&reader.seen, "g", good).is_empty());
+    assert!(
+        served_in < load_timeout / 2 && reader.seen.dead_letters.is_empty(),
+        "the other partition waited for the load ({served_in:?}, {} dead letters)",
+        reader.seen.dead_letters.len()
+    );
+    // the waiting records: refused once the load passed its deadline
+    reader.read(Duration::from_secs(30), |seen| {
+        seen.dead_letters.len() >= waiting
+    });
+    assert_eq!(reader.seen.dead_letters.len(), waiting);
+    for d in &reader.seen.dead_letters {
+        let reason = &d.headers["error.reason"];
+        assert!(reason.contains("deadline"), "{reason}");
+    }
+    let (_, page) = http_get(w.started.metrics_address, "/metrics");
+    assert!(
+        metric(&page, "ml_worker_partition_waits_total{for=\"model\"}").unwrap_or(0.0) >= 1.0,
+        "{page}"
+    );
+    assert!(w.stop().clean);
+    assert_eq!(s.committed_total(2), good as i64 + waiting as i64);
 }
 
 #[test]

@@ -3,9 +3,9 @@
 //!
 //! Batches are cut from the input stream in order. A [`Chunk`] holds
 //! consecutive records of the partitions of one inference shard and, per
-//! model, one row matrix. A chunk closes when a model's rows reach that
-//! model's `max_batch_size`, or when its oldest row has waited that model's
-//! `max_wait`. Records that cannot be served stay in the chunk as dead
+//! model, one row matrix. A chunk closes as soon as a model's rows reach
+//! that model's `max_batch_size` (so no inference call is larger), or when
+//! its oldest row has waited that model's `max_wait`. Records that cannot be served stay in the chunk as dead
 //! letters, in their place, so outputs and commits keep input order.
 
 use std::collections::HashMap;
@@ -79,6 +79,8 @@ pub struct Route {
     pub missing: MissingPolicy,
     pub limits: BatchLimits,
     serving: OnceLock<Result<Arc<Serving>, String>>,
+    /// The registry answers for it without waiting (seen once, kept).
+    settled: std::sync::atomic::AtomicBool,
 }
 
 /// The model that serves a route, once known.
@@ -182,12 +184,16 @@ impl Route {
             missing,
             limits: cfg.limits_for(name),
             serving: OnceLock::new(),
+            settled: std::sync::atomic::AtomicBool::new(false),
         };
         match registry.readiness(name) {
             Readiness::Settled => {
                 let serving = Serving::resolve(name, None, registry)?;
                 let route = make(&serving.model.info().features, serving.missing);
                 let _ = route.serving.set(Ok(serving));
+                route
+                    .settled
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 Ok(route)
             }
             Readiness::Pending => {
@@ -195,6 +201,21 @@ impl Route {
                 Ok(make(&spec.features, spec.missing))
             }
         }
+    }
+
+    /// Whether the registry can answer for this route without waiting for
+    /// a load (the consume thread holds a partition's records back until
+    /// then, see [`Batcher`]).
+    pub fn settled(&self, registry: &Registry) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.settled.load(Ordering::Relaxed) {
+            return true;
+        }
+        let now = matches!(registry.readiness(&self.name), Readiness::Settled);
+        if now {
+            self.settled.store(true, Ordering::Relaxed);
+        }
+        now
     }
 
     /// Who serves this route, resolved once (this may wait for a lazy
@@ -435,11 +456,124 @@ impl MissCache {
     }
 }
 
+/// What a held-back partition waits for.
+enum Wait {
+    /// The writer schema with this id, being fetched.
+    Schema(u32),
+    /// This route's model, being loaded.
+    Model(Arc<Route>),
+}
+
+/// A partition whose reading stopped at a record that cannot be decided
+/// yet: its schema is being fetched or its model loaded. Its later records
+/// are dropped unread (the consumer is paused there and sought back to
+/// `offset`), and it is read again from `offset` once the wait is over.
+/// Other partitions go on meanwhile.
+struct Parked {
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+    wait: Wait,
+}
+
+/// A partition to pause and seek back, or to resume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    /// Where reading starts again.
+    pub offset: i64,
+}
+
+/// Schema lookups that may run at once.
+const SCHEMA_LOOKUP_THREADS: usize = 4;
+
+/// Writer-schema lookups on threads of their own: the consume thread asks
+/// and goes on; the answer is picked up when the waiting partition is read
+/// again. Each lookup is bounded by the registry client's timeout.
+struct SchemaLookups {
+    ask: std::sync::mpsc::Sender<u32>,
+    answers: Arc<std::sync::Mutex<HashMap<u32, Result<String, LookupError>>>>,
+    /// Asked and not answered yet.
+    asked: std::collections::HashSet<u32>,
+}
+
+impl SchemaLookups {
+    fn start(sr: Arc<SchemaRegistry>) -> std::io::Result<SchemaLookups> {
+        let (ask, questions) = std::sync::mpsc::channel::<u32>();
+        let questions = Arc::new(std::sync::Mutex::new(questions));
+        let answers: Arc<std::sync::Mutex<HashMap<u32, _>>> = Arc::default();
+        // a few at once, so one slow id does not queue the others; they end
+        // when the Batcher (the sender) is dropped
+        for i in 0..SCHEMA_LOOKUP_THREADS {
+            let (sr, questions, out) = (sr.clone(), questions.clone(), answers.clone());
+            std::thread::Builder::new()
+                .name(format!("schema-lookup-{i}"))
+                .spawn(move || loop {
+                    let next = questions.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok(id) = next else { return };
+                    let answer = sr.schema(id);
+                    out.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id, answer);
+                })?;
+        }
+        Ok(SchemaLookups {
+            ask,
+            answers,
+            asked: Default::default(),
+        })
+    }
+
+    /// The answer for `id`, if it came (taken: asked again next time).
+    fn take(&mut self, id: u32) -> Option<Result<String, LookupError>> {
+        let a = self
+            .answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id)?;
+        self.asked.remove(&id);
+        Some(a)
+    }
+
+    fn answered(&self, id: u32) -> bool {
+        self.answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&id)
+    }
+
+    /// Asks for `id` unless it is being asked already.
+    fn ask(&mut self, id: u32) {
+        if self.asked.insert(id) && self.ask.send(id).is_err() {
+            self.asked.remove(&id);
+        }
+    }
+}
+
+/// A record not decoded: refused (why), or to be decided later.
+enum Undecided {
+    Refused(String),
+    Wait(Wait),
+}
+
 /// Builds chunks for `shards` inference threads.
+///
+/// The consume thread never waits here on the network or on a model load:
+/// a record whose writer schema is not known yet, or whose model is still
+/// loading, parks its partition ([`Batcher::take_holds`]) while the lookup
+/// or load goes on elsewhere; the run loop pauses the partition and seeks
+/// it back to that record, and resumes it when [`Batcher::take_resumable`]
+/// says the wait is over (bounded by the registry timeout and the load
+/// deadline).
 pub struct Batcher {
     codec: Codec,
     /// Fetches writer schemas of `avro` input by id.
-    schema_registry: Option<SchemaRegistry>,
+    lookups: Option<SchemaLookups>,
+    /// Partitions held back, by slot.
+    parked: HashMap<Slot, Parked>,
+    /// Newly parked partitions, for the run loop to pause and seek.
+    holds: Vec<Hold>,
     /// Schema ids the registry could not give.
     unknown_ids: MissCache,
     registry: Arc<Registry>,
@@ -447,6 +581,10 @@ pub struct Batcher {
     routes: HashMap<String, Result<Arc<Route>, String>>,
     topics: HashMap<String, Arc<str>>,
     open: Vec<Option<Chunk>>,
+    /// Chunks closed because a group reached its `max_batch_size` (or the
+    /// chunk its record bound), in the order they closed: the next
+    /// [`Batcher::take`] hands them out first.
+    ready: Vec<Chunk>,
     tally: Tally,
     metrics: Arc<Metrics>,
     /// Records held in open chunks.
@@ -468,16 +606,22 @@ impl Batcher {
         shards: usize,
         metrics: Arc<Metrics>,
         pool: ChunkPool,
-    ) -> Batcher {
-        Batcher {
+    ) -> std::io::Result<Batcher> {
+        let lookups = schema_registry
+            .map(|sr| SchemaLookups::start(Arc::new(sr)))
+            .transpose()?;
+        Ok(Batcher {
             codec,
-            schema_registry,
+            lookups,
+            parked: HashMap::new(),
+            holds: Vec::new(),
             unknown_ids: MissCache::new(MISS_CACHE_CAP, MISS_RETRY),
             registry,
             cfg,
             routes: HashMap::new(),
             topics: HashMap::new(),
             open: (0..shards.max(1)).map(|_| None).collect(),
+            ready: Vec::new(),
             tally: Tally::default(),
             metrics,
             held: 0,
@@ -485,6 +629,57 @@ impl Batcher {
             last_route: None,
             last_topic: None,
             pool,
+        })
+    }
+
+    /// Partitions parked since the last call: pause each and seek it back
+    /// to `offset`.
+    pub fn take_holds(&mut self) -> Vec<Hold> {
+        std::mem::take(&mut self.holds)
+    }
+
+    /// Whether any partition is parked.
+    pub fn parking(&self) -> bool {
+        !self.parked.is_empty()
+    }
+
+    /// Whether this partition is held back (it stays paused through
+    /// back-pressure resumes).
+    pub fn is_parked(&self, slot: Slot) -> bool {
+        self.parked.contains_key(&slot)
+    }
+
+    /// Parked partitions whose wait is over: resume each (it is read
+    /// again from its parked record).
+    pub fn take_resumable(&mut self) -> Vec<Hold> {
+        let mut out = Vec::new();
+        let (registry, codec, lookups) = (&self.registry, &self.codec, &self.lookups);
+        self.parked.retain(|_, p| {
+            let over = match &p.wait {
+                Wait::Schema(id) => {
+                    codec.knows_feature_writer(*id)
+                        || lookups.as_ref().is_none_or(|l| l.answered(*id))
+                        || !lookups.as_ref().is_some_and(|l| l.asked.contains(id))
+                }
+                Wait::Model(route) => route.settled(registry),
+            };
+            if over {
+                out.push(Hold {
+                    topic: p.topic.clone(),
+                    partition: p.partition,
+                    offset: p.offset,
+                });
+            }
+            !over
+        });
+        out
+    }
+
+    /// Forgets a revoked partition's parking.
+    pub fn unpark(&mut self, slot: Slot) {
+        if let Some(p) = self.parked.remove(&slot) {
+            self.holds
+                .retain(|h| !(h.topic == p.topic && h.partition == p.partition));
         }
     }
 
@@ -499,7 +694,12 @@ impl Batcher {
 
     /// Bytes of the held records' values and keys.
     pub fn held_bytes(&self) -> usize {
-        self.open.iter().flatten().map(|c| c.arena.len()).sum()
+        self.open
+            .iter()
+            .flatten()
+            .chain(&self.ready)
+            .map(|c| c.arena.len())
+            .sum()
     }
 
     fn route(&mut self, name: &str) -> Result<Arc<Route>, String> {
@@ -534,8 +734,12 @@ impl Batcher {
         r
     }
 
-    /// Adds one record read from `slot`.
+    /// Adds one record read from `slot` (dropped unread while its
+    /// partition is parked: it is read again after the seek back).
     pub fn add(&mut self, msg: Incoming<'_>, slot: Slot, now: Instant) {
+        if self.parked.contains_key(&slot) {
+            return;
+        }
         let topic = match &self.last_topic {
             Some(t) if **t == *msg.topic => t.clone(),
             _ => {
@@ -563,6 +767,7 @@ impl Batcher {
         };
         let size = msg.payload.map_or(0, <[u8]>::len) + msg.key.map_or(0, <[u8]>::len);
         let omitted = size > self.cfg.max_record_bytes;
+        let mark = chunk.arena.len();
         // a record over the limit is not copied (a compressed batch can
         // hold a huge value); its dead letter points at it instead
         let payload = chunk.push_bytes(if omitted {
@@ -587,7 +792,47 @@ impl Batcher {
                 reason: "record has no value (tombstone)".to_string(),
             }
         } else {
-            self.classify(&mut chunk, &topic, payload.clone(), now)
+            match self.classify(&mut chunk, &topic, payload.clone(), now) {
+                Ok(kind) => kind,
+                Err(wait) => {
+                    // not decided yet: the partition waits from this record
+                    chunk.arena.truncate(mark);
+                    self.open[shard] = Some(chunk);
+                    let hold = Hold {
+                        topic: topic.clone(),
+                        partition: msg.partition,
+                        offset: msg.offset,
+                    };
+                    let what = match &wait {
+                        Wait::Schema(id) => format!("writer schema {id}"),
+                        Wait::Model(r) => format!("model '{}' to load", r.name),
+                    };
+                    tracing::info!(topic = %hold.topic, partition = hold.partition, offset = hold.offset,
+                        "partition waits for {what}; other partitions go on");
+                    self.metrics.add(
+                        "ml_worker_partition_waits_total",
+                        &[(
+                            "for",
+                            match wait {
+                                Wait::Schema(_) => "schema",
+                                Wait::Model(_) => "model",
+                            },
+                        )],
+                        1,
+                    );
+                    self.parked.insert(
+                        slot,
+                        Parked {
+                            topic: hold.topic.clone(),
+                            partition: hold.partition,
+                            offset: hold.offset,
+                            wait,
+                        },
+                    );
+                    self.holds.push(hold);
+                    return;
+                }
+            }
         };
         chunk.records.push(Record {
             slot,
@@ -608,31 +853,43 @@ impl Batcher {
         if chunk.deadline.is_none() {
             chunk.deadline = Some(now + self.cfg.batching.max_wait);
         }
-        self.open[shard] = Some(chunk);
+        // a full chunk closes now, not at the end of the burst: the shard's
+        // next record starts a new one, so no batch passes its limit
+        if chunk.full {
+            self.ready.push(chunk);
+        } else {
+            self.open[shard] = Some(chunk);
+        }
     }
 
     /// Decodes, routes and validates the value at `payload` in the arena,
-    /// placing its row in its model's group.
+    /// placing its row in its model's group; or says what the record must
+    /// wait for (nothing of it is counted or kept then).
     fn classify(
         &mut self,
         chunk: &mut Chunk,
         topic: &Arc<str>,
         payload: Range<usize>,
         now: Instant,
-    ) -> Kind {
+    ) -> Result<Kind, Wait> {
         let mut scan = std::mem::take(&mut self.scan);
         let kind = match self.codec.scan_feature(chunk.bytes(&payload), &mut scan) {
             Some(Ok(())) => {
                 // the allocation-free path: every string stays in the arena
                 let at = |r: &Range<usize>| payload.start + r.start..payload.start + r.end;
                 let model = FeatureScan::str(chunk.bytes(&payload), &scan.model);
+                let route = self.route(model);
+                if let Err(wait) = self.wait_for_load(&route) {
+                    self.scan = scan;
+                    return Err(wait);
+                }
                 let label = if self.registry.spec(model).is_some() {
                     model
                 } else {
                     ""
                 };
                 self.tally.count(topic, label);
-                match self.route(model) {
+                match route {
                     Err(reason) => Kind::Dead {
                         stage: Stage::Route,
                         reason,
@@ -659,7 +916,11 @@ impl Batcher {
             None => {
                 let bytes = chunk.bytes(&payload).to_vec();
                 match self.decode(&bytes) {
-                    Err(reason) => {
+                    Err(Undecided::Wait(wait)) => {
+                        self.scan = scan;
+                        return Err(wait);
+                    }
+                    Err(Undecided::Refused(reason)) => {
                         self.tally.count(topic, "");
                         Kind::Dead {
                             stage: Stage::Decode,
@@ -667,13 +928,18 @@ impl Batcher {
                         }
                     }
                     Ok(e) => {
+                        let route = self.route(&e.model);
+                        if let Err(wait) = self.wait_for_load(&route) {
+                            self.scan = scan;
+                            return Err(wait);
+                        }
                         let label = if self.registry.spec(&e.model).is_some() {
                             e.model.as_str()
                         } else {
                             ""
                         };
                         self.tally.count(topic, label);
-                        match self.route(&e.model) {
+                        match route {
                             Err(reason) => Kind::Dead {
                                 stage: Stage::Route,
                                 reason,
@@ -690,20 +956,37 @@ impl Batcher {
             }
         };
         self.scan = scan;
-        kind
+        Ok(kind)
+    }
+
+    /// Whether a routed record must wait for its model's load (which is
+    /// started, if it was not).
+    fn wait_for_load(&self, route: &Result<Arc<Route>, String>) -> Result<(), Wait> {
+        match route {
+            Ok(r) if !r.settled(&self.registry) => {
+                self.registry.start_loading(&r.name);
+                Err(Wait::Model(r.clone()))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Decodes a feature event; an `avro` record with a schema id not seen
-    /// before has its writer schema fetched from the schema registry.
-    fn decode(&mut self, bytes: &[u8]) -> Result<FeatureEvent, String> {
+    /// before waits while its writer schema is fetched from the schema
+    /// registry (by [`SchemaLookups`], off this thread).
+    fn decode(&mut self, bytes: &[u8]) -> Result<FeatureEvent, Undecided> {
         match self.codec.decode_feature(bytes) {
-            Err(DecodeError::UnknownSchemaId(id)) if self.schema_registry.is_some() => {
+            Err(DecodeError::UnknownSchemaId(id)) if self.lookups.is_some() => {
                 // asked again at most every MISS_RETRY
                 if let Some(why) = self.unknown_ids.get(id, Instant::now()) {
-                    return Err(why.to_string());
+                    return Err(Undecided::Refused(why.to_string()));
                 }
-                let sr = self.schema_registry.as_ref().expect("checked");
-                let fetched = sr.schema(id).and_then(|schema| {
+                let lookups = self.lookups.as_mut().expect("checked");
+                let Some(answer) = lookups.take(id) else {
+                    lookups.ask(id);
+                    return Err(Undecided::Wait(Wait::Schema(id)));
+                };
+                let fetched = answer.and_then(|schema| {
                     self.codec
                         .register_feature_writer(id, &schema)
                         .map_err(|e| LookupError::Refused(e.to_string()))
@@ -711,7 +994,9 @@ impl Batcher {
                 match fetched {
                     Ok(()) => {
                         tracing::info!(schema_id = id, "feature event writer schema fetched");
-                        self.codec.decode_feature(bytes).map_err(|e| e.to_string())
+                        self.codec
+                            .decode_feature(bytes)
+                            .map_err(|e| Undecided::Refused(e.to_string()))
                     }
                     Err(e) => {
                         let why = format!("schema id {id}: {e}");
@@ -721,22 +1006,30 @@ impl Batcher {
                         if matches!(e, LookupError::Refused(_)) {
                             self.unknown_ids.insert(id, why.clone(), Instant::now());
                         }
-                        Err(why)
+                        Err(Undecided::Refused(why))
                     }
                 }
             }
-            r => r.map_err(|e| e.to_string()),
+            r => r.map_err(|e| Undecided::Refused(e.to_string())),
         }
     }
 
-    /// The earliest instant an open chunk must close.
+    /// The earliest instant an open chunk must close (now, when a closed
+    /// one waits).
     pub fn next_deadline(&self) -> Option<Instant> {
+        if !self.ready.is_empty() {
+            return Some(Instant::now());
+        }
         self.open.iter().flatten().filter_map(|c| c.deadline).min()
     }
 
-    /// Chunks that are full or past their deadline (all, with `all`).
+    /// Chunks that are full or past their deadline (all, with `all`), each
+    /// shard's in input order.
     pub fn take(&mut self, now: Instant, all: bool) -> Vec<Chunk> {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.ready);
+        for c in &out {
+            self.held -= c.records.len();
+        }
         for slot in &mut self.open {
             let due = slot
                 .as_ref()

@@ -65,7 +65,7 @@ const METRICS: &[(&str, &str, &str)] = &[
     (
         "ml_worker_commits_total",
         "counter",
-        "Offset commits, by result.",
+        "Offset commit requests (periodic, on revocation, at shutdown, at-most-once), by result: every attempt, a re-issued one again.",
     ),
     (
         "ml_worker_at_most_once_skipped_total",
@@ -86,6 +86,16 @@ const METRICS: &[(&str, &str, &str)] = &[
         "ml_worker_backpressure_pauses_total",
         "counter",
         "Times the input partitions were paused because too many events were in flight.",
+    ),
+    (
+        "ml_worker_partition_waits_total",
+        "counter",
+        "Times a partition was held back at a record whose writer schema was being fetched or whose model was loading (other partitions go on), by what it waited for.",
+    ),
+    (
+        "ml_worker_committed_offset_lag",
+        "gauge",
+        "Records in an assigned input partition past the worker's last committed offset (its end as last seen, less the committed offset), by topic and partition.",
     ),
     (
         "ml_worker_batch_size",

@@ -19,8 +19,8 @@ use rdkafka::{ClientConfig, ClientContext, Offset, Statistics, TopicPartitionLis
 
 use crate::events::{Codec, SchemaIds, WireFormat};
 use crate::registry::Registry;
-use crate::worker::batch::{Batcher, Chunk};
-use crate::worker::config::{DeliveryMode, WorkerConfig};
+use crate::worker::batch::{Batcher, Chunk, Hold};
+use crate::worker::config::{DeliveryMode, GroupProtocol, WorkerConfig};
 use crate::worker::fetch::{FetchQueue, Incoming, MAX_BURST};
 use crate::worker::metrics::Metrics;
 use crate::worker::offsets::{OffsetTracker, Slot, Slots};
@@ -76,6 +76,8 @@ struct Shared {
     /// run loop holds the queue and drops it before the consumer, on every
     /// path (the queue must not outlive its client).
     fetch: OnceLock<Weak<FetchQueue>>,
+    /// Offsets the broker has taken, by partition (for the lag gauge).
+    committed: Mutex<HashMap<(String, i32), i64>>,
 }
 
 impl Shared {
@@ -171,11 +173,17 @@ impl Shared {
         if tpl.count() == 0 {
             return true;
         }
-        let result = consumer.commit(&tpl, mode);
-        if matches!(mode, CommitMode::Sync) {
+        let result = match mode {
+            CommitMode::Sync => consumer.commit(&tpl, mode),
+            CommitMode::Async => commit_async(consumer, &tpl),
+        };
+        // an async commit's result comes to `commit_callback`, unless it
+        // failed before it was sent
+        if matches!(mode, CommitMode::Sync) || result.is_err() {
             self.count_commit(&result);
-            if result.is_err() {
-                self.commit_failed(&tpl);
+            match &result {
+                Ok(()) => self.committed(&tpl),
+                Err(_) => self.commit_failed(&tpl),
             }
         }
         match result {
@@ -184,6 +192,38 @@ impl Shared {
                 tracing::warn!(error = %e, "offset commit failed; it is retried");
                 false
             }
+        }
+    }
+
+    /// The broker took these offsets: the committed-offset lag gauge
+    /// measures from them.
+    fn committed(&self, offsets: &TopicPartitionList) {
+        let mut c = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        for e in offsets.elements() {
+            if let (Ok(()), Offset::Offset(o)) = (e.error(), e.offset()) {
+                c.insert((e.topic().to_string(), e.partition()), o);
+            }
+        }
+    }
+
+    /// Sets `ml_worker_committed_offset_lag` for every assigned partition
+    /// whose commit is known: its end (the high watermark librdkafka last
+    /// saw, no request) less its committed offset.
+    fn report_commit_lag(&self, consumer: &BaseConsumer<WorkerContext>) {
+        let committed = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        let m = &self.metrics;
+        m.clear_gauge("ml_worker_committed_offset_lag");
+        for ((topic, partition), offset) in committed.iter() {
+            let Some((_, high)) =
+                cached_watermarks(consumer, topic, *partition).filter(|&(_, high)| high >= 0)
+            else {
+                continue;
+            };
+            m.set_gauge(
+                "ml_worker_committed_offset_lag",
+                &[("topic", topic), ("partition", &partition.to_string())],
+                (high - offset).max(0) as f64,
+            );
         }
     }
 
@@ -344,11 +384,25 @@ impl ConsumerContext for WorkerContext {
                 slots.revoke(topic, *partition);
             }
         }
+        {
+            let mut b = s.batcher.lock().unwrap_or_else(|p| p.into_inner());
+            for (_, _, slot) in &revoked {
+                if let Some(slot) = slot {
+                    b.unpark(*slot);
+                }
+            }
+        }
         if commit.count() > 0 {
             let r = consumer.commit(&commit, CommitMode::Sync);
             s.count_commit(&r);
             if let Err(e) = r {
-                tracing::warn!(error = %e, "commit on revocation failed");
+                tracing::warn!(error = %e, "commit on revocation failed; the new owner reads these events again");
+            }
+        }
+        {
+            let mut c = s.committed.lock().unwrap_or_else(|p| p.into_inner());
+            for (topic, partition, _) in &revoked {
+                c.remove(&(topic.clone(), *partition));
             }
         }
         let n = revoked.len();
@@ -382,11 +436,31 @@ impl ConsumerContext for WorkerContext {
         }
     }
 
+    /// Results of the periodic (async) commits, which [`commit_async`]
+    /// sends to the queue `poll` serves. A partition that failed (the whole
+    /// request, or that partition alone) has its offset handed out again at
+    /// the next interval, whether or not new events arrive.
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        self.shared.count_commit(&result);
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "async commit failed; retried at the next interval");
-            self.shared.commit_failed(offsets);
+        let failed = result.is_err() || offsets.elements().iter().any(|e| e.error().is_err());
+        let counted: KafkaResult<()> = match (&result, failed) {
+            (Err(e), _) => Err(e.clone()),
+            (Ok(()), true) => Err(rdkafka::error::KafkaError::ConsumerCommit(
+                rdkafka::types::RDKafkaErrorCode::Fail,
+            )),
+            (Ok(()), false) => Ok(()),
+        };
+        self.shared.count_commit(&counted);
+        self.shared.committed(offsets);
+        if failed {
+            let mut retry = TopicPartitionList::new();
+            for e in offsets.elements() {
+                if result.is_err() || e.error().is_err() {
+                    let _ = retry.add_partition_offset(e.topic(), e.partition(), e.offset());
+                }
+            }
+            tracing::warn!(error = ?result.err(), partitions = retry.count(),
+                "offset commit failed; re-issued at the next interval");
+            self.shared.commit_failed(&retry);
         }
     }
 }
@@ -400,11 +474,24 @@ fn client_configs(cfg: &WorkerConfig, brokers: &str) -> (ClientConfig, ClientCon
         .set("client.id", &cfg.client_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("partition.assignment.strategy", "cooperative-sticky")
         .set("auto.offset.reset", "earliest")
         .set("statistics.interval.ms", "5000")
         // return fetches quickly when little is waiting (latency over fetch count)
         .set("fetch.wait.max.ms", "2");
+    match cfg.group_protocol {
+        GroupProtocol::Consumer => {
+            consumer.set("group.protocol", "consumer");
+        }
+        GroupProtocol::Classic => {
+            // a dead replica's partitions move after 10 s; a joining one is
+            // noticed within a second (librdkafka: 45 s and 3 s)
+            consumer
+                .set("group.protocol", "classic")
+                .set("partition.assignment.strategy", "cooperative-sticky")
+                .set("session.timeout.ms", "10000")
+                .set("heartbeat.interval.ms", "1000");
+        }
+    }
     // warnings reach WorkerContext::log (offset resets are reported there)
     consumer.set_log_level(RDKafkaLogLevel::Warning);
     let mut producer = ClientConfig::new();
@@ -524,16 +611,18 @@ pub fn run(
                 .map_err(|e| WorkerError::Thread(e.to_string()))?,
         );
     }
+    let batcher = Batcher::new(
+        input_codec,
+        registry_client,
+        registry,
+        cfg.clone(),
+        shards,
+        metrics.clone(),
+        pool,
+    )
+    .map_err(|e| WorkerError::Thread(e.to_string()))?;
     let shared = Arc::new(Shared {
-        batcher: Mutex::new(Batcher::new(
-            input_codec,
-            registry_client,
-            registry,
-            cfg.clone(),
-            shards,
-            metrics.clone(),
-            pool,
-        )),
+        batcher: Mutex::new(batcher),
         tracker: tracker.clone(),
         slots: Mutex::new(Slots::default()),
         senders,
@@ -546,6 +635,7 @@ pub fn run(
         stopping: AtomicBool::new(false),
         resets: Mutex::new(Vec::new()),
         fetch: OnceLock::new(),
+        committed: Mutex::new(HashMap::new()),
     });
     let consumer: BaseConsumer<WorkerContext> =
         consumer_cfg.create_with_context(WorkerContext {
@@ -632,12 +722,14 @@ pub fn run(
             fetch.consume(if polled > 0 { Duration::ZERO } else { wait }, &mut add);
         }
         let now = Instant::now();
-        let chunks = shared
-            .batcher
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take(now, false);
+        let (chunks, holds) = {
+            let mut b = shared.batcher.lock().unwrap_or_else(|p| p.into_inner());
+            (b.take(now, false), b.take_holds())
+        };
         shared.dispatch(&consumer, chunks, shards);
+        for h in &holds {
+            hold(&consumer, h);
+        }
 
         if now.duration_since(last_tick) >= Duration::from_millis(10) {
             last_tick = now;
@@ -651,10 +743,12 @@ pub fn run(
             if let Some(pause) = backpressure(paused, in_flight, bytes, &cfg) {
                 set_paused(&consumer, &shared, pause, in_flight, bytes);
             }
+            resume_waited(&consumer, &shared);
         }
         if now.duration_since(last_commit) >= cfg.commit_interval {
             last_commit = now;
             shared.commit(&consumer, CommitMode::Async);
+            shared.report_commit_lag(&consumer);
         }
     }
 
@@ -731,6 +825,67 @@ pub fn run(
     Ok(summary)
 }
 
+/// An asynchronous commit whose result reaches `commit_callback`.
+/// `rd_kafka_commit(async)` sends its result nowhere the application sees
+/// (rust-rdkafka takes results as events, not through `offset_commit_cb`),
+/// so a failed periodic commit went unnoticed and was never re-issued; this
+/// asks for the result on the consumer queue, which `poll` serves.
+fn commit_async(
+    consumer: &BaseConsumer<WorkerContext>,
+    tpl: &TopicPartitionList,
+) -> KafkaResult<()> {
+    use rdkafka::types::RDKafkaErrorCode;
+    let rk = consumer.client().native_ptr();
+    // SAFETY: the consumer's live handle; the queue reference is released
+    // here (the commit holds its own); `tpl` is copied by librdkafka
+    let err = unsafe {
+        let queue = rdkafka::bindings::rd_kafka_queue_get_consumer(rk);
+        if queue.is_null() {
+            return Err(rdkafka::error::KafkaError::ConsumerCommit(
+                RDKafkaErrorCode::UnknownGroup,
+            ));
+        }
+        let err = rdkafka::bindings::rd_kafka_commit_queue(
+            rk,
+            tpl.ptr(),
+            queue,
+            None,
+            std::ptr::null_mut(),
+        );
+        rdkafka::bindings::rd_kafka_queue_destroy(queue);
+        err
+    };
+    match RDKafkaErrorCode::from(err) {
+        RDKafkaErrorCode::NoError => Ok(()),
+        code => Err(rdkafka::error::KafkaError::ConsumerCommit(code)),
+    }
+}
+
+/// The low and high watermarks librdkafka last saw for a partition (no
+/// request).
+fn cached_watermarks(
+    consumer: &BaseConsumer<WorkerContext>,
+    topic: &str,
+    partition: i32,
+) -> Option<(i64, i64)> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the consumer's live handle; librdkafka reads its cached
+    // watermarks into the two locals
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    let ok =
+        rdkafka::types::RDKafkaErrorCode::from(err) == rdkafka::types::RDKafkaErrorCode::NoError;
+    ok.then_some((low, high))
+}
+
 /// Logs and counts the input skipped by offset resets librdkafka made
 /// since the last call (see [`resets`]).
 fn report_skipped_input(
@@ -740,20 +895,7 @@ fn report_skipped_input(
 ) {
     let found = std::mem::take(&mut *shared.resets.lock().unwrap_or_else(|p| p.into_inner()));
     for r in found {
-        let (mut low, mut high) = (-1i64, -1i64);
-        if let Ok(topic) = std::ffi::CString::new(r.topic.as_str()) {
-            // SAFETY: the consumer's live handle; librdkafka reads the
-            // cached watermarks (no request) into the two locals
-            unsafe {
-                rdkafka::bindings::rd_kafka_get_watermark_offsets(
-                    consumer.client().native_ptr(),
-                    topic.as_ptr(),
-                    r.partition,
-                    &mut low,
-                    &mut high,
-                );
-            }
-        }
+        let (low, high) = cached_watermarks(consumer, &r.topic, r.partition).unwrap_or((-1, -1));
         let gone = resets::skipped(&r, low, high);
         if gone.is_empty() {
             tracing::warn!(topic = %r.topic, partition = r.partition, from = r.from, to = ?r.to,
@@ -804,7 +946,21 @@ fn set_paused(
     let r = if pause {
         consumer.pause(&assignment)
     } else {
-        consumer.resume(&assignment)
+        // partitions parked on a schema or a model stay paused
+        let mut resume = TopicPartitionList::new();
+        {
+            let slots = shared.slots.lock().unwrap_or_else(|p| p.into_inner());
+            let b = shared.batcher.lock().unwrap_or_else(|p| p.into_inner());
+            for e in assignment.elements() {
+                let parked = slots
+                    .current_slot(e.topic(), e.partition())
+                    .is_some_and(|slot| b.is_parked(slot));
+                if !parked {
+                    resume.add_partition(e.topic(), e.partition());
+                }
+            }
+        }
+        consumer.resume(&resume)
     };
     match r {
         Ok(()) => {
@@ -818,6 +974,48 @@ fn set_paused(
             tracing::info!(in_flight, bytes, paused = pause, "backpressure");
         }
         Err(e) => tracing::warn!(error = %e, "pause/resume failed"),
+    }
+}
+
+/// Holds a partition back at a record that waits for its schema or model:
+/// pauses it and seeks it back there (librdkafka drops what it had
+/// fetched past that point; the batcher drops what this burst had).
+fn hold(consumer: &BaseConsumer<WorkerContext>, h: &Hold) {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&h.topic, h.partition);
+    if let Err(e) = consumer.pause(&tpl) {
+        tracing::warn!(error = %e, topic = %h.topic, partition = h.partition, "could not pause a waiting partition");
+    }
+    if let Err(e) = consumer.seek(
+        &h.topic,
+        h.partition,
+        Offset::Offset(h.offset),
+        Duration::ZERO,
+    ) {
+        tracing::warn!(error = %e, topic = %h.topic, partition = h.partition, "could not seek a waiting partition back");
+    }
+}
+
+/// Resumes the partitions whose schema or model wait is over (unless
+/// back-pressure holds every partition: its resume covers them).
+fn resume_waited(consumer: &BaseConsumer<WorkerContext>, shared: &Shared) {
+    let ready = {
+        let mut b = shared.batcher.lock().unwrap_or_else(|p| p.into_inner());
+        if !b.parking() {
+            return;
+        }
+        b.take_resumable()
+    };
+    if ready.is_empty() || shared.paused.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for h in &ready {
+        tpl.add_partition(&h.topic, h.partition);
+        tracing::info!(topic = %h.topic, partition = h.partition, offset = h.offset, "waiting partition resumes");
+    }
+    if let Err(e) = consumer.resume(&tpl) {
+        tracing::warn!(error = %e, "could not resume waiting partitions");
     }
 }
 
