@@ -32,10 +32,10 @@ test: setup lint
 	$(CARGO) test --no-default-features --test registry
 	$(MAKE) test-kafka
 
-## The Kafka-facing process tests again, against a real Apache Kafka (4.1,
+## The Kafka-facing tests again, against a real Apache Kafka (4.1,
 ## assembled from Maven Central, single-node KRaft on loopback).
 test-kafka:
-	bash scripts/kafka-broker.sh run -- $(CARGO) test --test group
+	bash scripts/kafka-broker.sh run -- $(CARGO) test --test group --test worker
 
 setup: onnxruntime libtorch sqlite3 python-kafka
 

@@ -14,10 +14,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use ml_worker::broker::{EmbeddedBroker, TopicSpec};
+mod brokers;
+use brokers::Broker;
+
 use ml_worker::events::WireFormat;
 use ml_worker::loadgen::{load_samples, Load, Reader, Traffic};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
@@ -31,61 +32,6 @@ fn unique(prefix: &str) -> String {
         .unwrap()
         .as_nanos();
     format!("{prefix}-{}-{nanos}", std::process::id())
-}
-
-/// The embedded broker, or the cluster `KAFKA_BOOTSTRAP` names.
-enum Broker {
-    Embedded(EmbeddedBroker),
-    External(String),
-}
-
-impl Broker {
-    fn start() -> Broker {
-        match std::env::var("KAFKA_BOOTSTRAP") {
-            Ok(b) if !b.is_empty() => {
-                eprintln!("broker: Kafka at {b} (KAFKA_BOOTSTRAP)");
-                Broker::External(b)
-            }
-            _ => {
-                eprintln!("broker: the embedded broker (librdkafka's mock cluster)");
-                Broker::Embedded(EmbeddedBroker::start(1, &[]).unwrap())
-            }
-        }
-    }
-
-    fn address(&self) -> String {
-        match self {
-            Broker::Embedded(b) => b.bootstrap_servers(),
-            Broker::External(b) => b.clone(),
-        }
-    }
-
-    fn create_topic(&self, name: &str, partitions: i32) {
-        match self {
-            Broker::Embedded(b) => b
-                .create_topic(&TopicSpec {
-                    name: name.to_string(),
-                    partitions,
-                })
-                .unwrap(),
-            Broker::External(b) => {
-                let admin: AdminClient<_> = ClientConfig::new()
-                    .set("bootstrap.servers", b)
-                    .create()
-                    .unwrap();
-                let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-                let r = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap()
-                    .block_on(admin.create_topics([&topic], &AdminOptions::new()))
-                    .unwrap();
-                for t in r {
-                    t.unwrap();
-                }
-            }
-        }
-    }
 }
 
 /// Topics of one test, and the shipped worker config pointed at them.

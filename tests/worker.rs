@@ -1,5 +1,7 @@
-//! The streaming worker end to end on the embedded broker: real Kafka
-//! protocol traffic, the shipped models, reference predictions.
+//! The streaming worker end to end: real Kafka protocol traffic, the
+//! shipped models, reference predictions. On the embedded broker, or on the
+//! cluster `KAFKA_BOOTSTRAP` names (`make test-kafka`: Apache Kafka 4.1);
+//! the tests that inject faults into the mock cluster run on it only.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -8,7 +10,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ml_worker::broker::{EmbeddedBroker, TopicSpec};
+mod brokers;
+use brokers::{mock_only, Broker};
+
 use ml_worker::events::WireFormat;
 use ml_worker::loadgen::{load_samples, Load, Reader, Samples, Traffic};
 use ml_worker::registry::{Registry, RegistryOptions};
@@ -40,7 +44,7 @@ fn unique(prefix: &str) -> String {
 
 /// A broker with random topic names and a worker config pointing at it.
 struct Setup {
-    broker: EmbeddedBroker,
+    broker: Broker,
     features: String,
     predictions: String,
     signals: String,
@@ -53,7 +57,7 @@ struct Setup {
 impl Setup {
     fn new(partitions: i32) -> Setup {
         let s = Setup {
-            broker: EmbeddedBroker::start(1, &[]).unwrap(),
+            broker: Broker::start(),
             features: unique("features"),
             predictions: unique("predictions"),
             signals: unique("signals"),
@@ -68,18 +72,13 @@ impl Setup {
             (&s.signals, 4),
             (&s.dead_letters, 1),
         ] {
-            s.broker
-                .create_topic(&TopicSpec {
-                    name: t.clone(),
-                    partitions: p,
-                })
-                .unwrap();
+            s.broker.create_topic(t, p);
         }
         s
     }
 
     fn brokers(&self) -> String {
-        self.broker.bootstrap_servers()
+        self.broker.address()
     }
 
     fn yaml(&self, format: &str, extra: &str) -> String {
@@ -581,6 +580,9 @@ fn missing_ids(seen: &ml_worker::loadgen::Seen, prefix: &str, n: u64) -> Vec<Str
 
 #[test]
 fn broker_down_and_back_up_mid_stream_loses_nothing() {
+    if mock_only("takes the broker down and up (mock cluster fault injection)") {
+        return;
+    }
     let s = Setup::new(4);
     // an outage shorter than the session timeout (the broker's, 30 s on the
     // embedded one): the worker keeps its partitions (a longer one ends in a
@@ -590,9 +592,9 @@ fn broker_down_and_back_up_mid_stream_loses_nothing() {
     let n = 3000;
     let producer = produce_in_background(&s, "b", 0, n, 3000.0);
     std::thread::sleep(Duration::from_millis(400));
-    s.broker.cluster().broker_down(1).unwrap();
+    s.broker.embedded().cluster().broker_down(1).unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    s.broker.cluster().broker_up(1).unwrap();
+    s.broker.embedded().cluster().broker_up(1).unwrap();
     producer.join().unwrap();
     let mut reader = s.reader(WireFormat::AvroRaw);
     reader.read(Duration::from_secs(60), |seen| seen.by_id.len() as u64 >= n);
@@ -992,6 +994,9 @@ fn metric(page: &str, name: &str) -> Option<f64> {
 
 #[test]
 fn slow_deliveries_pause_the_input_instead_of_piling_up_and_nothing_is_lost() {
+    if mock_only("injects Produce errors (mock cluster fault injection)") {
+        return;
+    }
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     let s = Setup::new(4);
     let yaml = s
@@ -1013,7 +1018,7 @@ fn slow_deliveries_pause_the_input_instead_of_piling_up_and_nothing_is_lost() {
         .unwrap();
     // then the broker refuses the next produce requests (a retriable error):
     // the worker's outputs wait while its input could flow freely
-    s.broker.cluster().request_errors(
+    s.broker.embedded().cluster().request_errors(
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 25],
     );
@@ -1046,6 +1051,9 @@ fn slow_deliveries_pause_the_input_instead_of_piling_up_and_nothing_is_lost() {
 
 #[test]
 fn at_most_once_serves_nothing_whose_offsets_could_not_be_committed() {
+    if mock_only("injects OffsetCommit errors (mock cluster fault injection)") {
+        return;
+    }
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     let s = Setup::new(2);
     let yaml = s.yaml("avro-raw", "").replace(
@@ -1058,7 +1066,7 @@ fn at_most_once_serves_nothing_whose_offsets_could_not_be_committed() {
         .join()
         .unwrap();
     // the first batch's commit fails on every try
-    s.broker.cluster().request_errors(
+    s.broker.embedded().cluster().request_errors(
         RDKafkaApiKey::OffsetCommit,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 3],
     );
@@ -1108,6 +1116,9 @@ fn at_most_once_serves_nothing_whose_offsets_could_not_be_committed() {
 /// commit was only re-issued once new events arrived.)
 #[test]
 fn failed_periodic_commits_are_reissued_while_idle_and_every_attempt_is_counted() {
+    if mock_only("injects OffsetCommit errors (mock cluster fault injection)") {
+        return;
+    }
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
     let s = Setup::new(2);
     let cfg = s.config("avro-raw", "");
@@ -1117,7 +1128,7 @@ fn failed_periodic_commits_are_reissued_while_idle_and_every_attempt_is_counted(
         .unwrap();
     // the worker reads everything in its first interval; its next commits fail
     let failures = 8;
-    s.broker.cluster().request_errors(
+    s.broker.embedded().cluster().request_errors(
         RDKafkaApiKey::OffsetCommit,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 8],
     );
@@ -1602,6 +1613,9 @@ fn a_torchscript_model_that_crashes_libtorch_loses_its_batch_to_dead_letters_and
 
 #[test]
 fn the_embedded_broker_refuses_a_record_it_cannot_keep_and_input_it_dropped_is_reported() {
+    if mock_only("tests the embedded broker's own limits") {
+        return;
+    }
     let s = Setup::new(1);
     let cfg = s.config("avro-raw", "");
     let diabetes: Vec<Samples> = s
