@@ -7,13 +7,20 @@
 //! - [`offsets`]: which input offsets may be committed (at-least-once).
 
 pub mod batch;
+mod clients;
+mod commit;
 pub mod config;
+mod consume;
+mod drain;
 pub mod fetch;
+mod infer;
 pub mod metrics;
 pub mod offsets;
-pub mod publish;
+mod produce;
+mod rebalance;
 pub mod resets;
 pub mod run;
 pub mod schema_registry;
+mod shared;
 
 pub use run::{run, Started, Summary, WorkerError};

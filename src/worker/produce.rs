@@ -1,11 +1,9 @@
-//! Inference threads and the producer: each closed chunk is scored model by
-//! model, then its outputs are produced in input order (prediction and
-//! signal keyed by symbol; dead letters with the original key, value and
-//! headers). Every output carries its input's slot and offset as delivery
+//! The producer: a scored chunk's outputs are produced in input order
+//! (prediction and signal keyed by symbol; dead letters with the original
+//! key, value and headers); failed deliveries are retried with backoff. Every output carries its input's slot and offset as delivery
 //! opaque; the broker's acknowledgement acks it in the [`OffsetTracker`].
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::Receiver;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -15,35 +13,19 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Message};
 
-use crate::deadline::{Executor, Overrun};
+use crate::deadline::Executor;
 use crate::events::{Codec, PredictionEvent, Side, SignalEvent};
-use crate::model::{Batch, Prediction};
 use crate::registry::Registry;
-use crate::worker::batch::{Chunk, ChunkPool, Group, Kind, Serving, Stage};
+use crate::worker::batch::{Chunk, Group, Kind, Stage};
+use crate::worker::infer::{infer, refuse_failed_rows, Outcome, Queued};
 use crate::worker::metrics::{Histogram, Metrics};
 use crate::worker::offsets::{pack, unpack, OffsetTracker};
 
-/// What inference made of one group of a chunk.
-struct Outcome {
-    /// The predictions, or why every row of the group is refused.
-    result: Result<Prediction, (Stage, String)>,
-    serving: Option<Arc<Serving>>,
-    /// Rows refused on their own (`(row, why)`), e.g. by a fallback that
-    /// rejects a missing feature.
-    row_errors: Vec<(u32, String)>,
-    latency_us: i64,
-}
-
-impl Outcome {
-    fn signal(&self) -> Option<&crate::signal::SignalRule> {
-        self.serving.as_ref().and_then(|s| s.signal.as_ref())
-    }
-
-    fn model_name(&self) -> &str {
-        self.serving
-            .as_ref()
-            .map_or("", |s| s.model.info().name.as_str())
-    }
+/// What publishing a chunk counted, for the metrics.
+struct Tally {
+    outs: Vec<GroupOut>,
+    dead_counts: [u64; 5],
+    e2e: Histogram,
 }
 
 /// Reusable output events and tallies of one model in a chunk.
@@ -54,6 +36,49 @@ struct GroupOut {
     signals: u64,
     /// by [`Side`] as index
     sides: [u64; 3],
+}
+
+impl GroupOut {
+    /// The group's events with what every row shares (model, version).
+    fn new(g: &Group, o: &Outcome) -> GroupOut {
+        let (version, sha256) = o
+            .serving
+            .as_ref()
+            .map(|s| {
+                (
+                    s.model.info().version.clone(),
+                    s.model.info().sha256.clone(),
+                )
+            })
+            .unwrap_or_default();
+        GroupOut {
+            prediction: PredictionEvent {
+                event_id: String::new(),
+                model: g.route.name.clone(),
+                model_version: version.clone(),
+                model_sha256: sha256,
+                symbol: String::new(),
+                event_time: 0,
+                prediction: 0.0,
+                probabilities: None,
+                fallback: o.serving.as_ref().is_some_and(|s| s.fallback),
+                inference_latency_us: 0,
+            },
+            signal: SignalEvent {
+                event_id: String::new(),
+                symbol: String::new(),
+                model: g.route.name.clone(),
+                model_version: version,
+                event_time: 0,
+                side: Side::Hold,
+                strength: 0.0,
+                prediction: 0.0,
+            },
+            predictions: 0,
+            signals: 0,
+            sides: [0; 3],
+        }
+    }
 }
 
 /// An output whose delivery failed and that is sent again.
@@ -366,50 +391,41 @@ impl Publisher {
         let outcomes: Vec<Outcome> = chunk
             .groups
             .iter_mut()
-            .map(|g| self.infer(g, executor))
+            .map(|g| infer(g, executor, &self.registry, &self.metrics))
             .collect();
-        // 2. decide every record's outputs; rows that failed become dead letters
-        for rec in &mut chunk.records {
-            if let Kind::Event { group, row, .. } = &rec.kind {
-                let (g, r) = (*group as usize, *row as usize);
-                let o = &outcomes[g];
-                let refused = match &o.result {
-                    Err((stage, e)) => Some((*stage, e.clone())),
-                    Ok(p) => o
-                        .row_errors
-                        .iter()
-                        .find(|(i, _)| *i as usize == r)
-                        .map(|(_, why)| (Stage::Validate, why.clone()))
-                        .or_else(|| {
-                            p.row_problem(r).map(|why| {
-                                (
-                                    Stage::Inference,
-                                    format!("model '{}': {why} for this row", o.model_name()),
-                                )
-                            })
-                        }),
-                };
-                if let Some((stage, reason)) = refused {
-                    rec.kind = Kind::Dead { stage, reason };
-                }
-            }
-        }
-        {
-            let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
-            for rec in &chunk.records {
-                let outputs = match &rec.kind {
-                    Kind::Event { group, .. } => {
-                        1 + outcomes[*group as usize].signal().is_some() as u32
-                    }
-                    Kind::Dead { .. } => 1,
-                };
-                t.track(rec.slot, rec.offset, outputs);
-            }
-        }
+        // 2. rows that failed become dead letters
+        refuse_failed_rows(&mut chunk.records, &outcomes);
+        // 3. every output is tracked before it can be acknowledged
+        self.track(&chunk, &outcomes);
         queued
             .events
             .fetch_sub(chunk.records.len(), Ordering::Relaxed);
-        // 3. publish in input order
+        // 4. publish in input order
+        let tally = self.publish(&mut chunk, &outcomes);
+        // 5. metrics
+        self.count(&chunk, &outcomes, &tally);
+        queued.bytes.fetch_sub(arena_bytes, Ordering::Relaxed);
+        chunk.recycle();
+        chunk
+    }
+
+    /// Tracks every record with the number of outputs it will have.
+    fn track(&self, chunk: &Chunk, outcomes: &[Outcome]) {
+        let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
+        for rec in &chunk.records {
+            let outputs = match &rec.kind {
+                Kind::Event { group, .. } => {
+                    1 + outcomes[*group as usize].signal().is_some() as u32
+                }
+                Kind::Dead { .. } => 1,
+            };
+            t.track(rec.slot, rec.offset, outputs);
+        }
+    }
+
+    /// Encodes and sends each record's outputs (prediction and signal, or
+    /// a dead letter), in input order.
+    fn publish(&self, chunk: &mut Chunk, outcomes: &[Outcome]) -> Tally {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
@@ -417,46 +433,8 @@ impl Publisher {
         let mut outs: Vec<GroupOut> = chunk
             .groups
             .iter()
-            .zip(&outcomes)
-            .map(|(g, o)| {
-                let (version, sha256) = o
-                    .serving
-                    .as_ref()
-                    .map(|s| {
-                        (
-                            s.model.info().version.clone(),
-                            s.model.info().sha256.clone(),
-                        )
-                    })
-                    .unwrap_or_default();
-                GroupOut {
-                    prediction: PredictionEvent {
-                        event_id: String::new(),
-                        model: g.route.name.clone(),
-                        model_version: version.clone(),
-                        model_sha256: sha256,
-                        symbol: String::new(),
-                        event_time: 0,
-                        prediction: 0.0,
-                        probabilities: None,
-                        fallback: o.serving.as_ref().is_some_and(|s| s.fallback),
-                        inference_latency_us: 0,
-                    },
-                    signal: SignalEvent {
-                        event_id: String::new(),
-                        symbol: String::new(),
-                        model: g.route.name.clone(),
-                        model_version: version,
-                        event_time: 0,
-                        side: Side::Hold,
-                        strength: 0.0,
-                        prediction: 0.0,
-                    },
-                    predictions: 0,
-                    signals: 0,
-                    sides: [0; 3],
-                }
-            })
+            .zip(outcomes)
+            .map(|(g, o)| GroupOut::new(g, o))
             .collect();
         let mut dead_counts = [0u64; 5];
         let mut e2e = Histogram::latency();
@@ -542,18 +520,33 @@ impl Publisher {
                             .track(rec.slot, rec.offset, 1);
                         self.ack_unsent(rec.slot, rec.offset);
                         let reason = format!("output could not be queued: {e}");
-                        self.dead_letter(&chunk, &rec, Stage::Publish, &reason, opaque);
+                        self.dead_letter(chunk, &rec, Stage::Publish, &reason, opaque);
                         dead_counts[Stage::Publish as usize] += 1;
                     }
                 }
                 Kind::Dead { stage, reason } => {
                     let (stage, reason) = (*stage, std::mem::take(reason));
-                    self.dead_letter(&chunk, &rec, stage, &reason, opaque);
+                    self.dead_letter(chunk, &rec, stage, &reason, opaque);
                     dead_counts[stage as usize] += 1;
                 }
             }
         }
-        for ((g, out), o) in chunk.groups.iter().zip(&outs).zip(&outcomes) {
+        chunk.records = records;
+        Tally {
+            outs,
+            dead_counts,
+            e2e,
+        }
+    }
+
+    /// Adds a chunk's tallies to the metrics.
+    fn count(&self, chunk: &Chunk, outcomes: &[Outcome], tally: &Tally) {
+        let Tally {
+            outs,
+            dead_counts,
+            e2e,
+        } = tally;
+        for ((g, out), o) in chunk.groups.iter().zip(outs).zip(outcomes) {
             let model = g.route.name.as_str();
             let m = &self.metrics;
             m.add(
@@ -595,90 +588,7 @@ impl Publisher {
             );
         }
         self.metrics
-            .merge_histogram("ml_worker_end_to_end_latency_seconds", &[], &e2e);
-        chunk.records = records;
-        queued.bytes.fetch_sub(arena_bytes, Ordering::Relaxed);
-        chunk.recycle();
-        chunk
-    }
-
-    /// Runs one group's rows through the model that serves them, under its
-    /// inference deadline; an unhealthy model is not called.
-    fn infer(&self, g: &mut Group, executor: &mut Executor) -> Outcome {
-        let mut outcome = Outcome {
-            result: Err((Stage::Inference, "no rows".into())),
-            serving: None,
-            row_errors: Vec::new(),
-            latency_us: 0,
-        };
-        if g.n_rows == 0 {
-            return outcome;
-        }
-        let serving = match g.route.serving(&self.registry) {
-            Ok(s) => s,
-            Err(e) => {
-                outcome.result = Err((Stage::Route, e));
-                return outcome;
-            }
-        };
-        outcome.serving = Some(serving.clone());
-        let name = serving.model.info().name.clone();
-        if let Some(why) = self.metrics.unhealthy(&name) {
-            outcome.result = Err((
-                Stage::Inference,
-                format!("model '{name}' is unhealthy: {why}"),
-            ));
-            return outcome;
-        }
-        let (rows, row_errors) = serving.rows(std::mem::take(&mut g.rows), g.n_rows);
-        outcome.row_errors = row_errors;
-        let nf = serving.model.info().features.len();
-        let model = serving.model.clone();
-        let t = Instant::now();
-        let run = executor.run(serving.inference_timeout, move || {
-            let r = Batch::new(&rows, nf).and_then(|b| model.predict_full(b));
-            (r, rows)
-        });
-        let dt = t.elapsed();
-        outcome.latency_us = dt.as_micros() as i64;
-        let route = g.route.name.as_str();
-        outcome.result = match run {
-            Ok((r, rows)) => {
-                g.rows = rows; // its capacity is reused
-                r.map_err(|e| (Stage::Inference, format!("model '{name}': {e}")))
-            }
-            Err(Overrun::TimedOut(d)) => {
-                let why = format!(
-                    "an inference call did not finish within its deadline of {} ms (inference_timeout_ms)",
-                    d.as_millis()
-                );
-                tracing::error!(model = %name, rows = g.n_rows, reason = %why,
-                    "model marked unhealthy; its events go to the dead-letter topic");
-                self.metrics.mark_unhealthy(&name, &why);
-                Err((
-                    Stage::Inference,
-                    format!("model '{name}': {why}; the model is marked unhealthy"),
-                ))
-            }
-            Err(Overrun::Panicked(p)) => {
-                Err((Stage::Inference, format!("model '{name}' panicked: {p}")))
-            }
-        };
-        let mut h = Histogram::latency();
-        h.observe(dt.as_secs_f64());
-        self.metrics.merge_histogram(
-            "ml_worker_inference_latency_seconds",
-            &[("model", route)],
-            &h,
-        );
-        let mut s = Histogram::sizes();
-        s.observe(g.n_rows as f64);
-        self.metrics
-            .merge_histogram("ml_worker_batch_size", &[("model", route)], &s);
-        if let Err((_, e)) = &outcome.result {
-            tracing::warn!(model = %route, error = %e, rows = g.n_rows, "inference failed; rows go to the dead-letter topic");
-        }
-        outcome
+            .merge_histogram("ml_worker_end_to_end_latency_seconds", &[], e2e);
     }
 
     /// An output that was tracked but never queued counts as done.
@@ -781,59 +691,5 @@ fn side_name(s: crate::events::Side) -> &'static str {
         crate::events::Side::Buy => "BUY",
         crate::events::Side::Sell => "SELL",
         crate::events::Side::Hold => "HOLD",
-    }
-}
-
-/// Records handed to inference shards and not yet through them: counted
-/// by the consumer thread when it dispatches a chunk, and by the shard when
-/// it is done with it.
-#[derive(Debug, Default)]
-pub struct Queued {
-    /// Records not yet tracked for acknowledgement.
-    pub events: AtomicUsize,
-    /// Bytes of their values and keys (the chunks' arenas), until the
-    /// chunk's outputs are handed to the producer.
-    pub bytes: AtomicUsize,
-}
-
-impl Queued {
-    pub fn add(&self, chunk: &Chunk) {
-        self.events
-            .fetch_add(chunk.records.len(), Ordering::Relaxed);
-        self.bytes.fetch_add(chunk.arena.len(), Ordering::Relaxed);
-    }
-
-    pub fn remove(&self, chunk: &Chunk) {
-        self.events
-            .fetch_sub(chunk.records.len(), Ordering::Relaxed);
-        self.bytes.fetch_sub(chunk.arena.len(), Ordering::Relaxed);
-    }
-}
-
-/// The body of an inference thread: scores chunks until the channel closes.
-/// A panic here (a bug) must not leave a shard silently dead: it sets
-/// `failed`, and the worker stops (its inputs stay uncommitted).
-pub fn inference_loop(
-    publisher: Arc<Publisher>,
-    rx: Receiver<Chunk>,
-    queued: Arc<Queued>,
-    pool: ChunkPool,
-    failed: Arc<AtomicBool>,
-    mut executor: Executor,
-) {
-    while let Ok(chunk) = rx.recv() {
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            publisher.process(chunk, &queued, &mut executor)
-        }));
-        let Ok(empty) = run else {
-            tracing::error!("inference thread panicked; the worker stops");
-            failed.store(true, Ordering::Relaxed);
-            return;
-        };
-        if let Ok(mut p) = pool.lock() {
-            if p.len() < 8 {
-                p.push(empty);
-            }
-        }
     }
 }

@@ -1,0 +1,58 @@
+//! librdkafka settings of the worker's consumer and producer: what the
+//! worker manages (commits, group protocol, idempotence, partitioner), then
+//! the user's `kafka.librdkafka` pass-through.
+
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::ClientConfig;
+
+use crate::worker::config::{GroupProtocol, WorkerConfig};
+
+/// librdkafka settings of the worker's two clients.
+pub(super) fn client_configs(cfg: &WorkerConfig, brokers: &str) -> (ClientConfig, ClientConfig) {
+    let mut consumer = ClientConfig::new();
+    consumer
+        .set("bootstrap.servers", brokers)
+        .set("group.id", &cfg.group_id)
+        .set("client.id", &cfg.client_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("statistics.interval.ms", "5000")
+        // return fetches quickly when little is waiting (latency over fetch count)
+        .set("fetch.wait.max.ms", "2");
+    match cfg.group_protocol {
+        GroupProtocol::Consumer => {
+            consumer.set("group.protocol", "consumer");
+        }
+        GroupProtocol::Classic => {
+            // a dead replica's partitions move after 10 s; a joining one is
+            // noticed within a second (librdkafka: 45 s and 3 s)
+            consumer
+                .set("group.protocol", "classic")
+                .set("partition.assignment.strategy", "cooperative-sticky")
+                .set("session.timeout.ms", "10000")
+                .set("heartbeat.interval.ms", "1000");
+        }
+    }
+    // warnings reach WorkerContext::log (offset resets are reported there)
+    consumer.set_log_level(RDKafkaLogLevel::Warning);
+    let mut producer = ClientConfig::new();
+    producer
+        .set("bootstrap.servers", brokers)
+        .set("client.id", &cfg.client_id)
+        .set("enable.idempotence", "true")
+        // 0: retry until delivered; shutdown and pausing bound the wait
+        .set("message.timeout.ms", "0")
+        // Java clients' partitioner: a symbol lands where they would put it
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .set(
+            "queue.buffering.max.messages",
+            (cfg.max_in_flight * 3 + 10_000).min(10_000_000).to_string(),
+        );
+    for (k, v) in &cfg.librdkafka {
+        consumer.set(k, v);
+        producer.set(k, v);
+    }
+    (consumer, producer)
+}
