@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -414,7 +415,7 @@ fn run_worker(
     let cfg = load_worker_config(config, overrides)?;
     init_logging(log_json || cfg.log_json);
     let stop = Arc::new(AtomicBool::new(false));
-    stop_on_signal(stop.clone())?;
+    stop_on_signal(stop.clone(), cfg.shutdown_timeout + Duration::from_secs(5))?;
     let summary = ml_worker::service::serve(Arc::new(cfg), onnx, stop, |started| {
         tracing::info!(metrics = %started.metrics_address, brokers = %started.brokers, "ready for events");
         eprintln!(
@@ -440,11 +441,13 @@ fn run_worker(
 }
 
 /// Sets `stop` on the first SIGINT/SIGTERM; a second one exits at once
-/// (nothing is lost: uncommitted events are read again on restart).
-/// SIGHUP (a closed terminal, or an operator's reload habit) is logged and
-/// ignored: its default action would kill the worker without a drain. The
-/// handlers are in place when this returns.
-fn stop_on_signal(stop: Arc<AtomicBool>) -> Result<()> {
+/// (nothing is lost: uncommitted events are read again on restart), and so
+/// does the first one's `grace` running out (the drain deadline plus the
+/// final commit and leaving the group: a broker that does not answer must
+/// not hold the exit). SIGHUP (a closed terminal, or an operator's reload
+/// habit) is logged and ignored: its default action would kill the worker
+/// without a drain. The handlers are in place when this returns.
+fn stop_on_signal(stop: Arc<AtomicBool>, grace: Duration) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -461,6 +464,8 @@ fn stop_on_signal(stop: Arc<AtomicBool>) -> Result<()> {
         .spawn(move || {
             rt.block_on(async {
                 let mut stops = 0;
+                let overdue = tokio::time::sleep(Duration::MAX);
+                tokio::pin!(overdue);
                 loop {
                     tokio::select! {
                         _ = term.recv() => {}
@@ -469,6 +474,12 @@ fn stop_on_signal(stop: Arc<AtomicBool>) -> Result<()> {
                             tracing::warn!("SIGHUP received and ignored (no reload yet); SIGTERM or SIGINT stop the worker");
                             continue;
                         }
+                        _ = &mut overdue, if stops > 0 => {
+                            eprintln!(
+                                "ml-worker: still stopping {grace:?} after the signal (shutdown_timeout_ms + 5 s); exiting now, uncommitted events are read again on restart"
+                            );
+                            ml_worker::deadline::exit_now(1);
+                        }
                     }
                     stops += 1;
                     if stops == 1 {
@@ -476,6 +487,9 @@ fn stop_on_signal(stop: Arc<AtomicBool>) -> Result<()> {
                             "ml-worker: stopping (draining in-flight events; signal again to exit now)"
                         );
                         stop.store(true, Ordering::Relaxed);
+                        overdue
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + grace);
                     } else {
                         eprintln!(
                             "ml-worker: exiting now; uncommitted events are read again on restart"

@@ -44,21 +44,38 @@ struct Setup {
     dir: tempfile::TempDir,
 }
 
+/// Fresh topic names: features, predictions, signals, dead letters.
+fn topic_names() -> [String; 4] {
+    [
+        unique("features"),
+        unique("predictions"),
+        unique("signals"),
+        unique("dead"),
+    ]
+}
+
 impl Setup {
     fn new(partitions: i32) -> Setup {
-        let s = Setup {
-            broker: Broker::start(),
-            features: unique("features"),
-            predictions: unique("predictions"),
-            signals: unique("signals"),
-            dead_letters: unique("dead"),
-            dir: tempfile::tempdir().unwrap(),
-        };
+        let s = Setup::on(Broker::start(), topic_names());
         s.broker.create_topic(&s.features, partitions);
         for t in [&s.predictions, &s.signals] {
             s.broker.create_topic(t, 4);
         }
         s.broker.create_topic(&s.dead_letters, 1);
+        s
+    }
+
+    /// On a broker whose topics exist already.
+    fn on(broker: Broker, names: [String; 4]) -> Setup {
+        let [features, predictions, signals, dead_letters] = names;
+        let s = Setup {
+            broker,
+            features,
+            predictions,
+            signals,
+            dead_letters,
+            dir: tempfile::tempdir().unwrap(),
+        };
         let shipped = std::fs::read_to_string(root().join("config/worker.yaml")).unwrap();
         let replace = [
             (
@@ -101,6 +118,14 @@ impl Setup {
         );
         std::fs::write(s.dir.path().join("worker.yaml"), yaml).unwrap();
         s
+    }
+
+    /// Edits this setup's worker.yaml.
+    fn edit_config(&self, from: &str, to: &str) {
+        let file = self.dir.path().join("worker.yaml");
+        let yaml = std::fs::read_to_string(&file).unwrap();
+        assert!(yaml.contains(from), "worker.yaml has no {from}");
+        std::fs::write(&file, yaml.replace(from, to)).unwrap();
     }
 
     fn committed_total(&self, group: &str, partitions: i32) -> i64 {
@@ -360,4 +385,89 @@ fn sighup_is_logged_and_ignored_and_the_worker_serves_on() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.matches("unload").count(), 4, "{text}");
+}
+
+/// A broker that stops answering (its process frozen with SIGSTOP) cannot
+/// hold a stopping worker past its deadline: SIGTERM ends the process
+/// within `shutdown_timeout_ms` + 5 s (the final commit and leaving the
+/// group cannot finish; the events stay uncommitted and are read again).
+#[test]
+fn sigterm_ends_the_worker_in_time_even_when_the_broker_stops_answering() {
+    if brokers::mock_only("freezes an embedded broker's process with SIGSTOP") {
+        return;
+    }
+    for protocol in ["consumer", "classic"] {
+        sigterm_with_a_frozen_broker(protocol);
+    }
+}
+
+fn sigterm_with_a_frozen_broker(protocol: &str) {
+    let names = topic_names();
+    let dir = tempfile::tempdir().unwrap();
+    let address_file = dir.path().join("address");
+    let topics = format!(
+        "{}:4,{}:4,{}:4,{}:1",
+        names[0], names[1], names[2], names[3]
+    );
+    let mut broker = Command::new(env!("CARGO_BIN_EXE_ml-worker"))
+        .args(["broker", "--topics", &topics, "--address-file"])
+        .arg(&address_file)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let address = {
+        let t = Instant::now();
+        loop {
+            if let Ok(a) = std::fs::read_to_string(&address_file) {
+                if !a.trim().is_empty() {
+                    break a.trim().to_string();
+                }
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "no broker address");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let s = Setup::on(Broker::External(address), names);
+    s.edit_config("shutdown_timeout_ms: 10000", "shutdown_timeout_ms: 2000");
+    s.edit_config(
+        "group_protocol: \"consumer\"",
+        &format!("group_protocol: \"{protocol}\""),
+    );
+    let group = unique("group");
+    let mut w = Worker::start(&s, &group);
+    wait_for("partitions", Duration::from_secs(30), || {
+        w.assigned().unwrap_or(0) == 4
+    });
+    let kill = |sig: &str, pid: u32| {
+        assert!(Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .unwrap()
+            .success())
+    };
+    kill("STOP", broker.id());
+    let t = Instant::now();
+    w.signal("TERM");
+    let status = loop {
+        if let Some(status) = w.child.try_wait().unwrap() {
+            break status;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            let _ = w.child.kill();
+            kill("CONT", broker.id());
+            let _ = broker.kill();
+            panic!("still running 30 s after SIGTERM with the broker frozen");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = t.elapsed();
+    kill("CONT", broker.id());
+    let _ = broker.kill();
+    let _ = broker.wait();
+    let lines: Vec<String> = w.lines.try_iter().collect();
+    eprintln!("{protocol} protocol, SIGTERM with the broker frozen: exited in {took:?} ({status})");
+    assert!(
+        took < Duration::from_secs(2 + 5 + 2),
+        "took {took:?}: {lines:#?}"
+    );
 }
