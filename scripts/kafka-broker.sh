@@ -59,7 +59,8 @@ fetch() {
   for cls in kafka/Kafka kafka/tools/StorageTool org/apache/kafka/tools/TopicCommand; do
     found=""
     for jar in "$dest.tmp"/libs/kafka*.jar; do
-      if unzip -l "$jar" 2>/dev/null | grep " $cls.class\$" >/dev/null; then found=1; break; fi
+      # python3's zipfile, not unzip: a fresh machine may lack unzip
+      if python3 -c 'import sys, zipfile; sys.exit(sys.argv[2] not in zipfile.ZipFile(sys.argv[1]).namelist())' "$jar" "$cls.class" 2>/dev/null; then found=1; break; fi
     done
     [ -n "$found" ] || die "Kafka $KAFKA_VERSION jars lack ${cls//\//.}"
   done
