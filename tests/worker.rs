@@ -929,6 +929,109 @@ fn a_slow_schema_lookup_holds_back_only_its_partition() {
     assert_eq!(s.committed_total(2), 2 * n as i64 + 1);
 }
 
+/// A partition revoked while parked on a schema comes back to this worker
+/// readable: librdkafka keeps a partition's pause across unassign and
+/// assign, so a parked partition that went to another replica and back
+/// used to stay paused for good.
+#[test]
+fn a_partition_revoked_while_parked_is_read_again_when_it_comes_back() {
+    let gate = Arc::new(AtomicBool::new(false));
+    let (url, _) = fake_schema_registry_gated(
+        vec![
+            (7, ml_worker::events::FEATURE_EVENT_SCHEMA.to_string()),
+            (8, evolved_feature_schema()),
+        ],
+        Some((8, gate.clone())),
+    );
+    let partitions = 4;
+    let s = Setup::new(partitions);
+    let cfg = s.config(
+        "avro",
+        &format!("schema_registry: {{url: \"{url}\", timeout_ms: 60000}}"),
+    );
+    let a = start(cfg.clone());
+    let raw: ThreadedProducer<_> = ClientConfig::new()
+        .set("bootstrap.servers", s.brokers())
+        .create()
+        .unwrap();
+    let event = |i: u64| ml_worker::loadgen::event(&s.samples, "rp", i, 1);
+    // per partition: a record under the slow schema 8, then 4 under 7
+    let mut n = 0;
+    for p in 0..partitions {
+        send_framed(&raw, &s.features, p, &event(n), 8);
+        n += 1;
+        for _ in 0..4 {
+            send_framed(&raw, &s.features, p, &event(n), 7);
+            n += 1;
+        }
+    }
+    raw.flush(Duration::from_secs(10)).unwrap();
+    let waits = |addr| {
+        let (_, page) = http_get(addr, "/metrics");
+        metric(&page, "ml_worker_partition_waits_total{for=\"schema\"}").unwrap_or(0.0)
+    };
+    let assigned = |addr| {
+        let (_, page) = http_get(addr, "/metrics");
+        metric(&page, "ml_worker_assigned_partitions").unwrap_or(0.0) as i32
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while waits(a.started.metrics_address) < partitions as f64 {
+        assert!(Instant::now() < deadline, "partitions never parked");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // a second replica takes some of the parked partitions, then leaves
+    let b = start(cfg);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while assigned(b.started.metrics_address) == 0 {
+        assert!(Instant::now() < deadline, "the second replica got nothing");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(b.stop().clean);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while assigned(a.started.metrics_address) < partitions {
+        assert!(
+            Instant::now() < deadline,
+            "the partitions did not come back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // the committed-offset lag covers every assigned partition, also those
+    // this worker has not committed since they came back (from librdkafka's
+    // statistics, every 5 s): each has its 4 records after the parked one
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, page) = http_get(a.started.metrics_address, "/metrics");
+        let lags: Vec<f64> = page
+            .lines()
+            .filter(|l| l.starts_with("ml_worker_committed_offset_lag{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        if lags.len() == partitions as usize && lags.iter().all(|&l| l == 5.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "committed-offset lag per partition: {lags:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    gate.store(true, Ordering::Relaxed);
+    let mut reader = s.reader(WireFormat::Avro);
+    reader.read(Duration::from_secs(30), |seen| seen.by_id.len() as u64 >= n);
+    let missing = missing_ids(&reader.seen, "rp", n);
+    assert!(missing.is_empty(), "never read again: {missing:?}");
+    assert!(reader.seen.dead_letters.is_empty());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.committed_total(partitions) < n as i64 {
+        assert!(
+            Instant::now() < deadline,
+            "offsets not committed to the end"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(a.stop().clean);
+}
+
 #[test]
 fn avro_with_a_schema_registry_reads_shipped_and_evolved_writers_and_registers_outputs() {
     use ml_worker::events::{write_feature_datum, FEATURE_EVENT_SCHEMA};

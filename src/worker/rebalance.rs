@@ -47,17 +47,37 @@ impl ClientContext for WorkerContext {
         }
     }
 
+    /// Statistics (every 5 s), for the partitions assigned here only
+    /// (librdkafka keeps reporting partitions it no longer consumes):
+    /// consumer lag, and the committed offset of a partition this worker has
+    /// not committed yet (read by librdkafka at assignment; the partition's
+    /// start when nothing was committed), so the committed-offset lag gauge
+    /// covers every assigned partition.
     fn stats(&self, stats: Statistics) {
-        let m = &self.shared.metrics;
+        let s = &self.shared;
+        let m = &s.metrics;
         m.clear_gauge("ml_worker_consumer_lag");
+        let slots = s.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut committed = s.committed.lock().unwrap_or_else(|p| p.into_inner());
         for (topic, t) in &stats.topics {
             for (p, part) in &t.partitions {
-                if *p >= 0 && part.consumer_lag >= 0 {
+                if *p < 0 || slots.current_slot(topic, *p).is_none() {
+                    continue;
+                }
+                if part.consumer_lag >= 0 {
                     m.set_gauge(
                         "ml_worker_consumer_lag",
                         &[("topic", topic), ("partition", &p.to_string())],
                         part.consumer_lag as f64,
                     );
+                }
+                let known = if part.committed_offset >= 0 {
+                    part.committed_offset
+                } else {
+                    part.lo_offset
+                };
+                if known >= 0 {
+                    committed.entry((topic.clone(), *p)).or_insert(known);
                 }
             }
         }
@@ -184,10 +204,16 @@ impl ConsumerContext for WorkerContext {
         }
         s.metrics.assigned.fetch_add(tpl.count(), Ordering::Relaxed);
         tracing::info!(partitions = tpl.count(), "partitions assigned");
-        if s.paused.load(Ordering::Relaxed) {
-            if let Err(e) = consumer.pause(tpl) {
-                tracing::warn!(error = %e, "could not pause newly assigned partitions");
-            }
+        // librdkafka keeps a partition's pause across unassign and assign: a
+        // partition paused here before (back-pressure, or parked on a schema
+        // or a model when it was revoked) would come back paused for good
+        let r = if s.paused.load(Ordering::Relaxed) {
+            consumer.pause(tpl)
+        } else {
+            consumer.resume(tpl)
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "could not set newly assigned partitions' pause state");
         }
     }
 
