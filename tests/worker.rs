@@ -723,14 +723,16 @@ fn a_worker_killed_with_sigkill_and_restarted_loses_nothing() {
 /// `POST /subjects/S/versions` registers (ids from 100). Returns its URL and
 /// the subjects registered.
 fn fake_schema_registry(known: Vec<(u32, String)>) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
-    fake_schema_registry_gated(known, None)
+    fake_schema_registry_gated(known, None, None)
 }
 
 /// The same; a lookup of the `gated` id is answered only once its gate
-/// opens (a slow registry). Connections are served concurrently.
+/// opens (a slow registry), and every lookup answers 503 while `down` is
+/// set (a registry in trouble). Connections are served concurrently.
 fn fake_schema_registry_gated(
     known: Vec<(u32, String)>,
     gated: Option<(u32, Arc<AtomicBool>)>,
+    down: Option<Arc<AtomicBool>>,
 ) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -742,7 +744,12 @@ fn fake_schema_registry_gated(
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let mut s = stream.unwrap();
-            let (schemas, registered, gated) = (schemas.clone(), registered.clone(), gated.clone());
+            let (schemas, registered, gated, down) = (
+                schemas.clone(),
+                registered.clone(),
+                gated.clone(),
+                down.clone(),
+            );
             std::thread::spawn(move || {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
@@ -796,6 +803,11 @@ fn fake_schema_registry_gated(
                         .trim_end_matches("/versions");
                     registered.lock().unwrap().push(subject.to_string());
                     ("200 OK", serde_json::json!({ "id": id }).to_string())
+                } else if asked.is_some() && down.is_some_and(|d| d.load(Ordering::Relaxed)) {
+                    (
+                        "503 Service Unavailable",
+                        r#"{"error_code":50302,"message":"unavailable"}"#.to_string(),
+                    )
                 } else if let Some(id) = asked {
                     match schemas.get(&id) {
                         Some(sc) => ("200 OK", serde_json::json!({ "schema": sc }).to_string()),
@@ -868,6 +880,7 @@ fn a_slow_schema_lookup_holds_back_only_its_partition() {
             (8, evolved_feature_schema()),
         ],
         Some((8, gate.clone())),
+        None,
     );
     let s = Setup::new(2);
     // the lookup may take 30 s before it times out
@@ -942,6 +955,7 @@ fn a_partition_revoked_while_parked_is_read_again_when_it_comes_back() {
             (8, evolved_feature_schema()),
         ],
         Some((8, gate.clone())),
+        None,
     );
     let partitions = 4;
     let s = Setup::new(partitions);
@@ -1030,6 +1044,67 @@ fn a_partition_revoked_while_parked_is_read_again_when_it_comes_back() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(a.stop().clean);
+}
+
+/// A registry that answers 503 for a while does not turn good events into
+/// dead letters: their partition waits (asking again every second, up to
+/// 30 s) and is served once the registry answers; the other partition
+/// goes on meanwhile.
+#[test]
+fn events_wait_out_a_schema_registry_outage_instead_of_being_dead_lettered() {
+    let down = Arc::new(AtomicBool::new(false));
+    let (url, _) = fake_schema_registry_gated(
+        vec![
+            (7, ml_worker::events::FEATURE_EVENT_SCHEMA.to_string()),
+            (8, evolved_feature_schema()),
+        ],
+        None,
+        Some(down.clone()),
+    );
+    let s = Setup::new(2);
+    let cfg = s.config("avro", &format!("schema_registry: {{url: \"{url}\"}}"));
+    let w = start(cfg);
+    let raw: ThreadedProducer<_> = ClientConfig::new()
+        .set("bootstrap.servers", s.brokers())
+        .create()
+        .unwrap();
+    let event = |prefix: &str, i: u64| ml_worker::loadgen::event(&s.samples, prefix, i, 1);
+    send_framed(&raw, &s.features, 1, &event("warm", 0), 7);
+    raw.flush(Duration::from_secs(10)).unwrap();
+    let mut reader = s.reader(WireFormat::Avro);
+    reader.read(Duration::from_secs(30), |seen| !seen.by_id.is_empty());
+    down.store(true, Ordering::Relaxed);
+    let n = 20;
+    for i in 0..n {
+        send_framed(&raw, &s.features, 0, &event("out", i), 8);
+        send_framed(&raw, &s.features, 1, &event("on", i), 7);
+    }
+    raw.flush(Duration::from_secs(10)).unwrap();
+    reader.read(Duration::from_secs(20), |seen| {
+        (0..n).all(|i| seen.by_id.contains_key(&format!("on-{i}")))
+    });
+    assert!(
+        missing_ids(&reader.seen, "on", n).is_empty(),
+        "the other partition waited"
+    );
+    // the outage lasts a few more seconds, then the registry answers
+    std::thread::sleep(Duration::from_secs(3));
+    down.store(false, Ordering::Relaxed);
+    reader.read(Duration::from_secs(30), |seen| {
+        (0..n).all(|i| seen.by_id.contains_key(&format!("out-{i}")))
+    });
+    assert!(missing_ids(&reader.seen, "out", n).is_empty());
+    assert!(
+        reader.seen.dead_letters.is_empty(),
+        "dead-lettered during the outage: {:?}",
+        reader
+            .seen
+            .dead_letters
+            .iter()
+            .map(|d| d.headers["error.reason"].clone())
+            .collect::<Vec<_>>()
+    );
+    assert!(w.stop().clean);
 }
 
 #[test]

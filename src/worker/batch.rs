@@ -496,7 +496,20 @@ struct SchemaLookups {
     answers: Arc<std::sync::Mutex<HashMap<u32, Result<String, LookupError>>>>,
     /// Asked and not answered yet.
     asked: std::collections::HashSet<u32>,
+    /// Ids the registry could not answer (down, timed out, 5xx): since
+    /// when, and when to ask again. Their records wait, up to
+    /// [`UNAVAILABLE_WAIT`].
+    unavailable: HashMap<u32, (Instant, Instant)>,
 }
+
+/// How long a record waits for a registry that does not answer before it
+/// goes to the dead-letter topic.
+const UNAVAILABLE_WAIT: Duration = Duration::from_secs(30);
+/// How often a registry that did not answer is asked again for an id.
+const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
+/// Most ids waiting on an unavailable registry at once (more are
+/// dead-lettered at once: a flood of random ids must not grow memory).
+const UNAVAILABLE_CAP: usize = 1024;
 
 impl SchemaLookups {
     fn start(sr: Arc<SchemaRegistry>) -> std::io::Result<SchemaLookups> {
@@ -522,6 +535,7 @@ impl SchemaLookups {
             ask,
             answers,
             asked: Default::default(),
+            unavailable: HashMap::new(),
         })
     }
 
@@ -541,6 +555,18 @@ impl SchemaLookups {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains_key(&id)
+    }
+
+    /// Whether a record waiting for `id` may be read again: its answer
+    /// came, or it is time to ask again after the registry did not answer.
+    fn ready(&self, id: u32, now: Instant) -> bool {
+        if self.answered(id) {
+            return true;
+        }
+        match self.unavailable.get(&id) {
+            Some(&(_, again)) => now >= again,
+            None => !self.asked.contains(&id),
+        }
     }
 
     /// Asks for `id` unless it is being asked already.
@@ -652,14 +678,14 @@ impl Batcher {
     /// Parked partitions whose wait is over: resume each (it is read
     /// again from its parked record).
     pub fn take_resumable(&mut self) -> Vec<Hold> {
+        let now = Instant::now();
         let mut out = Vec::new();
         let (registry, codec, lookups) = (&self.registry, &self.codec, &self.lookups);
         self.parked.retain(|_, p| {
             let over = match &p.wait {
                 Wait::Schema(id) => {
                     codec.knows_feature_writer(*id)
-                        || lookups.as_ref().is_none_or(|l| l.answered(*id))
-                        || !lookups.as_ref().is_some_and(|l| l.asked.contains(id))
+                        || lookups.as_ref().is_none_or(|l| l.ready(*id, now))
                 }
                 Wait::Model(route) => route.settled(registry),
             };
@@ -982,10 +1008,32 @@ impl Batcher {
                     return Err(Undecided::Refused(why.to_string()));
                 }
                 let lookups = self.lookups.as_mut().expect("checked");
+                let now = Instant::now();
+                if lookups.unavailable.get(&id).is_some_and(|u| now < u.1) {
+                    return Err(Undecided::Wait(Wait::Schema(id)));
+                }
                 let Some(answer) = lookups.take(id) else {
                     lookups.ask(id);
                     return Err(Undecided::Wait(Wait::Schema(id)));
                 };
+                // no answer from the registry: the record waits and the id
+                // is asked again, up to UNAVAILABLE_WAIT
+                let since = match &answer {
+                    Err(LookupError::Unavailable(_)) => {
+                        let since = lookups.unavailable.get(&id).map_or(now, |u| u.0);
+                        let room = lookups.unavailable.len() < UNAVAILABLE_CAP
+                            || lookups.unavailable.contains_key(&id);
+                        if now.duration_since(since) < UNAVAILABLE_WAIT && room {
+                            lookups
+                                .unavailable
+                                .insert(id, (since, now + UNAVAILABLE_RETRY));
+                            return Err(Undecided::Wait(Wait::Schema(id)));
+                        }
+                        Some(since)
+                    }
+                    _ => None,
+                };
+                lookups.unavailable.remove(&id);
                 let fetched = answer.and_then(|schema| {
                     self.codec
                         .register_feature_writer(id, &schema)
@@ -999,7 +1047,10 @@ impl Batcher {
                             .map_err(|e| Undecided::Refused(e.to_string()))
                     }
                     Err(e) => {
-                        let why = format!("schema id {id}: {e}");
+                        let waited = since.map_or(String::new(), |t| {
+                            format!(" (waited {} s)", now.duration_since(t).as_secs())
+                        });
+                        let why = format!("schema id {id}: {e}{waited}");
                         tracing::warn!(reason = %why, "undecodable schema id");
                         // an answer is remembered for the id; an outage is
                         // remembered by the client, for every id

@@ -22,8 +22,9 @@ pub struct SchemaRegistry {
     auth: Option<String>,
     /// After a request fails without an HTTP answer (unreachable, timed
     /// out, TLS failure) or with a 5xx, schema lookups are refused until
-    /// this instant without asking: the lookups run on the consumer thread,
-    /// which must not wait on a registry that is down for every new schema id.
+    /// this instant without asking, so a registry that is down is not
+    /// asked once per new schema id (the waiting records ask again every
+    /// second, up to 30 s; see `worker::batch`).
     down: Mutex<Option<(Instant, String)>>,
     /// How long `down` lasts.
     backoff: Duration,
