@@ -1,33 +1,45 @@
-//! `ml-worker bench`: end-to-end throughput and latency on the embedded
-//! broker, with a pass-through baseline measured in the same run.
+//! `ml-worker bench`: end-to-end throughput and latency of the worker, each
+//! against a pass-through floor measured in the same run, on the embedded
+//! broker or on an existing cluster (`--brokers`).
 //!
+//! Throughput (rounds alternate 1 and 2; the medians are reported, so a
+//! drift in the shared machine's speed hits both):
 //! 1. Baseline: a plain consumer-to-producer loop (no decode, no inference)
 //!    copies N records while a producer writes them.
 //! 2. Worker: the real worker serves N feature events for one model while the
 //!    same producer writes them; done when 2N outputs (prediction + signal)
 //!    are acknowledged.
 //!
-//! Both run side by side in one process; rounds alternate 1 and 2 and the
-//! medians are reported, so a drift in the shared machine's speed hits both.
 //! The producer never runs more than a window ahead (the embedded broker's
 //! log per partition is bounded).
 //!
-//! 3. Latency: events offered at a fixed rate; a downstream reader measures
-//!    each prediction's arrival minus its event time.
+//! Latency (`latency_rounds` rounds; each has a floor phase and a worker
+//! phase, which goes first alternates): on fresh topics, a backlog of
+//! feature events is written with nothing reading it; then the consumer
+//! starts (the pass-through, or a fresh worker) and the same producer offers
+//! events at a fixed rate. A downstream reader times each rate event's
+//! output (the pass-through's copy, decoded, or the worker's prediction):
+//! read time minus its event time. Backlog events are counted, not timed;
+//! every event must come out once.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::{ClientConfig, ClientContext, Message};
+use rdkafka::{ClientConfig, ClientContext, Message, Offset};
 use serde::Serialize;
 
 use crate::broker::{EmbeddedBroker, TopicSpec};
 use crate::events::WireFormat;
-use crate::loadgen::{load_samples, quantile, Load, Reader, Samples, Traffic};
+use crate::loadgen::{
+    encode_feature, event, load_samples, now_ms, quantile, Load, Reader, Samples, Seen, Traffic,
+};
 use crate::model::onnx;
 use crate::registry::{Registry, RegistryOptions};
 use crate::worker::config::WorkerConfig;
@@ -37,25 +49,122 @@ use crate::worker::metrics::Metrics;
 /// truncates a partition's log beyond a few tens of thousands of records).
 const WINDOW: u64 = 40_000;
 
+/// Partitions of the latency phases' input and output topics.
+const LATENCY_PARTITIONS: i32 = 8;
+
+/// Event ids of a latency phase: `backlog-{i}` (counted, not timed) and
+/// `rate-{i}` (offered at the fixed rate, timed).
+const BACKLOG: &str = "backlog";
+const TIMED: &str = "rate";
+
+/// `linger.ms` of the latency phases' producer (backlog and rate events):
+/// librdkafka's default, and the Java client's since Kafka 4.0, so what an
+/// upstream producer left at its defaults does. It sets how many records a
+/// batch holds, which the embedded broker is sensitive to: it returns one
+/// batch per partition per fetch and finds it by walking the partition's
+/// batches from the oldest. At 2 ms (about 5 records a batch per partition
+/// at 20,000 events/s over 8 partitions) that walk took 70% of the broker
+/// thread's time after a few seconds (perf: `rd_kafka_mock_msgset_find`)
+/// and every consumer, floor and worker alike, fell seconds behind.
+const PRODUCER_LINGER_MS: u32 = 5;
+
+/// The most backlog bytes per partition the bench writes to the embedded
+/// broker, which keeps about 5 MB a partition (librdkafka's mock,
+/// hard-coded) and drops the oldest records beyond, read or not; the rest
+/// is room for rate events not yet read.
+const EMBEDDED_BACKLOG_BYTES: u64 = 4_000_000;
+
+/// A record's bytes in a batch besides its key and value (length,
+/// attributes, deltas, key and value lengths, header count; generous).
+const RECORD_OVERHEAD: u64 = 16;
+
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     /// Events per throughput run.
     pub events: u64,
-    /// Offered rate of the latency run (events/s).
+    /// Offered rate of the latency phases (events/s).
     pub rate: f64,
-    /// Length of the latency run.
+    /// How long each latency phase offers events at `rate`.
     pub latency_for: Duration,
+    /// Events written before each latency phase's consumer starts.
+    pub backlog: u64,
+    /// Latency rounds (a floor phase and a worker phase each).
+    pub latency_rounds: usize,
+    /// An existing cluster (`host:port,...`); None: the embedded broker.
+    pub brokers: Option<String>,
     /// The model the events are for.
     pub model: String,
     /// Throughput rounds (baseline then worker, alternating); medians reported.
     pub rounds: usize,
     /// Sample rows (`models/samples`).
-    pub samples: std::path::PathBuf,
+    pub samples: PathBuf,
+}
+
+/// Latency percentiles (ms): read downstream minus event time.
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentiles {
+    /// Events timed.
+    pub events: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    fn of(lat: &[f64]) -> Percentiles {
+        let mut v = lat.to_vec();
+        v.sort_by(f64::total_cmp);
+        let q = |q: f64| {
+            v.get(((v.len().max(1) - 1) as f64 * q).round() as usize)
+                .copied()
+                .unwrap_or(f64::NAN)
+        };
+        Percentiles {
+            events: v.len(),
+            p50_ms: q(0.5),
+            p99_ms: q(0.99),
+            p999_ms: q(0.999),
+            max_ms: q(1.0),
+        }
+    }
+}
+
+/// One latency phase: a backlog, then events at the offered rate.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyPhase {
+    /// Backlog events whose output was read downstream (all of them).
+    pub backlog_read: u64,
+    /// From the consumer's start until the last backlog event's output was
+    /// read downstream (joining the group included).
+    pub catch_up_ms: f64,
+    /// The rate events (all of them timed).
+    #[serde(flatten)]
+    pub latency: Percentiles,
+    /// The rate events offered after the catch-up (steady state).
+    pub after_catch_up: Percentiles,
+}
+
+/// A latency round: the pass-through floor and the worker, one after the other.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyRound {
+    /// 1-based.
+    pub round: usize,
+    /// Which phase ran first: "floor" or "worker" (alternates by round).
+    pub first: String,
+    pub floor: LatencyPhase,
+    pub worker: LatencyPhase,
+    /// worker - floor
+    pub p50_diff_ms: f64,
+    /// worker - floor
+    pub p99_diff_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub model: String,
+    /// `embedded`, or the `--brokers` address.
+    pub brokers: String,
     pub events: u64,
     pub rounds: usize,
     /// worker / baseline of each round
@@ -63,15 +172,32 @@ pub struct BenchReport {
     pub baseline_events_per_s: f64,
     pub worker_events_per_s: f64,
     pub ratio: f64,
+    /// Where the CPU went in each throughput run (µs per event by thread).
+    pub baseline_cpu: String,
+    pub worker_cpu: String,
+    /// Latency phases: offered rate (events/s), seconds at that rate, backlog.
     pub offered_rate: f64,
+    pub latency_secs: f64,
+    pub backlog: u64,
+    pub latency_rounds: Vec<LatencyRound>,
+    /// Over all rounds (every timed event of every round).
+    pub floor_latency: Percentiles,
+    pub worker_latency: Percentiles,
+    /// Over all rounds, the events offered after each phase's catch-up.
+    pub floor_after_catch_up: Percentiles,
+    pub worker_after_catch_up: Percentiles,
+    /// worker - floor, over all rounds
+    pub p50_diff_ms: f64,
+    pub p99_diff_ms: f64,
+    /// The worker over all rounds (as `worker_latency`; p95 only here).
     pub latency_events: usize,
     pub p50_ms: f64,
     pub p95_ms: f64,
     pub p99_ms: f64,
+    pub p999_ms: f64,
     pub max_ms: f64,
-    /// Where the CPU went in each throughput run (µs per event by thread).
-    pub baseline_cpu: String,
-    pub worker_cpu: String,
+    /// Wall time of the whole bench.
+    pub elapsed_s: f64,
 }
 
 struct Counting(Arc<AtomicU64>);
@@ -85,28 +211,70 @@ impl ProducerContext for Counting {
     }
 }
 
+/// A pass-through's clients, and where its copies go.
+struct PassThrough {
+    consumer: ClientConfig,
+    producer: ClientConfig,
+    /// Copy each record to the partition it came from (else: its key's).
+    same_partition: bool,
+}
+
+impl PassThrough {
+    /// The throughput baseline.
+    fn throughput(brokers: &str, group: &str) -> PassThrough {
+        let mut consumer = ClientConfig::new();
+        consumer
+            .set("bootstrap.servers", brokers)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("fetch.wait.max.ms", "10");
+        let mut producer = ClientConfig::new();
+        producer
+            .set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "2")
+            .set("queue.buffering.max.messages", "1000000");
+        PassThrough {
+            consumer,
+            producer,
+            same_partition: false,
+        }
+    }
+
+    /// The latency floor. A fair floor waits where the worker waits: these
+    /// are the worker's latency-relevant client settings (`client_configs`
+    /// in src/worker/run.rs; keep them in step): `fetch.wait.max.ms` 2 (a
+    /// fetch that finds nothing waits all of it, on the embedded broker
+    /// even when data comes meanwhile), `linger.ms` 5, idempotence, and the
+    /// configuration's `kafka.librdkafka` pass-through on top, as the
+    /// worker applies it. Copies keep their partition, so the output is
+    /// spread as evenly as the input (the bench's 8 symbols hash onto 6
+    /// partitions; see `Load::spread_over`).
+    fn floor(cfg: &WorkerConfig, brokers: &str, group: &str) -> PassThrough {
+        let mut pt = PassThrough::throughput(brokers, group);
+        pt.consumer.set("fetch.wait.max.ms", "2");
+        pt.producer.set("linger.ms", "5");
+        for (k, v) in &cfg.librdkafka {
+            pt.consumer.set(k, v);
+            pt.producer.set(k, v);
+        }
+        pt.same_partition = true;
+        pt
+    }
+}
+
 /// Copies `input` to `output` byte for byte until `stop`.
 fn pass_through(
-    brokers: &str,
+    pt: PassThrough,
     input: &str,
     output: &str,
     acked: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 ) -> Result<()> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "bench-pass-through")
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("fetch.wait.max.ms", "10")
-        .create()?;
-    let producer: ThreadedProducer<Counting> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "2")
-        .set("queue.buffering.max.messages", "1000000")
-        .create_with_context(Counting(acked))?;
+    let consumer: BaseConsumer = pt.consumer.create()?;
+    let producer: ThreadedProducer<Counting> = pt.producer.create_with_context(Counting(acked))?;
     consumer.subscribe(&[input])?;
     let mut last_commit = Instant::now();
     while !stop.load(Ordering::Relaxed) {
@@ -116,6 +284,9 @@ fn pass_through(
         let mut rec = BaseRecord::to(output).payload(m.payload().unwrap_or(&[]));
         if let Some(k) = m.key() {
             rec = rec.key(k);
+        }
+        if pt.same_partition {
+            rec = rec.partition(m.partition());
         }
         loop {
             match producer.send(rec) {
@@ -203,12 +374,215 @@ fn wait_for(what: &str, timeout: Duration, done: impl Fn() -> bool) -> Result<Du
     Ok(start.elapsed())
 }
 
-/// A worker on its own topics, in this process.
-struct BenchWorker {
+/// Where the bench's topics live: the embedded broker, or an existing
+/// cluster (`--brokers`), where they get unique names and are deleted at
+/// the end (best effort), with the bench's consumer groups.
+struct Cluster {
+    /// Metadata and watermarks. Declared first: dropped before the broker.
+    probe: BaseConsumer,
+    admin: Option<AdminClient<DefaultClientContext>>,
+    embedded: Option<EmbeddedBroker>,
+    brokers: String,
+    /// Topic and group names on an existing cluster start with this.
+    prefix: String,
+    topics: Mutex<Vec<String>>,
+    groups: Mutex<Vec<String>>,
+}
+
+fn names(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Waits for an admin request (its futures need no particular runtime).
+fn block_on<F: std::future::Future>(f: F) -> Result<F::Output> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .build()?
+        .block_on(f))
+}
+
+impl Cluster {
+    /// `brokers`: None or `embedded` for the embedded broker.
+    fn start(brokers: Option<&str>) -> Result<Cluster> {
+        let (embedded, admin, brokers, prefix) = match brokers.filter(|b| *b != "embedded") {
+            None => {
+                let broker = EmbeddedBroker::start(1, &[])?;
+                let b = broker.bootstrap_servers();
+                (Some(broker), None, b, String::new())
+            }
+            Some(b) => {
+                let admin: AdminClient<DefaultClientContext> =
+                    ClientConfig::new().set("bootstrap.servers", b).create()?;
+                let prefix = format!("ml-worker-bench-{}-{}-", std::process::id(), now_ms());
+                (None, Some(admin), b.to_string(), prefix)
+            }
+        };
+        let probe: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", "ml-worker-bench-probe")
+            .create()?;
+        probe
+            .fetch_metadata(None, Duration::from_secs(15))
+            .with_context(|| format!("bench: no answer from the brokers at {brokers}"))?;
+        Ok(Cluster {
+            probe,
+            admin,
+            embedded,
+            brokers,
+            prefix,
+            topics: Mutex::default(),
+            groups: Mutex::default(),
+        })
+    }
+
+    fn name(&self) -> String {
+        if self.embedded.is_some() {
+            "embedded".into()
+        } else {
+            self.brokers.clone()
+        }
+    }
+
+    /// Creates a topic (replication 1); returns its name.
+    fn topic(&self, name: &str, partitions: i32) -> Result<String> {
+        let Some(admin) = &self.admin else {
+            let broker = self.embedded.as_ref().expect("embedded or admin");
+            broker.create_topic(&TopicSpec {
+                name: name.to_string(),
+                partitions,
+            })?;
+            return Ok(name.to_string());
+        };
+        let name = format!("{}{name}", self.prefix);
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let new = NewTopic::new(&name, partitions, TopicReplication::Fixed(1));
+        for r in block_on(admin.create_topics([&new], &opts))?? {
+            r.map_err(|(t, e)| anyhow!("bench: cannot create topic {t}: {e}"))?;
+        }
+        self.topics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(name.clone());
+        // usable once every partition has a leader
+        wait_for(&format!("topic {name}"), Duration::from_secs(30), || {
+            self.probe
+                .fetch_metadata(Some(&name), Duration::from_secs(5))
+                .is_ok_and(|md| {
+                    md.topics().iter().any(|t| {
+                        t.error().is_none()
+                            && t.partitions().len() == partitions as usize
+                            && t.partitions().iter().all(|p| p.leader() >= 0)
+                    })
+                })
+        })?;
+        Ok(name)
+    }
+
+    /// A consumer group id (deleted at the end on an existing cluster).
+    fn group(&self, name: &str) -> String {
+        if self.admin.is_none() {
+            return name.to_string();
+        }
+        let g = format!("{}{name}", self.prefix);
+        self.groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(g.clone());
+        g
+    }
+
+    /// Checks that all `expected` records written to the fresh `topic` are
+    /// there: none dropped by the broker's retention.
+    fn check_backlog(&self, topic: &str, expected: u64) -> Result<()> {
+        let md = self
+            .probe
+            .fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let (mut written, mut dropped) = (0, 0);
+        for t in md.topics() {
+            for p in t.partitions() {
+                let (low, high) =
+                    self.probe
+                        .fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+                written += high.max(0) as u64;
+                dropped += low.max(0) as u64;
+            }
+        }
+        if written != expected || dropped > 0 {
+            bail!(
+                "bench: backlog on {topic}: {written} of {expected} events written, {dropped} \
+                 already dropped by the broker (the embedded broker keeps about 5 MB a \
+                 partition): lower --backlog or use --brokers"
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let Some(admin) = &self.admin else {
+            return;
+        };
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        let topics = std::mem::take(&mut *self.topics.lock().unwrap_or_else(|p| p.into_inner()));
+        let groups = std::mem::take(&mut *self.groups.lock().unwrap_or_else(|p| p.into_inner()));
+        if !groups.is_empty() {
+            // a group unknown to the broker (never joined) is no failure
+            let failed = block_on(admin.delete_groups(&names(&groups), &opts))
+                .ok()
+                .and_then(Result::ok)
+                .map(|r| {
+                    r.into_iter()
+                        .filter(|r| {
+                            !matches!(
+                                r,
+                                Ok(_) | Err((_, rdkafka::error::RDKafkaErrorCode::GroupIdNotFound))
+                            )
+                        })
+                        .count()
+                });
+            if failed != Some(0) {
+                eprintln!(
+                    "bench: could not delete all of its consumer groups ({}*)",
+                    self.prefix
+                );
+            }
+        }
+        if !topics.is_empty() {
+            let failed = block_on(admin.delete_topics(&names(&topics), &opts))
+                .ok()
+                .and_then(Result::ok)
+                .map(|r| r.iter().filter(|r| r.is_err()).count());
+            if failed != Some(0) {
+                eprintln!(
+                    "bench: could not delete all of its topics ({}*)",
+                    self.prefix
+                );
+            }
+        }
+    }
+}
+
+/// A worker's four topics.
+struct WorkerTopics {
     features: String,
     predictions: String,
     signals: String,
     dead_letters: String,
+}
+
+impl WorkerTopics {
+    fn create(cluster: &Cluster, name: &str, partitions: i32) -> Result<WorkerTopics> {
+        Ok(WorkerTopics {
+            features: cluster.topic(&format!("{name}-features"), partitions)?,
+            predictions: cluster.topic(&format!("{name}-predictions"), partitions)?,
+            signals: cluster.topic(&format!("{name}-signals"), partitions)?,
+            dead_letters: cluster.topic(&format!("{name}-dead-letters"), 1)?,
+        })
+    }
+}
+
+/// A worker on its own topics, in this process.
+struct BenchWorker {
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<Result<crate::worker::Summary, crate::worker::WorkerError>>,
@@ -217,108 +591,107 @@ struct BenchWorker {
 impl BenchWorker {
     fn start(
         cfg: &WorkerConfig,
-        broker: &EmbeddedBroker,
+        cluster: &Cluster,
         name: &str,
+        topics: &WorkerTopics,
         registry: Arc<Registry>,
     ) -> Result<BenchWorker> {
         let mut wcfg = cfg.clone();
-        wcfg.brokers = broker.bootstrap_servers();
-        wcfg.group_id = format!("{name}-worker");
-        wcfg.input_topics = vec![topic(broker, &format!("{name}-features"), 8)?];
+        wcfg.brokers = cluster.brokers.clone();
+        wcfg.group_id = cluster.group(&format!("{name}-worker"));
+        wcfg.input_topics = vec![topics.features.clone()];
         wcfg.input_format = WireFormat::AvroRaw;
         wcfg.predictions = crate::worker::config::Output {
-            topic: topic(broker, &format!("{name}-predictions"), 8)?,
+            topic: topics.predictions.clone(),
             format: WireFormat::AvroRaw,
         };
         wcfg.signals = crate::worker::config::Output {
-            topic: topic(broker, &format!("{name}-signals"), 8)?,
+            topic: topics.signals.clone(),
             format: WireFormat::AvroRaw,
         };
-        wcfg.dead_letters = topic(broker, &format!("{name}-dead-letters"), 1)?;
+        wcfg.dead_letters = topics.dead_letters.clone();
         wcfg.metrics_address = "127.0.0.1:0".parse().expect("literal address");
         let metrics = Arc::new(Metrics::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let w = BenchWorker {
-            features: wcfg.input_topics[0].clone(),
-            predictions: wcfg.predictions.topic.clone(),
-            signals: wcfg.signals.topic.clone(),
-            dead_letters: wcfg.dead_letters.clone(),
-            metrics: metrics.clone(),
-            stop: stop.clone(),
-            thread: {
-                let b = wcfg.brokers.clone();
-                let c = Arc::new(wcfg);
-                std::thread::Builder::new()
-                    .name("consumer".into())
-                    .spawn(move || crate::worker::run(c, &b, registry, metrics, stop, |_| {}))?
-            },
+        let thread = {
+            let (b, m, s) = (wcfg.brokers.clone(), metrics.clone(), stop.clone());
+            let c = Arc::new(wcfg);
+            std::thread::Builder::new()
+                .name("consumer".into())
+                .spawn(move || crate::worker::run(c, &b, registry, m, s, |_| {}))?
         };
-        Ok(w)
+        Ok(BenchWorker {
+            metrics,
+            stop,
+            thread,
+        })
     }
 
     fn stop(self) -> Result<()> {
         self.stop.store(true, Ordering::Relaxed);
         self.thread
             .join()
-            .map_err(|_| anyhow::anyhow!("worker thread panicked"))?
+            .map_err(|_| anyhow!("worker thread panicked"))?
             .context("worker")?;
         Ok(())
     }
 }
 
-fn topic(broker: &EmbeddedBroker, name: &str, partitions: i32) -> Result<String> {
-    broker.create_topic(&TopicSpec {
-        name: name.to_string(),
-        partitions,
-    })?;
-    Ok(name.to_string())
+/// The largest encoded event of `count` from `prefix`, in bytes (values
+/// differ by sample row and id length).
+fn largest_event(samples: &[Samples], prefix: &str, count: u64) -> u64 {
+    let rows = samples.iter().map(|s| s.rows.len()).sum::<usize>().max(1) as u64;
+    let mut buf = Vec::new();
+    (count.saturating_sub(rows)..count)
+        .map(|i| {
+            let e = event(samples, prefix, i, now_ms());
+            encode_feature(WireFormat::AvroRaw, &e, &mut buf);
+            (buf.len() + e.symbol.len()) as u64 + RECORD_OVERHEAD
+        })
+        .max()
+        .unwrap_or(0)
 }
 
-/// Runs the three phases and reports.
-pub fn run(
+/// The throughput rounds' medians.
+struct Throughput {
+    rounds: usize,
+    round_ratios: Vec<f64>,
+    baseline: f64,
+    worker: f64,
+    baseline_cpu: String,
+    worker_cpu: String,
+}
+
+fn throughput(
     cfg: &WorkerConfig,
     opts: &BenchOptions,
-    onnx: onnx::RuntimeConfig,
-) -> Result<BenchReport> {
-    let samples: Vec<Samples> = load_samples(&opts.samples)?
-        .into_iter()
-        .filter(|s| s.model == opts.model)
-        .collect();
-    if samples.is_empty() {
-        bail!(
-            "no sample rows for model '{}' in {}",
-            opts.model,
-            opts.samples.display()
-        );
-    }
-    let broker = EmbeddedBroker::start(1, &[])?;
-    let brokers = broker.bootstrap_servers();
+    cluster: &Cluster,
+    samples: &[Samples],
+    registry: Arc<Registry>,
+    outputs_per_event: u64,
+) -> Result<Throughput> {
+    let brokers = cluster.brokers.clone();
     let load = Load::new(&brokers)?;
     let never = AtomicBool::new(false);
     let stop = Arc::new(AtomicBool::new(false));
 
     // the pass-through baseline
     let (bin, bout) = (
-        topic(&broker, "bench-in", 8)?,
-        topic(&broker, "bench-out", 8)?,
+        cluster.topic("bench-in", 8)?,
+        cluster.topic("bench-out", 8)?,
     );
     let acked = Arc::new(AtomicU64::new(0));
     let pt = {
-        let (b, a, s, i, o) = (
-            brokers.clone(),
-            acked.clone(),
-            stop.clone(),
-            bin.clone(),
-            bout.clone(),
-        );
+        let settings = PassThrough::throughput(&brokers, &cluster.group("bench-pass-through"));
+        let (a, s, i, o) = (acked.clone(), stop.clone(), bin.clone(), bout.clone());
         std::thread::Builder::new()
             .name("pass-through".into())
-            .spawn(move || pass_through(&b, &i, &o, a, s))?
+            .spawn(move || pass_through(settings, &i, &o, a, s))?
     };
     let base_traffic = Traffic {
         topic: &bin,
         format: WireFormat::AvroRaw,
-        samples: &samples,
+        samples,
         prefix: "warm",
     };
     // warm up: the group is joined once the first record comes back
@@ -328,28 +701,13 @@ pub fn run(
     })?;
 
     // the worker
-    let registry = Arc::new(Registry::open(
-        &cfg.registry,
-        None,
-        RegistryOptions {
-            onnx,
-            ..Default::default()
-        },
-    )?);
-    let Some(spec) = registry.spec(&opts.model) else {
-        bail!(
-            "model '{}' is not in {}",
-            opts.model,
-            cfg.registry.display()
-        );
-    };
-    let outputs_per_event = 1 + spec.signal.is_some() as u64;
-    let w = BenchWorker::start(cfg, &broker, "bench", registry.clone())?;
-    let (features, metrics) = (w.features.clone(), w.metrics.clone());
+    let topics = WorkerTopics::create(cluster, "bench", 8)?;
+    let w = BenchWorker::start(cfg, cluster, "bench", &topics, registry)?;
+    let metrics = w.metrics.clone();
     let worker_traffic = Traffic {
-        topic: &features,
+        topic: &topics.features,
         format: WireFormat::AvroRaw,
-        samples: &samples,
+        samples,
         prefix: "warm",
     };
     load.events(&worker_traffic, 0, 100, None, &never)?;
@@ -357,8 +715,8 @@ pub fn run(
         metrics.acked.load(Ordering::Relaxed) >= 100 * outputs_per_event
     })?;
 
-    // throughput: rounds alternate baseline and worker, so drift in the
-    // machine's speed hits both; the medians are reported
+    // rounds alternate baseline and worker, so drift in the machine's speed
+    // hits both; the medians are reported
     let mut rounds = Vec::new();
     for round in 0..opts.rounds.max(1) {
         let first = round as u64 * opts.events;
@@ -420,75 +778,551 @@ pub fn run(
 
     stop.store(true, Ordering::Relaxed);
     pt.join()
-        .map_err(|_| anyhow::anyhow!("pass-through thread panicked"))??;
+        .map_err(|_| anyhow!("pass-through thread panicked"))??;
     w.stop()?;
-
-    // latency at a fixed offered rate, read downstream, by a fresh worker on
-    // fresh topics (the embedded broker slows down as its logs fill up: its
-    // fetch path scans a partition's log)
-    let w = BenchWorker::start(cfg, &broker, "latency", registry)?;
-    let features = w.features.clone();
-    wait_for(
-        "the latency worker to join",
-        Duration::from_secs(30),
-        || w.metrics.ready(),
-    )?;
-    let mut reader = Reader::new(
-        &brokers,
-        (&w.predictions, WireFormat::AvroRaw),
-        (&w.signals, WireFormat::AvroRaw),
-        &w.dead_letters,
-    )?;
-    reader.light = true;
-    reader.read(Duration::from_secs(1), |_| false);
-    let skip = reader.seen.latencies_ms.len();
-    let n = (opts.rate * opts.latency_for.as_secs_f64()) as u64;
-    let producer = {
-        let (b, t) = (brokers.clone(), features.clone());
-        let samples = samples.clone();
-        let rate = opts.rate;
-        std::thread::spawn(move || -> Result<()> {
-            let load = Load::new(&b)?;
-            let tr = Traffic {
-                topic: &t,
-                format: WireFormat::AvroRaw,
-                samples: &samples,
-                prefix: "lat",
-            };
-            load.events(&tr, 0, n, Some(rate), &AtomicBool::new(false))?;
-            load.flush(Duration::from_secs(30))?;
-            Ok(())
-        })
-    };
-    reader.read(opts.latency_for + Duration::from_secs(30), |s| {
-        s.latencies_ms.len() >= skip + n as usize
-    });
-    producer
-        .join()
-        .map_err(|_| anyhow::anyhow!("producer thread panicked"))??;
-    let lat: Vec<f64> = reader.seen.latencies_ms[skip..].to_vec();
-    if (lat.len() as u64) < n {
-        bail!("latency run: {} of {n} predictions arrived", lat.len());
-    }
-    w.stop()?;
-    drop(reader);
-    drop(load);
-    drop(broker);
-    Ok(BenchReport {
-        model: opts.model.clone(),
-        events: opts.events,
+    Ok(Throughput {
         rounds: rounds.len(),
-        baseline_events_per_s: baseline,
-        worker_events_per_s: worker_rate,
-        ratio: worker_rate / baseline,
         round_ratios,
-        offered_rate: opts.rate,
-        latency_events: lat.len(),
-        p50_ms: quantile(&lat, 0.5),
-        p95_ms: quantile(&lat, 0.95),
-        p99_ms: quantile(&lat, 0.99),
-        max_ms: quantile(&lat, 1.0),
+        baseline,
+        worker: worker_rate,
         baseline_cpu,
         worker_cpu,
     })
+}
+
+/// The consumer a latency phase measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Floor,
+    Worker,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Floor => "floor",
+            Side::Worker => "worker",
+        }
+    }
+}
+
+/// A phase's consumer while it runs.
+enum Running {
+    PassThrough {
+        stop: Arc<AtomicBool>,
+        acked: Arc<AtomicU64>,
+        thread: std::thread::JoinHandle<Result<()>>,
+    },
+    Worker(BenchWorker),
+}
+
+impl Running {
+    /// Stops it; returns how many outputs the broker acknowledged.
+    fn stop(self) -> Result<u64> {
+        match self {
+            Running::PassThrough {
+                stop,
+                acked,
+                thread,
+            } => {
+                stop.store(true, Ordering::Relaxed);
+                thread
+                    .join()
+                    .map_err(|_| anyhow!("pass-through thread panicked"))??;
+                Ok(acked.load(Ordering::Relaxed))
+            }
+            Running::Worker(w) => {
+                let metrics = w.metrics.clone();
+                w.stop()?;
+                Ok(metrics.acked.load(Ordering::Relaxed))
+            }
+        }
+    }
+}
+
+/// Latencies (ms) of a phase's rate events, or of several phases.
+#[derive(Default)]
+struct Latencies {
+    all: Vec<f64>,
+    /// Of the events offered after the catch-up.
+    after_catch_up: Vec<f64>,
+}
+
+impl Latencies {
+    fn extend(&mut self, other: Latencies) {
+        self.all.extend(other.all);
+        self.after_catch_up.extend(other.after_catch_up);
+    }
+}
+
+/// What the latency phases share.
+struct Latency<'a> {
+    cfg: &'a WorkerConfig,
+    opts: &'a BenchOptions,
+    cluster: &'a Cluster,
+    samples: &'a [Samples],
+    registry: Arc<Registry>,
+    outputs_per_event: u64,
+    /// The producer of backlogs and rate events: spread evenly over the
+    /// partitions (see `Load::spread_over`).
+    load: Load,
+}
+
+impl Latency<'_> {
+    /// One phase on fresh topics: backlog, consumer start, events at the
+    /// offered rate, each timed downstream. Returns the phase and its
+    /// latencies (ms).
+    fn phase(&self, side: Side, round: usize) -> Result<(LatencyPhase, Latencies)> {
+        let (opts, cluster) = (self.opts, self.cluster);
+        let brokers = &cluster.brokers;
+        let name = format!("lat{}-{}", round + 1, side.name());
+        let n = (opts.rate * opts.latency_for.as_secs_f64()).round() as u64;
+        let backlog = opts.backlog;
+        // topics, and the reader downstream, assigned before anything is
+        // written; each event gives one output on the floor, a prediction
+        // and a signal from the worker
+        let (input, output, mut reader, outputs_per_event) = match side {
+            Side::Floor => {
+                let input = cluster.topic(&format!("{name}-in"), LATENCY_PARTITIONS)?;
+                let output = cluster.topic(&format!("{name}-out"), LATENCY_PARTITIONS)?;
+                // the pass-through copies feature events: decode them for
+                // their ids and event times
+                let reader = Reader::feature_events(
+                    brokers,
+                    (&output, WireFormat::AvroRaw),
+                    Offset::Beginning,
+                )?;
+                (input, Err(output), reader, 1)
+            }
+            Side::Worker => {
+                let topics = WorkerTopics::create(cluster, &name, LATENCY_PARTITIONS)?;
+                // predictions are timed; signals are counted where the
+                // worker's producer has them acknowledged, not read back
+                // (on the embedded broker every topic read costs its one
+                // broker thread, which the floor would not pay)
+                let reader = Reader::outputs(
+                    brokers,
+                    (&topics.predictions, WireFormat::AvroRaw),
+                    None,
+                    &topics.dead_letters,
+                    Offset::Beginning,
+                )?;
+                let features = topics.features.clone();
+                (features, Ok(topics), reader, self.outputs_per_event)
+            }
+        };
+        reader.light = true;
+        reader.timed_prefix = Some(format!("{TIMED}-"));
+
+        // the backlog, with nothing reading it
+        let never = AtomicBool::new(false);
+        let traffic = Traffic {
+            topic: &input,
+            format: WireFormat::AvroRaw,
+            samples: self.samples,
+            prefix: BACKLOG,
+        };
+        self.load.events(&traffic, 0, backlog, None, &never)?;
+        self.load.flush(Duration::from_secs(120))?;
+        cluster.check_backlog(&input, backlog)?;
+        // the reader's fetches are under way before anything comes out
+        reader.read(Duration::from_millis(500), |_| false);
+
+        // the consumer starts; events are offered at the rate from now on
+        let started = Instant::now();
+        let started_ms = now_ms();
+        let running = match &output {
+            Err(output) => {
+                let settings = PassThrough::floor(self.cfg, brokers, &cluster.group(&name));
+                let stop = Arc::new(AtomicBool::new(false));
+                let acked = Arc::new(AtomicU64::new(0));
+                let (s, a, i, o) = (stop.clone(), acked.clone(), input.clone(), output.clone());
+                let thread = std::thread::Builder::new()
+                    .name("pass-through".into())
+                    .spawn(move || pass_through(settings, &i, &o, a, s))?;
+                Running::PassThrough {
+                    stop,
+                    acked,
+                    thread,
+                }
+            }
+            Ok(topics) => Running::Worker(BenchWorker::start(
+                self.cfg,
+                cluster,
+                &name,
+                topics,
+                self.registry.clone(),
+            )?),
+        };
+        let all_in = |s: &Seen| s.untimed >= backlog && s.latencies_ms.len() as u64 >= n;
+        let stop_offering = AtomicBool::new(false);
+        let measured = std::thread::scope(|scope| -> Result<Option<Duration>> {
+            let offer = scope.spawn(|| -> Result<()> {
+                let t = Traffic {
+                    prefix: TIMED,
+                    ..traffic
+                };
+                self.load
+                    .events(&t, 0, n, Some(opts.rate), &stop_offering)?;
+                self.load.flush(Duration::from_secs(60))
+            });
+            let deadline = started + opts.latency_for + Duration::from_secs(60);
+            let left = || deadline.saturating_duration_since(Instant::now());
+            reader.read(left(), |s| s.untimed >= backlog);
+            let catch_up = (reader.seen.untimed >= backlog).then(|| started.elapsed());
+            reader.read(left(), all_in);
+            stop_offering.store(true, Ordering::Relaxed);
+            offer
+                .join()
+                .map_err(|_| anyhow!("producer thread panicked"))??;
+            Ok(catch_up)
+        });
+        let stopped = running.stop();
+        let catch_up = measured?;
+        let acked = stopped?;
+
+        // every event came out once: backlog and rate events read, every
+        // output acknowledged, no dead letters
+        let s = &reader.seen;
+        let timed = s.latencies_ms.len() as u64;
+        let mut wrong = Vec::new();
+        if s.untimed != backlog {
+            wrong.push(format!(
+                "{} of {backlog} backlog events came out",
+                s.untimed
+            ));
+        }
+        if timed != n {
+            wrong.push(format!("{timed} of {n} rate events came out"));
+        }
+        let outputs = outputs_per_event * (backlog + n);
+        if acked != outputs {
+            wrong.push(format!("{acked} of {outputs} outputs acknowledged"));
+        }
+        if !s.dead_letters.is_empty() || s.undecodable > 0 {
+            wrong.push(format!(
+                "{} dead letters, {} undecodable outputs",
+                s.dead_letters.len(),
+                s.undecodable
+            ));
+        }
+        if !wrong.is_empty() {
+            bail!(
+                "bench: latency round {}, {}: {}{}",
+                round + 1,
+                side.name(),
+                wrong.join("; "),
+                if cluster.embedded.is_some() {
+                    " (the embedded broker keeps about 5 MB a partition and drops the oldest \
+                     records: a reader further behind loses them; lower --backlog or --rate, \
+                     or use --brokers)"
+                } else {
+                    ""
+                }
+            );
+        }
+        let catch_up_ms = catch_up.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+        let caught_up_at = started_ms + catch_up_ms.ceil() as i64;
+        let after_catch_up: Vec<f64> = (s.latencies_ms.iter().zip(&s.timed_event_times))
+            .filter(|(_, &t)| t >= caught_up_at)
+            .map(|(&l, _)| l)
+            .collect();
+        let phase = LatencyPhase {
+            backlog_read: s.untimed,
+            catch_up_ms,
+            latency: Percentiles::of(&s.latencies_ms),
+            after_catch_up: Percentiles::of(&after_catch_up),
+        };
+        Ok((
+            phase,
+            Latencies {
+                all: reader.seen.latencies_ms,
+                after_catch_up,
+            },
+        ))
+    }
+
+    /// The rounds: floor and worker alternate which goes first.
+    fn rounds(&self) -> Result<(Vec<LatencyRound>, Latencies, Latencies)> {
+        let mut rounds = Vec::new();
+        let (mut floor_all, mut worker_all) = (Latencies::default(), Latencies::default());
+        for round in 0..self.opts.latency_rounds.max(1) {
+            let order = if round % 2 == 0 {
+                [Side::Floor, Side::Worker]
+            } else {
+                [Side::Worker, Side::Floor]
+            };
+            let (mut floor, mut worker) = (None, None);
+            for side in order {
+                let (phase, lat) = self.phase(side, round)?;
+                match side {
+                    Side::Floor => {
+                        floor_all.extend(lat);
+                        floor = Some(phase);
+                    }
+                    Side::Worker => {
+                        worker_all.extend(lat);
+                        worker = Some(phase);
+                    }
+                }
+            }
+            let (floor, worker) = (
+                floor.expect("both sides ran"),
+                worker.expect("both sides ran"),
+            );
+            let r = LatencyRound {
+                round: round + 1,
+                first: order[0].name().to_string(),
+                p50_diff_ms: worker.latency.p50_ms - floor.latency.p50_ms,
+                p99_diff_ms: worker.latency.p99_ms - floor.latency.p99_ms,
+                floor,
+                worker,
+            };
+            let line = |p: &LatencyPhase| {
+                format!(
+                    "p50 {:.0} p99 {:.0} p999 {:.0} max {:.0} ms, catch-up {:.0} ms",
+                    p.latency.p50_ms,
+                    p.latency.p99_ms,
+                    p.latency.p999_ms,
+                    p.latency.max_ms,
+                    p.catch_up_ms
+                )
+            };
+            eprintln!(
+                "bench: latency round {}: floor {}; worker {}",
+                r.round,
+                line(&r.floor),
+                line(&r.worker)
+            );
+            rounds.push(r);
+        }
+        Ok((rounds, floor_all, worker_all))
+    }
+}
+
+/// Runs the throughput rounds, then the latency rounds, and reports.
+pub fn run(
+    cfg: &WorkerConfig,
+    opts: &BenchOptions,
+    onnx: onnx::RuntimeConfig,
+) -> Result<BenchReport> {
+    let began = Instant::now();
+    let samples: Vec<Samples> = load_samples(&opts.samples)?
+        .into_iter()
+        .filter(|s| s.model == opts.model)
+        .collect();
+    if samples.is_empty() {
+        bail!(
+            "no sample rows for model '{}' in {}",
+            opts.model,
+            opts.samples.display()
+        );
+    }
+    let registry = Arc::new(Registry::open(
+        &cfg.registry,
+        None,
+        RegistryOptions {
+            onnx,
+            ..Default::default()
+        },
+    )?);
+    let Some(spec) = registry.spec(&opts.model) else {
+        bail!(
+            "model '{}' is not in {}",
+            opts.model,
+            cfg.registry.display()
+        );
+    };
+    let outputs_per_event = 1 + spec.signal.is_some() as u64;
+    let cluster = Cluster::start(opts.brokers.as_deref())?;
+    if cluster.embedded.is_some() {
+        // the backlog waits unread: it must fit what a partition keeps
+        let per_partition = opts.backlog.div_ceil(LATENCY_PARTITIONS as u64)
+            * largest_event(&samples, BACKLOG, opts.backlog);
+        if per_partition > EMBEDDED_BACKLOG_BYTES {
+            bail!(
+                "--backlog {}: about {:.1} MB per partition, more than the bench writes to the \
+                 embedded broker ({:.1} MB; it keeps about 5 MB a partition and drops the \
+                 oldest); lower --backlog or use --brokers",
+                opts.backlog,
+                per_partition as f64 / 1e6,
+                EMBEDDED_BACKLOG_BYTES as f64 / 1e6
+            );
+        }
+    }
+
+    let tp = throughput(
+        cfg,
+        opts,
+        &cluster,
+        &samples,
+        registry.clone(),
+        outputs_per_event,
+    )?;
+    let latency = Latency {
+        cfg,
+        opts,
+        cluster: &cluster,
+        samples: &samples,
+        registry,
+        outputs_per_event,
+        load: Load::with_linger(&cluster.brokers, PRODUCER_LINGER_MS)?
+            .spread_over(LATENCY_PARTITIONS),
+    };
+    let (latency_rounds, floor_all, worker_all) = latency.rounds()?;
+    drop(latency);
+    let brokers = cluster.name();
+    drop(cluster);
+    let (floor, worker) = (
+        Percentiles::of(&floor_all.all),
+        Percentiles::of(&worker_all.all),
+    );
+    Ok(BenchReport {
+        model: opts.model.clone(),
+        brokers,
+        events: opts.events,
+        rounds: tp.rounds,
+        round_ratios: tp.round_ratios,
+        baseline_events_per_s: tp.baseline,
+        worker_events_per_s: tp.worker,
+        ratio: tp.worker / tp.baseline,
+        baseline_cpu: tp.baseline_cpu,
+        worker_cpu: tp.worker_cpu,
+        offered_rate: opts.rate,
+        latency_secs: opts.latency_for.as_secs_f64(),
+        backlog: opts.backlog,
+        latency_rounds,
+        p50_diff_ms: worker.p50_ms - floor.p50_ms,
+        p99_diff_ms: worker.p99_ms - floor.p99_ms,
+        latency_events: worker.events,
+        p50_ms: worker.p50_ms,
+        p95_ms: quantile(&worker_all.all, 0.95),
+        floor_after_catch_up: Percentiles::of(&floor_all.after_catch_up),
+        worker_after_catch_up: Percentiles::of(&worker_all.after_catch_up),
+        p99_ms: worker.p99_ms,
+        p999_ms: worker.p999_ms,
+        max_ms: worker.max_ms,
+        floor_latency: floor,
+        worker_latency: worker,
+        elapsed_s: began.elapsed().as_secs_f64(),
+    })
+}
+
+impl std::fmt::Display for BenchReport {
+    /// The human-readable report: throughput, then a latency table.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "model {} on {} ({} events per throughput run, median of {} rounds; round ratios {})",
+            self.model,
+            self.brokers,
+            self.events,
+            self.rounds,
+            self.round_ratios
+                .iter()
+                .map(|x| format!("{x:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        )?;
+        writeln!(
+            f,
+            "pass-through baseline  {:>10.0} events/s",
+            self.baseline_events_per_s
+        )?;
+        writeln!(
+            f,
+            "worker (pred + signal) {:>10.0} events/s  = {:.2} of baseline",
+            self.worker_events_per_s, self.ratio
+        )?;
+        writeln!(f, "  baseline CPU: {}", self.baseline_cpu)?;
+        writeln!(f, "  worker CPU:   {}", self.worker_cpu)?;
+        writeln!(
+            f,
+            "latency: a backlog of {} events, then {:.0} events/s for {} s ({} timed per phase); \
+             ms from event time to read downstream",
+            self.backlog,
+            self.offered_rate,
+            self.latency_secs,
+            self.worker_latency.events / self.latency_rounds.len().max(1)
+        )?;
+        writeln!(
+            f,
+            "             |  pass-through floor               |  worker                           | worker - floor"
+        )?;
+        writeln!(
+            f,
+            "round first  |   p50   p99  p999   max  catch-up |   p50   p99  p999   max  catch-up |   p50    p99"
+        )?;
+        // "-" where there is nothing to measure (no event after the catch-up)
+        let ms = |v: f64, width: usize| {
+            if v.is_nan() {
+                format!("{:>width$}", "-")
+            } else {
+                format!("{v:>width$.0}")
+            }
+        };
+        let cells = |p: &Percentiles| {
+            [p.p50_ms, p.p99_ms, p.p999_ms, p.max_ms]
+                .map(|v| ms(v, 6))
+                .concat()
+        };
+        let diff = |w: &Percentiles, fl: &Percentiles| {
+            let d = |v: f64, width: usize| {
+                if v.is_nan() {
+                    format!("{:>width$}", "-")
+                } else {
+                    format!("{v:>+width$.0}")
+                }
+            };
+            d(w.p50_ms - fl.p50_ms, 6) + &d(w.p99_ms - fl.p99_ms, 7)
+        };
+        for r in &self.latency_rounds {
+            writeln!(
+                f,
+                "{:>5} {:<6} |{}{:>10.0} |{}{:>10.0} |{}",
+                r.round,
+                r.first,
+                cells(&r.floor.latency),
+                r.floor.catch_up_ms,
+                cells(&r.worker.latency),
+                r.worker.catch_up_ms,
+                diff(&r.worker.latency, &r.floor.latency)
+            )?;
+        }
+        writeln!(
+            f,
+            "  all        |{}{:>10} |{}{:>10} |{}",
+            cells(&self.floor_latency),
+            "",
+            cells(&self.worker_latency),
+            "",
+            diff(&self.worker_latency, &self.floor_latency)
+        )?;
+        writeln!(
+            f,
+            "the same, of the events offered after the catch-up (steady state):"
+        )?;
+        for r in &self.latency_rounds {
+            writeln!(
+                f,
+                "{:>5} {:<6} |{}{:>10} |{}{:>10} |{}",
+                r.round,
+                r.first,
+                cells(&r.floor.after_catch_up),
+                "",
+                cells(&r.worker.after_catch_up),
+                "",
+                diff(&r.worker.after_catch_up, &r.floor.after_catch_up)
+            )?;
+        }
+        writeln!(
+            f,
+            "  all        |{}{:>10} |{}{:>10} |{}",
+            cells(&self.floor_after_catch_up),
+            "",
+            cells(&self.worker_after_catch_up),
+            "",
+            diff(&self.worker_after_catch_up, &self.floor_after_catch_up)
+        )
+    }
 }

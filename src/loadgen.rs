@@ -3,6 +3,7 @@
 //! with the reference library's prediction), a rate-limited producer, and a
 //! reader that collects predictions, signals and dead letters downstream.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +19,8 @@ use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 use crate::events::{
-    write_feature_datum, Codec, FeatureEvent, PredictionEvent, SchemaIds, Side, WireFormat,
+    write_feature_datum, Codec, FeatureEvent, FeatureScan, PredictionEvent, SchemaIds, Side,
+    WireFormat,
 };
 
 /// Sample rows of one model, with the reference predictions.
@@ -156,24 +158,61 @@ pub struct Traffic<'a> {
 /// A producer for test and benchmark traffic.
 pub struct Load {
     producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+    /// Event `i` goes to partition `i % n` instead of its key's partition.
+    spread: Option<i32>,
 }
 
 impl Load {
     pub fn new(brokers: &str) -> Result<Load> {
+        Self::with_linger(brokers, 2)
+    }
+
+    /// A producer whose batches wait up to `linger_ms` for more records
+    /// (librdkafka's default is 5).
+    pub fn with_linger(brokers: &str, linger_ms: u32) -> Result<Load> {
         let producer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
-            .set("linger.ms", "2")
+            .set("linger.ms", linger_ms.to_string())
             .set("queue.buffering.max.messages", "1000000")
             .set("partitioner", "murmur2_random")
             .create()?;
-        Ok(Load { producer })
+        Ok(Load {
+            producer,
+            spread: None,
+        })
+    }
+
+    /// Events from [`Load::events`] and [`Load::events_windowed`] go to the
+    /// topic's `partitions` partitions in turn (event `i` to `i %
+    /// partitions`), keys unchanged. The 8 sample symbols hash onto only 6
+    /// of 8 partitions, 3 of them onto one, which then holds 37.5% of a
+    /// stream: too much for the embedded broker's ~5 MB per partition when
+    /// a backlog is written before anything reads it.
+    pub fn spread_over(mut self, partitions: i32) -> Load {
+        self.spread = Some(partitions.max(1));
+        self
     }
 
     /// Sends one record, waiting while the local queue is full.
     pub fn send(&self, topic: &str, key: Option<&[u8]>, payload: &[u8]) -> Result<()> {
+        self.send_to(topic, None, key, payload)
+    }
+
+    /// Sends one record to a partition (None: its key's), waiting while
+    /// the local queue is full.
+    fn send_to(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<&[u8]>,
+        payload: &[u8],
+    ) -> Result<()> {
         let mut rec = BaseRecord::to(topic).payload(payload);
         if let Some(k) = key {
             rec = rec.key(k);
+        }
+        if let Some(p) = partition {
+            rec = rec.partition(p);
         }
         loop {
             match self.producer.send(rec) {
@@ -185,6 +224,11 @@ impl Load {
                 Err((e, _)) => return Err(e.into()),
             }
         }
+    }
+
+    /// The partition event `i` goes to (None: its key's).
+    fn partition_of(&self, i: u64) -> Option<i32> {
+        self.spread.map(|n| (i % n as u64) as i32)
     }
 
     /// Sends `count` events of `t` starting at `first` at `rate` events/s
@@ -213,7 +257,12 @@ impl Load {
             }
             let e = event(t.samples, t.prefix, first + n, now_ms());
             encode_feature(t.format, &e, &mut buf);
-            self.send(t.topic, Some(e.symbol.as_bytes()), &buf)?;
+            self.send_to(
+                t.topic,
+                self.partition_of(first + n),
+                Some(e.symbol.as_bytes()),
+                &buf,
+            )?;
         }
         Ok(count)
     }
@@ -238,7 +287,12 @@ impl Load {
             }
             let e = event(t.samples, t.prefix, first + n, now_ms());
             encode_feature(t.format, &e, &mut buf);
-            self.send(t.topic, Some(e.symbol.as_bytes()), &buf)?;
+            self.send_to(
+                t.topic,
+                self.partition_of(first + n),
+                Some(e.symbol.as_bytes()),
+                &buf,
+            )?;
         }
         Ok(())
     }
@@ -262,11 +316,21 @@ pub struct Seen {
     pub sides: BTreeMap<String, u64>,
     pub signal_ids: HashSet<String>,
     pub dead_letters: Vec<DeadLetter>,
-    /// End-to-end latency per prediction (ms): read time minus event_time.
+    /// Feature events read (a topic of feature events, e.g. a pass-through's
+    /// copies: [`Reader::feature_events`]).
+    pub features: u64,
+    /// End-to-end latency per prediction or feature event (ms): read time
+    /// minus event_time. Only of events whose id has
+    /// [`Reader::timed_prefix`], when that is set.
     pub latencies_ms: Vec<f64>,
+    /// The event_time of each of those, in the same order.
+    pub timed_event_times: Vec<i64>,
     /// Of that, until the worker produced the prediction (its record
     /// timestamp minus event_time).
     pub to_output_ms: Vec<f64>,
+    /// Predictions and feature events read whose id lacks
+    /// [`Reader::timed_prefix`] (not timed).
+    pub untimed: u64,
     /// Records that did not decode.
     pub undecodable: u64,
 }
@@ -282,15 +346,22 @@ pub struct DeadLetter {
     pub header_list: Vec<(String, String)>,
 }
 
-/// Reads the worker's output topics from the beginning (no group commits).
+/// Reads the worker's output topics from the beginning (no group commits),
+/// or a topic of feature events ([`Reader::feature_events`]).
 pub struct Reader {
     consumer: BaseConsumer,
-    predictions: (String, Codec),
-    signals: (String, Codec),
-    dead_letters: String,
+    predictions: Option<(String, Codec)>,
+    signals: Option<(String, Codec)>,
+    dead_letters: Option<String>,
+    features: Option<(String, Codec)>,
+    /// Scratch for reading feature events without allocating.
+    scan: FeatureScan,
     pub seen: Seen,
     /// Only count and time outputs (no per-event maps): for latency runs.
     pub light: bool,
+    /// Time only events whose id starts with this (None: all); the others
+    /// are counted in [`Seen::untimed`].
+    pub timed_prefix: Option<String>,
 }
 
 impl Reader {
@@ -319,6 +390,46 @@ impl Reader {
         dead_letters: &str,
         start: Offset,
     ) -> Result<Reader> {
+        Self::outputs(brokers, predictions, Some(signals), dead_letters, start)
+    }
+
+    /// Reads the worker's outputs from `start`; signals only when given.
+    pub fn outputs(
+        brokers: &str,
+        predictions: (&str, WireFormat),
+        signals: Option<(&str, WireFormat)>,
+        dead_letters: &str,
+        start: Offset,
+    ) -> Result<Reader> {
+        let mut topics = vec![predictions.0, dead_letters];
+        topics.extend(signals.map(|s| s.0));
+        let mut r = Self::open(brokers, &topics, start)?;
+        let codec =
+            |(t, f): (&str, WireFormat)| (t.to_string(), Codec::new(f, SchemaIds::default()));
+        r.predictions = Some(codec(predictions));
+        r.signals = signals.map(codec);
+        r.dead_letters = Some(dead_letters.to_string());
+        Ok(r)
+    }
+
+    /// Reads feature events (as the worker's input, or copied from it by a
+    /// pass-through) from `start`, timing each like a prediction: read time
+    /// minus its event_time.
+    pub fn feature_events(
+        brokers: &str,
+        features: (&str, WireFormat),
+        start: Offset,
+    ) -> Result<Reader> {
+        let mut r = Self::open(brokers, &[features.0], start)?;
+        r.features = Some((
+            features.0.to_string(),
+            Codec::new(features.1, SchemaIds::default()),
+        ));
+        Ok(r)
+    }
+
+    /// A reader assigned every partition of `topics` from `start`.
+    fn open(brokers: &str, topics: &[&str], start: Offset) -> Result<Reader> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("group.id", format!("reader-{}", now_ms()))
@@ -327,7 +438,7 @@ impl Reader {
             .set("fetch.wait.max.ms", "1")
             .create()?;
         let mut tpl = TopicPartitionList::new();
-        for t in [predictions.0, signals.0, dead_letters] {
+        for &t in topics {
             let md = consumer.fetch_metadata(Some(t), Duration::from_secs(10))?;
             for topic in md.topics() {
                 for p in topic.partitions() {
@@ -338,18 +449,25 @@ impl Reader {
         consumer.assign(&tpl)?;
         Ok(Reader {
             consumer,
-            predictions: (
-                predictions.0.to_string(),
-                Codec::new(predictions.1, SchemaIds::default()),
-            ),
-            signals: (
-                signals.0.to_string(),
-                Codec::new(signals.1, SchemaIds::default()),
-            ),
-            dead_letters: dead_letters.to_string(),
+            predictions: None,
+            signals: None,
+            dead_letters: None,
+            features: None,
+            scan: FeatureScan::default(),
             seen: Seen::default(),
             light: false,
+            timed_prefix: None,
         })
+    }
+
+    /// Whether event `id` is timed (see [`Reader::timed_prefix`]); counts
+    /// it in [`Seen::untimed`] when not.
+    fn timed(prefix: Option<&str>, s: &mut Seen, id: &str) -> bool {
+        let timed = prefix.is_none_or(|p| id.starts_with(p));
+        if !timed {
+            s.untimed += 1;
+        }
+        timed
     }
 
     /// Reads for up to `timeout`, or until `done` says so.
@@ -360,14 +478,19 @@ impl Reader {
                 continue;
             };
             let payload = m.payload().unwrap_or(&[]);
+            let prefix = self.timed_prefix.as_deref();
             let s = &mut self.seen;
-            if m.topic() == self.predictions.0 {
-                match self.predictions.1.decode_prediction(payload) {
+            let topic = m.topic();
+            if let Some(codec) = codec_for(&self.predictions, topic) {
+                match codec.decode_prediction(payload) {
                     Ok(p) => {
                         s.predictions += 1;
-                        s.latencies_ms.push((now_ms() - p.event_time) as f64);
-                        if let Some(ts) = m.timestamp().to_millis() {
-                            s.to_output_ms.push((ts - p.event_time) as f64);
+                        if Self::timed(prefix, s, &p.event_id) {
+                            s.latencies_ms.push((now_ms() - p.event_time) as f64);
+                            s.timed_event_times.push(p.event_time);
+                            if let Some(ts) = m.timestamp().to_millis() {
+                                s.to_output_ms.push((ts - p.event_time) as f64);
+                            }
                         }
                         if !self.light && s.by_id.insert(p.event_id.clone(), p).is_some() {
                             s.duplicates += 1;
@@ -375,8 +498,35 @@ impl Reader {
                     }
                     Err(_) => s.undecodable += 1,
                 }
-            } else if m.topic() == self.signals.0 {
-                match self.signals.1.decode_signal(payload) {
+            } else if let Some(codec) = codec_for(&self.features, topic) {
+                let scan = &mut self.scan;
+                // the allocation-free scan where the format allows it
+                let read = match codec.scan_feature(payload, scan) {
+                    Some(r) => r.map(|()| {
+                        (
+                            Cow::Borrowed(FeatureScan::str(payload, &scan.event_id)),
+                            scan.event_time,
+                        )
+                    }),
+                    None => codec
+                        .decode_feature(payload)
+                        .map(|e| (Cow::Owned(e.event_id), e.event_time)),
+                };
+                match read {
+                    Ok((id, event_time)) => {
+                        s.features += 1;
+                        if Self::timed(prefix, s, &id) {
+                            s.latencies_ms.push((now_ms() - event_time) as f64);
+                            s.timed_event_times.push(event_time);
+                            if let Some(ts) = m.timestamp().to_millis() {
+                                s.to_output_ms.push((ts - event_time) as f64);
+                            }
+                        }
+                    }
+                    Err(_) => s.undecodable += 1,
+                }
+            } else if let Some(codec) = codec_for(&self.signals, topic) {
+                match codec.decode_signal(payload) {
                     Ok(e) => {
                         s.signals += 1;
                         let side = match e.side {
@@ -391,7 +541,7 @@ impl Reader {
                     }
                     Err(_) => s.undecodable += 1,
                 }
-            } else if m.topic() == self.dead_letters {
+            } else if self.dead_letters.as_deref() == Some(topic) {
                 let list: Vec<(String, String)> = m
                     .headers()
                     .map(|h| {
@@ -414,6 +564,11 @@ impl Reader {
             }
         }
     }
+}
+
+/// The codec of a reader's topic, if `topic` is it.
+fn codec_for<'a>(t: &'a Option<(String, Codec)>, topic: &str) -> Option<&'a Codec> {
+    t.as_ref().filter(|(name, _)| name == topic).map(|(_, c)| c)
 }
 
 /// The `q`-quantile (0..=1) of unsorted values.

@@ -86,22 +86,32 @@ enum Command {
         #[arg(long, default_value = "models/samples")]
         samples: PathBuf,
     },
-    /// Benchmark on the embedded broker: pass-through baseline, worker throughput, latency at a fixed rate.
+    /// Benchmark: throughput and latency of the worker, each against a pass-through floor in the same run.
     Bench {
         /// Worker configuration (batching, delivery; brokers and topics are the bench's own).
         #[arg(long, default_value = "config/worker.yaml")]
         config: PathBuf,
+        /// Run against this cluster (`host:port,...`; topics are created and
+        /// deleted, replication 1) instead of the embedded broker.
+        #[arg(long)]
+        brokers: Option<String>,
         /// Events per throughput run.
         #[arg(long, default_value_t = 300_000)]
         events: u64,
         /// Throughput rounds (baseline and worker alternate; medians reported).
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-        /// Offered rate of the latency run, events/s.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        rounds: u64,
+        /// Latency rounds: a pass-through floor phase and a worker phase each.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        latency_rounds: u64,
+        /// Events written before a latency phase's consumer starts (not timed).
+        #[arg(long, default_value_t = 100_000)]
+        backlog: u64,
+        /// Events/s offered in a latency phase (timed).
         #[arg(long, default_value_t = 20_000.0)]
         rate: f64,
-        /// Length of the latency run, seconds.
-        #[arg(long, default_value_t = 5.0)]
+        /// How long a latency phase offers events at --rate, seconds.
+        #[arg(long, default_value_t = 10.0)]
         latency_secs: f64,
         /// Model the events are for.
         #[arg(long, default_value = "diabetes_lgbm")]
@@ -302,52 +312,41 @@ fn run(cli: Cli) -> Result<u8> {
         }
         Command::Bench {
             config,
+            brokers,
             events,
             rounds,
+            latency_rounds,
+            backlog,
             rate,
             latency_secs,
             model,
             samples,
             json,
         } => {
+            let ok = rate > 0.0 && rate.is_finite() && latency_secs > 0.0 && latency_secs <= 3600.0;
+            if !ok {
+                bail!("--rate must be positive and --latency-secs within 0..=3600");
+            }
+            if events == 0 {
+                bail!("--events must be at least 1");
+            }
             let cfg = load_worker_config(&config, &Overrides::default())?;
             let opts = ml_worker::bench::BenchOptions {
                 events,
                 rate,
                 latency_for: std::time::Duration::from_secs_f64(latency_secs),
+                backlog,
+                latency_rounds: latency_rounds as usize,
+                brokers,
                 model,
-                rounds,
+                rounds: rounds as usize,
                 samples,
             };
             let r = ml_worker::bench::run(&cfg, &opts, onnx)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
-                println!(
-                    "model {} ({} events per throughput run, median of {} rounds; round ratios {})",
-                    r.model,
-                    r.events,
-                    r.rounds,
-                    r.round_ratios
-                        .iter()
-                        .map(|x| format!("{x:.2}"))
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                );
-                println!(
-                    "pass-through baseline  {:>10.0} events/s",
-                    r.baseline_events_per_s
-                );
-                println!(
-                    "worker (pred + signal) {:>10.0} events/s  = {:.2} of baseline",
-                    r.worker_events_per_s, r.ratio
-                );
-                println!("  baseline CPU: {}", r.baseline_cpu);
-                println!("  worker CPU:   {}", r.worker_cpu);
-                println!(
-                    "latency at {:.0} events/s offered ({} events): p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-                    r.offered_rate, r.latency_events, r.p50_ms, r.p95_ms, r.p99_ms, r.max_ms
-                );
+                print!("{r}");
             }
             Ok(0)
         }

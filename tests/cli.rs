@@ -673,3 +673,70 @@ fn audit_store_edits_the_chain_cannot_hide_are_refused_at_open_and_found_by_veri
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("not in the store"), "{}", text(&o));
 }
+
+/// `ml-worker bench` with small numbers on the embedded broker: every
+/// latency round has the pass-through floor's and the worker's percentiles,
+/// and every event is accounted for (backlog and rate events read back, the
+/// bench fails otherwise). Speed is not asserted.
+#[test]
+fn bench_reports_floor_and_worker_latency_per_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = root().join("config/worker.yaml");
+    let samples = root().join("models/samples");
+    let o = ml_worker(
+        dir.path(),
+        &[
+            "bench",
+            "--config",
+            config.to_str().unwrap(),
+            "--samples",
+            samples.to_str().unwrap(),
+            "--events",
+            "5000",
+            "--rounds",
+            "1",
+            "--latency-rounds",
+            "2",
+            "--backlog",
+            "3000",
+            "--rate",
+            "2000",
+            "--latency-secs",
+            "1",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["brokers"], "embedded", "{j}");
+    assert_eq!(j["round_ratios"].as_array().unwrap().len(), 1, "{j}");
+    assert!(j["ratio"].as_f64().unwrap() > 0.0, "{j}");
+    let rounds = j["latency_rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2, "{j}");
+    let ordered = |p: &serde_json::Value| {
+        let v: Vec<f64> = ["p50_ms", "p99_ms", "p999_ms", "max_ms"]
+            .iter()
+            .map(|k| p[k].as_f64().unwrap_or_else(|| panic!("{k} in {p}")))
+            .collect();
+        assert!(v.windows(2).all(|w| w[0] <= w[1]), "{p}");
+    };
+    for (i, r) in rounds.iter().enumerate() {
+        assert_eq!(r["round"], i + 1);
+        // which side goes first alternates
+        assert_eq!(r["first"], if i % 2 == 0 { "floor" } else { "worker" });
+        for side in ["floor", "worker"] {
+            let p = &r[side];
+            assert_eq!(p["events"], 2000, "round {} {side}: {p}", i + 1);
+            assert_eq!(p["backlog_read"], 3000, "round {} {side}: {p}", i + 1);
+            assert!(p["catch_up_ms"].as_f64().is_some(), "{p}");
+            ordered(p);
+        }
+        assert!(r["p50_diff_ms"].as_f64().is_some(), "{r}");
+        assert!(r["p99_diff_ms"].as_f64().is_some(), "{r}");
+    }
+    for overall in ["floor_latency", "worker_latency"] {
+        assert_eq!(j[overall]["events"], 4000, "{j}");
+        ordered(&j[overall]);
+    }
+    assert_eq!(j["latency_events"], 4000, "{j}");
+}
