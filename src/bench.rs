@@ -243,25 +243,21 @@ impl PassThrough {
         }
     }
 
-    /// The latency floor. A fair floor waits where the worker waits: these
-    /// are the worker's latency-relevant client settings (`client_configs`
-    /// in src/worker/run.rs; keep them in step): `fetch.wait.max.ms` 2 (a
-    /// fetch that finds nothing waits all of it, on the embedded broker
-    /// even when data comes meanwhile), `linger.ms` 5, idempotence, and the
-    /// configuration's `kafka.librdkafka` pass-through on top, as the
-    /// worker applies it. Copies keep their partition, so the output is
-    /// spread as evenly as the input (the bench's 8 symbols hash onto 6
-    /// partitions; see `Load::spread_over`).
+    /// The latency floor. A fair floor waits where the worker waits: its
+    /// clients are the worker's own (`worker::client_configs`: group
+    /// protocol, `fetch.wait.max.ms` 2, `linger.ms` 5, idempotence, and the
+    /// configuration's `kafka.librdkafka` pass-through), in a group of its
+    /// own. Copies keep their partition, so the output is spread as evenly
+    /// as the input (the bench's 8 symbols hash onto 6 partitions; see
+    /// `Load::spread_over`).
     fn floor(cfg: &WorkerConfig, brokers: &str, group: &str) -> PassThrough {
-        let mut pt = PassThrough::throughput(brokers, group);
-        pt.consumer.set("fetch.wait.max.ms", "2");
-        pt.producer.set("linger.ms", "5");
-        for (k, v) in &cfg.librdkafka {
-            pt.consumer.set(k, v);
-            pt.producer.set(k, v);
+        let (mut consumer, producer) = crate::worker::client_configs(cfg, brokers);
+        consumer.set("group.id", group);
+        PassThrough {
+            consumer,
+            producer,
+            same_partition: true,
         }
-        pt.same_partition = true;
-        pt
     }
 }
 

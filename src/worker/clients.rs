@@ -8,7 +8,7 @@ use rdkafka::ClientConfig;
 use crate::worker::config::{GroupProtocol, WorkerConfig};
 
 /// librdkafka settings of the worker's two clients.
-pub(super) fn client_configs(cfg: &WorkerConfig, brokers: &str) -> (ClientConfig, ClientConfig) {
+pub fn client_configs(cfg: &WorkerConfig, brokers: &str) -> (ClientConfig, ClientConfig) {
     let mut consumer = ClientConfig::new();
     consumer
         .set("bootstrap.servers", brokers)

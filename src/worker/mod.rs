@@ -23,4 +23,5 @@ pub mod run;
 pub mod schema_registry;
 mod shared;
 
+pub use clients::client_configs;
 pub use run::{run, Started, Summary, WorkerError};
