@@ -19,8 +19,6 @@ use brokers::Broker;
 
 use ml_worker::events::WireFormat;
 use ml_worker::loadgen::{load_samples, Load, Reader, Traffic};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -129,23 +127,7 @@ impl Setup {
     }
 
     fn committed_total(&self, group: &str, partitions: i32) -> i64 {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", self.broker.address())
-            .set("group.id", group)
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition(&self.features, p);
-        }
-        let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-        got.elements()
-            .iter()
-            .map(|e| match e.offset() {
-                Offset::Offset(o) => o,
-                _ => 0,
-            })
-            .sum()
+        brokers::committed_total(&self.broker.address(), group, &self.features, partitions)
     }
 }
 

@@ -22,7 +22,7 @@ use ml_worker::worker::{Started, Summary};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -142,23 +142,7 @@ metrics: {{address: "127.0.0.1:0"}}
 
     /// Offsets the group has committed on the input topic, summed.
     fn committed_total(&self, partitions: i32) -> i64 {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", self.brokers())
-            .set("group.id", &self.group)
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..partitions {
-            tpl.add_partition(&self.features, p);
-        }
-        let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-        got.elements()
-            .iter()
-            .map(|e| match e.offset() {
-                Offset::Offset(o) => o,
-                _ => 0,
-            })
-            .sum()
+        brokers::committed_total(&self.brokers(), &self.group, &self.features, partitions)
     }
 
     /// Records in the features topic (its partitions' high watermarks): more

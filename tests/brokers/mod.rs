@@ -8,7 +8,8 @@
 
 use ml_worker::broker::{EmbeddedBroker, TopicSpec};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 pub enum Broker {
     Embedded(EmbeddedBroker),
@@ -90,4 +91,28 @@ pub fn mock_only(why: &str) -> bool {
         return true;
     }
     false
+}
+
+/// Offsets `group` has committed on partitions `0..partitions` of `topic`,
+/// summed.
+pub fn committed_total(brokers: &str, group: &str, topic: &str, partitions: i32) -> i64 {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let got = c
+        .committed_offsets(tpl, std::time::Duration::from_secs(10))
+        .unwrap();
+    got.elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        })
+        .sum()
 }
