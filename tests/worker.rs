@@ -674,6 +674,8 @@ fn a_worker_killed_with_sigkill_and_restarted_loses_nothing() {
     );
     first.kill().unwrap(); // SIGKILL
     first.wait().unwrap();
+    // what the killed worker had committed: nothing before it is read again
+    let committed_at_kill = s.committed_total(4);
     let mut second = spawn();
     producer.join().unwrap();
     reader.read(Duration::from_secs(60), |seen| seen.by_id.len() as u64 >= n);
@@ -684,13 +686,26 @@ fn a_worker_killed_with_sigkill_and_restarted_loses_nothing() {
         missing.len(),
         &missing[..missing.len().min(5)]
     );
-    // duplicates only from the killed worker's uncommitted window
+    // duplicates only from the killed worker's uncommitted window: events
+    // at or past its last commit, each at most once more (how wide that
+    // window is depends on the broker: commits during the group join can
+    // fail and are re-issued, on Kafka more than on the embedded broker)
     let seen = &reader.seen;
+    let window = n - committed_at_kill as u64;
     assert!(
-        seen.duplicates <= max_in_flight as u64 + 1000,
-        "{} duplicates for an in-flight window of {max_in_flight}",
+        seen.duplicates <= window,
+        "{} duplicates, but only {window} events were past the last commit (in-flight limit {max_in_flight})",
         seen.duplicates
     );
+    if brokers::external().is_none() {
+        // on the embedded broker commits land within an interval: the
+        // window is the in-flight limit and about a second of traffic
+        assert!(
+            seen.duplicates <= max_in_flight as u64 + 1000,
+            "{} duplicates for an in-flight window of {max_in_flight}",
+            seen.duplicates
+        );
+    }
     // a graceful stop commits everything
     let pid = second.id().to_string();
     assert!(std::process::Command::new("kill")
