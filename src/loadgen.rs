@@ -255,16 +255,21 @@ impl Load {
                     std::thread::sleep(due - now);
                 }
             }
-            let e = event(t.samples, t.prefix, first + n, now_ms());
-            encode_feature(t.format, &e, &mut buf);
-            self.send_to(
-                t.topic,
-                self.partition_of(first + n),
-                Some(e.symbol.as_bytes()),
-                &buf,
-            )?;
+            self.send_event(t, first + n, &mut buf)?;
         }
         Ok(count)
+    }
+
+    /// Encodes event `i` of `t` and sends it to its partition.
+    fn send_event(&self, t: &Traffic<'_>, i: u64, buf: &mut Vec<u8>) -> Result<()> {
+        let e = event(t.samples, t.prefix, i, now_ms());
+        encode_feature(t.format, &e, buf);
+        self.send_to(
+            t.topic,
+            self.partition_of(i),
+            Some(e.symbol.as_bytes()),
+            buf,
+        )
     }
 
     /// Sends `count` events as fast as the consumer side keeps up: never
@@ -285,14 +290,7 @@ impl Load {
             while n >= window && done().saturating_sub(base) + window <= n {
                 std::thread::sleep(Duration::from_micros(100));
             }
-            let e = event(t.samples, t.prefix, first + n, now_ms());
-            encode_feature(t.format, &e, &mut buf);
-            self.send_to(
-                t.topic,
-                self.partition_of(first + n),
-                Some(e.symbol.as_bytes()),
-                &buf,
-            )?;
+            self.send_event(t, first + n, &mut buf)?;
         }
         Ok(())
     }

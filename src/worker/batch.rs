@@ -763,7 +763,8 @@ impl Batcher {
     /// Adds one record read from `slot` (dropped unread while its
     /// partition is parked: it is read again after the seek back).
     pub fn add(&mut self, msg: Incoming<'_>, slot: Slot, now: Instant) {
-        if self.parked.contains_key(&slot) {
+        // (no hashing per record unless a partition waits)
+        if !self.parked.is_empty() && self.parked.contains_key(&slot) {
             return;
         }
         let topic = match &self.last_topic {
