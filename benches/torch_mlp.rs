@@ -16,7 +16,7 @@ use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use ml_worker::config::load_registry_file;
-use ml_worker::model::torch::TorchModel;
+use ml_worker::model::torch::{TorchModel, TorchOptions, TorchSpec};
 use ml_worker::model::{Batch, Model};
 use ml_worker::registry::{Registry, RegistryOptions};
 
@@ -42,9 +42,20 @@ fn bench(c: &mut Criterion) {
         .find(|s| s.name == "wine_mlp")
         .expect("wine_mlp");
     let bytes = std::fs::read(&spec.path).expect("wine_mlp.pt");
-    let local = TorchModel::load(spec, &bytes, model.info().clone()).expect("loads in process");
+    let torch_spec = TorchSpec {
+        name: spec.name.clone(),
+        path: spec.path.clone(),
+        n_features: nf,
+        task_type: spec.task_type,
+        options: spec
+            .options
+            .get::<TorchOptions>()
+            .cloned()
+            .expect("torch options"),
+    };
+    let (local, _) = TorchModel::load(&torch_spec, &bytes).expect("loads in process");
     common::bench_batches_as("in-process", &mut g, &pool, nf, &[1, 1000], |data, _| {
-        local.predict_full(Batch::new(data, nf).unwrap())
+        local.predict(Batch::new(data, nf).unwrap())
     });
     g.finish();
 }

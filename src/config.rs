@@ -2,13 +2,14 @@
 //! fields refused, then validated in one pass (no I/O) into [`ModelSpec`]s.
 //! Every error names the file, the model and the field.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::model::{ModelKind, TaskType};
+pub use crate::model::MissingPolicy;
+use crate::model::{EntryHead, KindOptions, Loaders, OptionsBlock, TaskType};
 use crate::signal::SignalRule;
 
 /// `models.yaml` as written.
@@ -38,15 +39,17 @@ struct RawLimits {
     inference_timeout_ms: Option<u64>,
 }
 
-/// One entry of `models:` as written.
+/// One entry of `models:` as written. Besides these fields an entry may
+/// carry its kind's options block, under the kind's name (`onnx:`,
+/// `torch:`, a user kind's own); anything else is refused.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawModel {
     /// Unique name; feature events name the model they are for.
     name: String,
     /// Model file, relative to the YAML file's folder (or absolute).
     path: String,
-    /// File format: lightgbm | xgboost | onnx | pickle | torch.
+    /// File format: lightgbm | xgboost | catboost | onnx | pickle | torch,
+    /// or a kind a program built on the library registered.
     kind: String,
     /// Feature names, in the order the model expects them.
     features: Vec<String>,
@@ -69,19 +72,15 @@ struct RawModel {
     /// Free text.
     #[serde(default)]
     description: Option<String>,
-    /// ONNX only: which graph input and outputs to use, when ambiguous.
-    #[serde(default)]
-    onnx: Option<OnnxOptions>,
-    /// torch only: what the output holds, the device and thread count.
-    #[serde(default)]
-    torch: Option<RawTorchOptions>,
     /// How predictions become trading signals (none: no signals).
     #[serde(default)]
     signal: Option<SignalRule>,
-    /// What the worker does with an event whose feature is absent or NaN:
-    /// `nan` (pass NaN; tree models route it down their default branch) or
-    /// `reject` (dead-letter the event). Default: `nan` for lightgbm and
-    /// xgboost, `reject` otherwise.
+    /// What happens to an event whose feature is absent or NaN: `nan`
+    /// (pass NaN; tree models route it down their default branch) or
+    /// `reject` (dead-letter the event). Default: what the model can do:
+    /// `nan` for trees that record a direction for missing values
+    /// (LightGBM, XGBoost, CatBoost, their pickles, scikit-learn >= 1.3
+    /// trees), `reject` for linear models, networks and ONNX graphs.
     #[serde(default)]
     missing: Option<MissingPolicy>,
     /// This model's load deadline, including its warm-up (ms); default
@@ -92,7 +91,15 @@ struct RawModel {
     /// `limits.inference_timeout_ms`.
     #[serde(default)]
     inference_timeout_ms: Option<u64>,
+    /// Every other key: the kind's options block, or a mistake.
+    #[serde(flatten)]
+    rest: BTreeMap<String, serde_norway::Value>,
 }
+
+/// The fields of a `models:` entry, for the unknown-field error.
+const ENTRY_FIELDS: &str = "name, path, kind, features, target, task_type, version, sha256, lazy, \
+     fallback, description, signal, missing, load_timeout_ms, inference_timeout_ms, and the kind's \
+     options block under its name";
 
 /// What one model may cost: file size and time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -114,8 +121,7 @@ pub const DEFAULT_INFERENCE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_TIMEOUT_MS: u64 = 3_600_000;
 /// Largest `limits.max_model_mb` (64 GiB).
 const MAX_MODEL_MB: u64 = 65_536;
-/// Most features a model may list.
-pub const MAX_FEATURES: usize = 1_000_000;
+pub use crate::model::MAX_FEATURES;
 /// Largest registry file read (16 MiB).
 pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
 
@@ -129,167 +135,14 @@ impl Default for ModelLimits {
     }
 }
 
-/// How absent or NaN features are treated by the streaming worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MissingPolicy {
-    /// Absent features become NaN (the model's own missing-value handling).
-    Nan,
-    /// The event goes to the dead-letter topic naming the feature.
-    Reject,
-}
-
-/// ONNX input/output selection. By default the single float input is used,
-/// `probabilities` is the float output of shape `[N, classes]` (or a ZipMap
-/// sequence of maps) and the prediction is the remaining output.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq, Hash)]
-#[serde(deny_unknown_fields)]
-pub struct OnnxOptions {
-    /// Name of the graph input that takes the feature matrix.
-    #[serde(default)]
-    pub input: Option<String>,
-    /// Name of the output holding the prediction (value or label).
-    #[serde(default)]
-    pub prediction: Option<String>,
-    /// Name of the output holding class probabilities.
-    #[serde(default)]
-    pub probabilities: Option<String>,
-}
-
-/// `torch:` as written.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTorchOptions {
-    /// Classification: `logits` (softmax, or sigmoid for one column, is
-    /// applied) or `probabilities` (used as they are).
-    #[serde(default)]
-    output: Option<String>,
-    /// `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available). Default `cpu`.
-    #[serde(default)]
-    device: Option<String>,
-    /// libtorch intra-op threads for this model's forward passes (default 1:
-    /// the worker already runs one inference thread per core).
-    #[serde(default)]
-    intra_op_threads: Option<i64>,
-}
-
-/// What a classifier's TorchScript output holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TorchOutput {
-    /// Raw scores: softmax across columns (sigmoid for a single column).
-    Logits,
-    /// Already probabilities.
-    Probabilities,
-}
-
-/// Where a torch model runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TorchDevice {
-    Cpu,
-    /// A CUDA device by index (`cuda` is `cuda:0`).
-    Cuda(usize),
-    /// CUDA device 0 when libtorch reports one, else the CPU.
-    Auto,
-}
-
-impl std::fmt::Display for TorchDevice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            TorchDevice::Cpu => f.write_str("cpu"),
-            TorchDevice::Cuda(n) => write!(f, "cuda:{n}"),
-            TorchDevice::Auto => f.write_str("auto"),
-        }
-    }
-}
-
-/// Validated `torch:` options (defaults when the block is absent).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct TorchOptions {
-    /// `None` for regression models.
-    pub output: Option<TorchOutput>,
-    pub device: TorchDevice,
-    pub intra_op_threads: usize,
-}
-
-impl Default for TorchOptions {
-    fn default() -> Self {
-        TorchOptions {
-            output: None,
-            device: TorchDevice::Cpu,
-            intra_op_threads: 1,
-        }
-    }
-}
-
-/// Most intra-op threads a model may ask for.
-const MAX_TORCH_THREADS: i64 = 256;
-
-fn torch_options(
-    raw: Option<RawTorchOptions>,
-    task_type: TaskType,
-) -> Result<TorchOptions, (&'static str, String)> {
-    let raw = raw.unwrap_or_default();
-    let output = match (raw.output.as_deref(), task_type) {
-        (None, TaskType::Regression) => None,
-        (None, TaskType::Classification) => {
-            return Err((
-                "torch",
-                "a classification model needs 'output: logits' or 'output: probabilities' (what its tensor holds)".into(),
-            ))
-        }
-        (Some(_), TaskType::Regression) => {
-            return Err((
-                "torch",
-                "'output' applies to classification models only; a regression model's output is the value".into(),
-            ))
-        }
-        (Some("logits"), _) => Some(TorchOutput::Logits),
-        (Some("probabilities"), _) => Some(TorchOutput::Probabilities),
-        (Some(other), _) => {
-            return Err((
-                "torch",
-                format!("unknown output '{other}' (expected logits or probabilities)"),
-            ))
-        }
-    };
-    let device = match raw.device.as_deref().map(str::trim) {
-        None | Some("cpu") => TorchDevice::Cpu,
-        Some("auto") => TorchDevice::Auto,
-        Some("cuda") => TorchDevice::Cuda(0),
-        Some(d) => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => TorchDevice::Cuda(n),
-            _ => {
-                return Err((
-                    "torch",
-                    format!("unknown device '{d}' (expected cpu, cuda, cuda:N or auto)"),
-                ))
-            }
-        },
-    };
-    let intra_op_threads = match raw.intra_op_threads {
-        None => 1,
-        Some(n) if (1..=MAX_TORCH_THREADS).contains(&n) => n as usize,
-        Some(n) => {
-            return Err((
-                "torch",
-                format!("intra_op_threads {n} is out of range (1 to {MAX_TORCH_THREADS})"),
-            ))
-        }
-    };
-    Ok(TorchOptions {
-        output,
-        device,
-        intra_op_threads,
-    })
-}
-
 /// A validated registry entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelSpec {
     pub name: String,
     /// Resolved against the registry file's folder.
     pub path: PathBuf,
-    pub kind: ModelKind,
+    /// The loader that reads it (see [`crate::model::ModelLoader`]).
+    pub kind: String,
     pub features: Vec<String>,
     pub target: String,
     pub task_type: TaskType,
@@ -299,10 +152,11 @@ pub struct ModelSpec {
     pub lazy: bool,
     pub fallback: Option<String>,
     pub description: Option<String>,
-    pub onnx: OnnxOptions,
-    pub torch: TorchOptions,
+    /// The kind's options block, as its loader parsed it.
+    pub options: KindOptions,
     pub signal: Option<SignalRule>,
-    pub missing: MissingPolicy,
+    /// `missing:` when set; else the loaded model decides (see [`RawModel`]).
+    pub missing: Option<MissingPolicy>,
     pub limits: ModelLimits,
 }
 
@@ -321,7 +175,7 @@ pub enum ConfigError {
     Field {
         file: PathBuf,
         model: String,
-        field: &'static str,
+        field: String,
         message: String,
     },
     #[error("{file}: {message}")]
@@ -334,11 +188,19 @@ pub enum ConfigError {
     },
 }
 
-/// Reads and validates a registry file.
+/// Reads and validates a registry file (the built-in kinds).
 pub fn load_registry_file(file: &Path) -> Result<Vec<ModelSpec>, ConfigError> {
+    load_registry_file_with(file, &Loaders::default())
+}
+
+/// Reads and validates a registry file whose kinds are `loaders`'.
+pub fn load_registry_file_with(
+    file: &Path,
+    loaders: &Loaders,
+) -> Result<Vec<ModelSpec>, ConfigError> {
     let text = read_config_file(file)?;
     let base = file.parent().unwrap_or(Path::new("."));
-    parse_registry(&text, file, base)
+    parse_registry_with(&text, file, base, loaders)
 }
 
 /// Reads a configuration file: a regular file of at most
@@ -361,16 +223,32 @@ pub fn read_config_file(file: &Path) -> Result<String, ConfigError> {
     })
 }
 
-/// Parses and validates registry YAML; `base` resolves relative model paths.
+/// Parses and validates registry YAML (the built-in kinds); `base`
+/// resolves relative model paths.
 pub fn parse_registry(text: &str, file: &Path, base: &Path) -> Result<Vec<ModelSpec>, ConfigError> {
+    parse_registry_with(text, file, base, &Loaders::default())
+}
+
+/// [`parse_registry`] for the kinds of `loaders`.
+pub fn parse_registry_with(
+    text: &str,
+    file: &Path,
+    base: &Path,
+    loaders: &Loaders,
+) -> Result<Vec<ModelSpec>, ConfigError> {
     let raw: RawRegistry = serde_norway::from_str(text).map_err(|e| ConfigError::Yaml {
         file: file.to_path_buf(),
         message: e.to_string(),
     })?;
-    validate(raw, file, base)
+    validate(raw, file, base, loaders)
 }
 
-fn validate(raw: RawRegistry, file: &Path, base: &Path) -> Result<Vec<ModelSpec>, ConfigError> {
+fn validate(
+    raw: RawRegistry,
+    file: &Path,
+    base: &Path,
+    loaders: &Loaders,
+) -> Result<Vec<ModelSpec>, ConfigError> {
     if raw.models.is_empty() {
         return Err(ConfigError::File {
             file: file.to_path_buf(),
@@ -386,10 +264,10 @@ fn validate(raw: RawRegistry, file: &Path, base: &Path) -> Result<Vec<ModelSpec>
         } else {
             m.name.clone()
         };
-        let field = |field: &'static str, message: String| ConfigError::Field {
+        let field = |field: &str, message: String| ConfigError::Field {
             file: file.to_path_buf(),
             model: model.clone(),
-            field,
+            field: field.to_string(),
             message,
         };
         if m.name.trim().is_empty()
@@ -407,21 +285,17 @@ fn validate(raw: RawRegistry, file: &Path, base: &Path) -> Result<Vec<ModelSpec>
         if m.path.trim().is_empty() {
             return Err(field("path", "must not be empty".into()));
         }
-        let kind = match m.kind.as_str() {
-            "lightgbm" => ModelKind::Lightgbm,
-            "xgboost" => ModelKind::Xgboost,
-            "onnx" => ModelKind::Onnx,
-            "pickle" => ModelKind::Pickle,
-            "torch" => ModelKind::Torch,
-            other => {
-                return Err(field(
-                    "kind",
-                    format!(
-                    "unknown kind '{other}' (expected lightgbm, xgboost, onnx, pickle or torch)"
+        let Some(loader) = loaders.get(&m.kind) else {
+            return Err(field(
+                "kind",
+                format!(
+                    "unknown kind '{}' (the kinds available: {})",
+                    crate::text::escape(&m.kind),
+                    loaders.kinds().join(", ")
                 ),
-                ))
-            }
+            ));
         };
+        let kind = m.kind.clone();
         let task_type = match m.task_type.as_str() {
             "regression" => TaskType::Regression,
             "classification" => TaskType::Classification,
@@ -483,23 +357,35 @@ fn validate(raw: RawRegistry, file: &Path, base: &Path) -> Result<Vec<ModelSpec>
                 _ => {}
             }
         }
-        if m.onnx.is_some() && kind != ModelKind::Onnx {
-            return Err(field(
-                "onnx",
-                format!("only applies to kind onnx, this model is {kind}"),
-            ));
+        let mut block = None;
+        for (key, value) in m.rest {
+            if key == kind {
+                block = Some(value);
+            } else if loaders.get(&key).is_some() {
+                return Err(field(
+                    &key,
+                    format!("only applies to kind {key}, this model is {kind}"),
+                ));
+            } else {
+                return Err(field(
+                    &crate::text::escape(&key),
+                    format!("unknown field (expected one of: {ENTRY_FIELDS})"),
+                ));
+            }
         }
-        if m.torch.is_some() && kind != ModelKind::Torch {
-            return Err(field(
-                "torch",
-                format!("only applies to kind torch, this model is {kind}"),
-            ));
-        }
-        let torch = if kind == ModelKind::Torch {
-            torch_options(m.torch, task_type).map_err(|(f, msg)| field(f, msg))?
-        } else {
-            TorchOptions::default()
+        let head = EntryHead {
+            name: &m.name,
+            task_type,
+            features: &m.features,
         };
+        let options_key = block
+            .as_ref()
+            .map(|v| serde_norway::to_string(v).unwrap_or_default())
+            .unwrap_or_default();
+        let options = loader
+            .parse_options(block.map(OptionsBlock::new).as_ref(), &head)
+            .map_err(|e| field(&kind, e))?
+            .with_key(options_key);
         let timeout = |v: Option<u64>, default: Duration, name: &'static str| match v {
             None => Ok(default),
             Some(ms) if (1..=MAX_TIMEOUT_MS).contains(&ms) => Ok(Duration::from_millis(ms)),
@@ -535,13 +421,9 @@ fn validate(raw: RawRegistry, file: &Path, base: &Path) -> Result<Vec<ModelSpec>
             lazy: m.lazy,
             fallback: m.fallback,
             description: m.description,
-            onnx: m.onnx.unwrap_or_default(),
-            torch,
+            options,
             signal: m.signal,
-            missing: m.missing.unwrap_or(match kind {
-                ModelKind::Lightgbm | ModelKind::Xgboost => MissingPolicy::Nan,
-                _ => MissingPolicy::Reject,
-            }),
+            missing: m.missing,
             limits,
         });
     }
@@ -595,7 +477,7 @@ fn check_fallbacks(specs: &[ModelSpec], file: &Path) -> Result<(), ConfigError> 
         let err = |message: String| ConfigError::Field {
             file: file.to_path_buf(),
             model: s.name.clone(),
-            field: "fallback",
+            field: "fallback".into(),
             message,
         };
         if !by_name.contains_key(fb.as_str()) {

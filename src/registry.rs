@@ -17,12 +17,10 @@ use std::time::Instant;
 
 use crate::audit::{AuditEntry, AuditError, AuditEvent, AuditStore};
 use crate::checksum::{check_file, read_and_hash, FileError};
-use crate::config::{
-    load_registry_file, ConfigError, MissingPolicy, ModelSpec, OnnxOptions, TorchOptions,
-};
-use crate::model::tree::{ParsedTrees, TreeModel};
+use crate::config::{load_registry_file_with, ConfigError, ModelSpec};
 use crate::model::{
-    lightgbm, onnx, xgboost, Aliased, Model, ModelError, ModelInfo, ModelKind, TaskType,
+    onnx, LoadContext, Loaded, Loaders, MissingPolicy, ModelError, ModelInfo, ModelLoader,
+    ServedModel, TaskType,
 };
 
 /// Why a model could not be served.
@@ -37,6 +35,14 @@ pub enum RegistryError {
         expected: String,
         actual: String,
     },
+    /// The model file could not be read or made into a model: the
+    /// format's own error is the source.
+    #[error("model '{model}': {source}")]
+    Model {
+        model: String,
+        #[source]
+        source: Arc<ModelError>,
+    },
     #[error("model '{model}': {message}")]
     Load { model: String, message: String },
 }
@@ -44,7 +50,7 @@ pub enum RegistryError {
 /// A model as served: the model itself and whether a fallback stands in.
 #[derive(Clone)]
 pub struct Served {
-    pub model: Arc<dyn Model>,
+    pub model: Arc<ServedModel>,
     /// The name of the model that was asked for, when a fallback serves it.
     pub fallback_for: Option<String>,
 }
@@ -54,13 +60,11 @@ pub struct Served {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct CacheKey {
     sha256: String,
-    kind: ModelKind,
+    kind: String,
     task_type: TaskType,
     n_features: usize,
-    onnx: OnnxOptions,
-    torch: TorchOptions,
-    /// torch models check NaN inputs against it themselves.
-    missing: MissingPolicy,
+    /// The kind's options block as written.
+    options: String,
 }
 
 /// Where one entry's load stands.
@@ -72,7 +76,7 @@ enum LoadState {
         deadline: Instant,
         cancel: Arc<crate::deadline::Cancel>,
     },
-    Loaded(Arc<dyn Model>),
+    Loaded(Arc<ServedModel>),
     /// A failure is remembered (a refused file stays refused until reload).
     Failed(RegistryError),
 }
@@ -116,30 +120,76 @@ pub struct RegistryOptions {
     pub onnx: onnx::RuntimeConfig,
 }
 
-/// What a load thread needs: the cache, the audit store, the options.
+/// What a load thread needs: the loaders, the cache, the audit store, the options.
 struct Loader {
-    /// Loaded models by file checksum and everything that shapes loading.
-    by_checksum: Mutex<HashMap<CacheKey, Arc<dyn Model>>>,
+    loaders: Loaders,
+    /// Loaded models by file checksum and everything that shapes loading,
+    /// with the name of the entry that loaded it.
+    by_checksum: Mutex<HashMap<CacheKey, (Loaded, String)>>,
     audit: Option<Arc<AuditStore>>,
     options: RegistryOptions,
 }
 
-pub struct Registry {
-    order: Vec<String>,
-    entries: HashMap<String, Entry>,
-    loader: Arc<Loader>,
+/// Builds a [`Registry`]: the built-in model kinds plus any added with
+/// [`RegistryBuilder::with_loader`], an audit store, options.
+///
+/// ```no_run
+/// # use ml_worker::registry::RegistryBuilder;
+/// # struct MyLoader;
+/// # impl ml_worker::model::ModelLoader for MyLoader {
+/// #     fn kind(&self) -> &str { "mine" }
+/// #     fn load(&self, _: &[u8], _: &ml_worker::model::LoadContext<'_>)
+/// #         -> Result<ml_worker::model::Loaded, ml_worker::model::ModelError> { unimplemented!() }
+/// # }
+/// let registry = RegistryBuilder::new()
+///     .with_loader(MyLoader)
+///     .open(std::path::Path::new("config/models.yaml"))?;
+/// # Ok::<(), ml_worker::config::ConfigError>(())
+/// ```
+#[derive(Clone, Default)]
+pub struct RegistryBuilder {
+    added: Vec<Arc<dyn ModelLoader>>,
+    audit: Option<Arc<AuditStore>>,
+    options: RegistryOptions,
 }
 
-impl Registry {
+impl RegistryBuilder {
+    /// The built-in kinds, no audit store, default options.
+    pub fn new() -> RegistryBuilder {
+        RegistryBuilder::default()
+    }
+
+    /// Adds a model kind (replacing a built-in one of the same name).
+    pub fn with_loader(mut self, loader: impl ModelLoader + 'static) -> RegistryBuilder {
+        self.added.push(Arc::new(loader));
+        self
+    }
+
+    /// Records every model's lifecycle in `audit`.
+    pub fn audit(mut self, audit: Option<Arc<AuditStore>>) -> RegistryBuilder {
+        self.audit = audit;
+        self
+    }
+
+    pub fn options(mut self, options: RegistryOptions) -> RegistryBuilder {
+        self.options = options;
+        self
+    }
+
+    /// The kinds this builder's registry reads, by name.
+    pub fn loaders(&self) -> Loaders {
+        let mut loaders = Loaders::builtin(&self.options.onnx);
+        for l in &self.added {
+            loaders.add(l.clone());
+        }
+        loaders
+    }
+
     /// Reads `models.yaml` and loads the eager models. A model that fails to
     /// load does not fail the registry: it is refused (and audited), and
     /// [`Registry::get`] reports why or serves its fallback.
-    pub fn open(
-        file: &Path,
-        audit: Option<Arc<AuditStore>>,
-        options: RegistryOptions,
-    ) -> Result<Registry, ConfigError> {
-        let specs = load_registry_file(file)?;
+    pub fn open(self, file: &Path) -> Result<Registry, ConfigError> {
+        let specs = load_registry_file_with(file, &self.loaders())?;
         for s in &specs {
             // the size is checked when the model loads (a refusal, audited)
             match check_file(&s.path, u64::MAX) {
@@ -148,21 +198,20 @@ impl Registry {
                     return Err(ConfigError::Field {
                         file: file.to_path_buf(),
                         model: s.name.clone(),
-                        field: "path",
+                        field: "path".into(),
                         message: format!("model file {} {e}", s.path.display()),
                     })
                 }
                 Err(_) => {}
             }
         }
-        Ok(Self::from_specs(specs, audit, options))
+        Ok(self.from_specs(specs))
     }
 
-    pub fn from_specs(
-        specs: Vec<ModelSpec>,
-        audit: Option<Arc<AuditStore>>,
-        options: RegistryOptions,
-    ) -> Registry {
+    /// A registry of validated entries (parsed with [`RegistryBuilder::loaders`]).
+    pub fn from_specs(self, specs: Vec<ModelSpec>) -> Registry {
+        let loaders = self.loaders();
+        let RegistryBuilder { audit, options, .. } = self;
         let order = specs.iter().map(|s| s.name.clone()).collect();
         let entries = specs
             .into_iter()
@@ -184,6 +233,7 @@ impl Registry {
             order,
             entries,
             loader: Arc::new(Loader {
+                loaders,
                 by_checksum: Mutex::new(HashMap::new()),
                 audit,
                 options,
@@ -203,6 +253,43 @@ impl Registry {
         }
         reg
     }
+}
+
+pub struct Registry {
+    order: Vec<String>,
+    entries: HashMap<String, Entry>,
+    loader: Arc<Loader>,
+}
+
+impl Registry {
+    /// [`RegistryBuilder::open`] with the built-in kinds.
+    pub fn open(
+        file: &Path,
+        audit: Option<Arc<AuditStore>>,
+        options: RegistryOptions,
+    ) -> Result<Registry, ConfigError> {
+        RegistryBuilder::new()
+            .audit(audit)
+            .options(options)
+            .open(file)
+    }
+
+    /// [`RegistryBuilder::from_specs`] with the built-in kinds.
+    pub fn from_specs(
+        specs: Vec<ModelSpec>,
+        audit: Option<Arc<AuditStore>>,
+        options: RegistryOptions,
+    ) -> Registry {
+        RegistryBuilder::new()
+            .audit(audit)
+            .options(options)
+            .from_specs(specs)
+    }
+
+    /// The kinds this registry reads.
+    pub fn loaders(&self) -> &Loaders {
+        &self.loader.loaders
+    }
 
     /// Model names in registry order.
     pub fn names(&self) -> &[String] {
@@ -214,7 +301,7 @@ impl Registry {
     }
 
     /// The loaded model, if it is loaded (never loads).
-    pub fn loaded(&self, name: &str) -> Option<Arc<dyn Model>> {
+    pub fn loaded(&self, name: &str) -> Option<Arc<ServedModel>> {
         match &*self.entries.get(name)?.slot.lock() {
             LoadState::Loaded(m) => Some(m.clone()),
             _ => None,
@@ -363,7 +450,7 @@ impl Registry {
 
     /// Waits for the entry's load, at most until its deadline; a load that
     /// passes it is refused (audited) and its thread abandoned.
-    fn wait(&self, entry: &Entry) -> Result<Arc<dyn Model>, RegistryError> {
+    fn wait(&self, entry: &Entry) -> Result<Arc<ServedModel>, RegistryError> {
         let mut state = entry.slot.lock();
         loop {
             match &*state {
@@ -407,7 +494,7 @@ impl Registry {
         }
     }
 
-    fn load(&self, entry: &Entry) -> Result<Arc<dyn Model>, RegistryError> {
+    fn load(&self, entry: &Entry) -> Result<Arc<ServedModel>, RegistryError> {
         self.start(entry);
         self.wait(entry)
     }
@@ -417,7 +504,7 @@ impl Loader {
     /// Reads the file once (hashing as it reads), checks the pin, parses
     /// those same bytes. Verify and Load rows must reach the audit store,
     /// or the model is not served.
-    fn load_spec(&self, spec: &ModelSpec) -> Result<Arc<dyn Model>, RegistryError> {
+    fn load_spec(&self, spec: &ModelSpec) -> Result<Arc<ServedModel>, RegistryError> {
         let started = Instant::now();
         let fail = |message: String| RegistryError::Load {
             model: spec.name.clone(),
@@ -467,28 +554,12 @@ impl Loader {
             ))
         })?;
 
-        let info = ModelInfo {
-            name: spec.name.clone(),
-            version,
-            kind: spec.kind,
-            sha256: sha.clone(),
-            path: spec.path.clone(),
-            features: spec.features.clone(),
-            target: spec.target.clone(),
-            task_type: spec.task_type,
-            n_outputs: 1,
-            n_classes: None,
-            detail: String::new(),
-            load_time: Default::default(),
-        };
         let key = CacheKey {
             sha256: sha.clone(),
-            kind: spec.kind,
+            kind: spec.kind.clone(),
             task_type: spec.task_type,
             n_features: spec.features.len(),
-            onnx: spec.onnx.clone(),
-            torch: spec.torch.clone(),
-            missing: spec.missing,
+            options: spec.options.key().to_string(),
         };
         let cached = self
             .by_checksum
@@ -496,30 +567,51 @@ impl Loader {
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
             .cloned();
-        let model = match cached {
-            Some(inner) => shared(inner, info, started),
-            None => match load_file(spec, &bytes, info, started, &self.options.onnx) {
-                Ok(m) => m,
-                Err(e) => {
-                    let err = fail(e.to_string());
-                    self.audit(AuditEvent::Refuse, spec, None, &sha, err.to_string())
-                        .ok(); // logged inside
-                    return Err(err);
-                }
+        let refuse = |err: RegistryError| {
+            self.audit(AuditEvent::Refuse, spec, None, &sha, err.to_string())
+                .ok(); // logged inside
+            err
+        };
+        let (loaded, shared_with) = match cached {
+            Some((loaded, owner)) => (loaded, Some(owner)),
+            None => match self.load_file(spec, &bytes) {
+                Ok(loaded) => (loaded, None),
+                Err(e) => return Err(refuse(e)),
             },
         };
+        let detail = match &shared_with {
+            Some(owner) => format!("{} (shared with '{owner}')", loaded.detail),
+            None => loaded.detail.clone(),
+        };
+        let info = ModelInfo {
+            name: spec.name.clone(),
+            version,
+            kind: spec.kind.clone(),
+            sha256: sha.clone(),
+            path: spec.path.clone(),
+            features: spec.features.clone(),
+            target: spec.target.clone(),
+            task_type: spec.task_type,
+            n_outputs: loaded.n_outputs,
+            n_classes: loaded.n_classes,
+            detail,
+            missing: spec.missing.unwrap_or(if loaded.handles_missing {
+                MissingPolicy::Nan
+            } else {
+                MissingPolicy::Reject
+            }),
+            load_time: started.elapsed(),
+        };
+        let model = Arc::new(ServedModel::new(info, loaded.model.clone()));
         let i = model.info();
         if let (Some(max), Some(k)) = (
             spec.signal.as_ref().and_then(|r| r.max_class()),
             i.n_classes,
         ) {
             if max >= k {
-                let err = fail(format!(
+                return Err(refuse(fail(format!(
                     "field 'signal' maps class {max} but the model has {k} classes"
-                ));
-                self.audit(AuditEvent::Refuse, spec, None, &sha, err.to_string())
-                    .ok(); // logged inside
-                return Err(err);
+                ))));
             }
         }
         self.audit(
@@ -535,11 +627,13 @@ impl Loader {
             ))
         })?;
         tracing::info!(model = %i.name, version = %i.version, kind = %i.kind, sha256 = %i.sha256, detail = %i.detail, "model loaded");
-        self.by_checksum
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key)
-            .or_insert_with(|| model.clone());
+        if shared_with.is_none() {
+            self.by_checksum
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(key)
+                .or_insert_with(|| (loaded, spec.name.clone()));
+        }
         Ok(model)
     }
 
@@ -585,114 +679,55 @@ fn entry_for(info: &ModelInfo) -> AuditEntry {
     }
 }
 
-/// Serves an already loaded model under another entry's name and version.
-fn shared(inner: Arc<dyn Model>, mut info: ModelInfo, started: Instant) -> Arc<dyn Model> {
-    let src = inner.info();
-    info.n_outputs = src.n_outputs;
-    info.n_classes = src.n_classes;
-    info.detail = format!("{} (shared with '{}')", src.detail, src.name);
-    info.load_time = started.elapsed();
-    Arc::new(Aliased { info, inner })
-}
-
-/// Parses a model file by kind and checks it against the registry entry.
-fn load_file(
-    spec: &ModelSpec,
-    bytes: &[u8],
-    info: ModelInfo,
-    started: Instant,
-    onnx_rt: &onnx::RuntimeConfig,
-) -> Result<Arc<dyn Model>, ModelError> {
-    let elapsed = || started.elapsed();
-    Ok(match spec.kind {
-        ModelKind::Lightgbm => {
-            let text = std::str::from_utf8(bytes).map_err(|_| ModelError::Format {
-                path: spec.path.clone(),
-                format: "LightGBM",
-                reason: "not UTF-8 text (is this a binary or pickled model?)".into(),
+impl Loader {
+    /// The entry's loader makes a model of the verified bytes; its answer
+    /// is checked to be a model of the entry's task.
+    fn load_file(&self, spec: &ModelSpec, bytes: &[u8]) -> Result<Loaded, RegistryError> {
+        let model_err = |source: ModelError| RegistryError::Model {
+            model: spec.name.clone(),
+            source: Arc::new(source),
+        };
+        let loader = self
+            .loaders
+            .get(&spec.kind)
+            .ok_or_else(|| RegistryError::Load {
+                model: spec.name.clone(),
+                message: format!(
+                    "no loader for kind '{}' (the kinds available: {})",
+                    spec.kind,
+                    self.loaders.kinds().join(", ")
+                ),
             })?;
-            let mut m = tree_model(lightgbm::parse(text, &spec.path)?, info)?;
-            m.info.load_time = elapsed();
-            Arc::new(m)
+        let ctx = LoadContext {
+            name: &spec.name,
+            path: &spec.path,
+            features: &spec.features,
+            task_type: spec.task_type,
+            max_bytes: spec.limits.max_bytes,
+            options: &spec.options,
+        };
+        let loaded = loader.load(bytes, &ctx).map_err(model_err)?;
+        let shape_ok = match (spec.task_type, loaded.n_classes) {
+            (TaskType::Classification, Some(k)) => loaded.n_outputs == 1 && k >= 2,
+            (TaskType::Regression, None) => loaded.n_outputs >= 1,
+            _ => false,
+        };
+        if !shape_ok {
+            return Err(model_err(ModelError::Unsupported(format!(
+                "the '{}' loader made a {} model of {} value(s) per row and {} classes; \
+                 a {} model needs {}",
+                spec.kind,
+                spec.task_type,
+                loaded.n_outputs,
+                loaded.n_classes.map_or("no".to_string(), |k| k.to_string()),
+                spec.task_type,
+                match spec.task_type {
+                    TaskType::Classification =>
+                        "one value per row (the class) and 2 or more classes",
+                    TaskType::Regression => "one or more values per row and no classes",
+                }
+            ))));
         }
-        ModelKind::Xgboost => {
-            let mut m = tree_model(xgboost::parse(bytes, &spec.path)?, info)?;
-            m.info.load_time = elapsed();
-            Arc::new(m)
-        }
-        ModelKind::Onnx => {
-            let mut m = onnx::OnnxModel::load(spec, bytes, info, onnx_rt)?;
-            m.info.load_time = elapsed();
-            Arc::new(m)
-        }
-        ModelKind::Pickle => {
-            let mut m = crate::model::pickle::load(spec, bytes, info)?;
-            m.info.load_time = elapsed();
-            Arc::new(m)
-        }
-        #[cfg(feature = "torch")]
-        ModelKind::Torch => {
-            let mut m = crate::model::torch::host::HostedTorch::load(spec, bytes, info)?;
-            m.info.load_time = elapsed();
-            Arc::new(m)
-        }
-        #[cfg(not(feature = "torch"))]
-        ModelKind::Torch => {
-            return Err(ModelError::Unsupported(
-                "kind 'torch' needs ml-worker built with the `torch` feature (`make build`, or \
-                 `cargo build --release --features torch` after `make libtorch`); or export the model to ONNX"
-                    .into(),
-            ))
-        }
-    })
-}
-
-pub(crate) fn tree_model(
-    parsed: ParsedTrees,
-    mut info: ModelInfo,
-) -> Result<TreeModel, ModelError> {
-    let ens = parsed.ensemble;
-    if info.features.len() != ens.n_features {
-        return Err(ModelError::Input(format!(
-            "field 'features' lists {} features but the model file has {}",
-            info.features.len(),
-            ens.n_features
-        )));
+        Ok(loaded)
     }
-    let generic = |n: &str| {
-        n.starts_with("Column_")
-            || (n.starts_with('f') && n[1..].parse::<u32>().is_ok())
-            || n.is_empty()
-    };
-    if parsed
-        .feature_names
-        .iter()
-        .zip(&info.features)
-        .any(|(a, b)| a != b && !generic(a))
-    {
-        tracing::warn!(model = %info.name, file_features = ?parsed.feature_names, "feature names in the model file differ from 'features' (order is taken from 'features')");
-    }
-    match (info.task_type, parsed.n_classes) {
-        (TaskType::Classification, None) => {
-            return Err(ModelError::Input(format!(
-                "field 'task_type' is classification but objective '{}' is not a classification objective",
-                parsed.objective
-            )))
-        }
-        (TaskType::Classification, Some(k)) => {
-            info.n_classes = Some(k);
-            info.n_outputs = 1;
-        }
-        (TaskType::Regression, _) => info.n_outputs = ens.n_groups,
-    }
-    info.detail = format!(
-        "{} {}, {} trees",
-        info.kind,
-        parsed.objective,
-        ens.n_trees()
-    );
-    Ok(TreeModel {
-        info,
-        ensemble: ens,
-    })
 }

@@ -10,8 +10,8 @@
 
 use std::path::{Path, PathBuf};
 
-use ml_worker::config::{MissingPolicy, ModelSpec, OnnxOptions, TorchOptions, TorchOutput};
-use ml_worker::model::{Batch, ImportanceType, ModelKind, TaskType};
+use ml_worker::config::parse_registry;
+use ml_worker::model::{Batch, ImportanceType, MissingPolicy};
 use ml_worker::registry::{Registry, RegistryOptions};
 use serde::Deserialize;
 
@@ -82,49 +82,35 @@ fn check_cases(kind: &str, rel: f64, abs: f64, which: impl Fn(&str) -> bool) -> 
     for g in &cases {
         for file in &g.model_files {
             let name = format!("{}:{file}", g.case);
-            let spec = ModelSpec {
-                name: name.clone(),
-                path: fixtures().join(file),
-                kind: match kind {
-                    "lightgbm" => ModelKind::Lightgbm,
-                    "xgboost" => ModelKind::Xgboost,
-                    "torch" => ModelKind::Torch,
-                    "pickle" => ModelKind::Pickle,
-                    _ => ModelKind::Onnx,
-                },
-                features: g.features.clone(),
-                target: "y".into(),
-                task_type: if g.task_type == "classification" {
-                    TaskType::Classification
-                } else {
-                    TaskType::Regression
-                },
-                version: None,
-                sha256: None,
-                lazy: false,
-                fallback: None,
-                description: None,
-                onnx: OnnxOptions::default(),
-                torch: TorchOptions {
-                    output: g.torch_output.as_deref().map(|o| match o {
-                        "logits" => TorchOutput::Logits,
-                        _ => TorchOutput::Probabilities,
-                    }),
-                    ..TorchOptions::default()
-                },
-                signal: None,
-                missing: if g.missing.as_deref() == Some("reject") {
-                    MissingPolicy::Reject
-                } else {
-                    MissingPolicy::Nan
-                },
-                limits: Default::default(),
-            };
+            // no `missing:`: every case is served with the default policy
+            // its model earns (the pickles' NaN rows included)
+            let mut yaml = format!(
+                "models:\n  - name: {}\n    path: {}\n    kind: {kind}\n    features: {}\n    target: y\n    task_type: {}\n",
+                serde_json::to_string(&name).unwrap(),
+                serde_json::to_string(&fixtures().join(file)).unwrap(),
+                serde_json::to_string(&g.features).unwrap(),
+                g.task_type
+            );
+            if let Some(o) = &g.torch_output {
+                yaml.push_str(&format!("    torch: {{output: {o}}}\n"));
+            }
+            let spec = parse_registry(&yaml, Path::new("golden.yaml"), &fixtures())
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+                .remove(0);
             let reg = Registry::from_specs(vec![spec], None, RegistryOptions::default());
             let model = reg
                 .get(&name)
                 .unwrap_or_else(|e| panic!("{name}: {e}"))
                 .model;
+            // the pickle cases say what their library does with NaN
+            // cases with NaN rows must be served with NaN by default
+            if g.missing.as_deref() == Some("nan") {
+                assert_eq!(
+                    model.info().missing,
+                    MissingPolicy::Nan,
+                    "{name}: missing-value policy"
+                );
+            }
             let nf = g.features.len();
             let data: Vec<f64> = g
                 .inputs

@@ -6,8 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ml_worker::config::MissingPolicy;
-use ml_worker::model::{pickle, Batch, Model, TaskType};
+use ml_worker::model::{pickle, Batch, TaskType};
 use proptest::prelude::*;
 
 fn fixtures() -> PathBuf {
@@ -29,8 +28,8 @@ fn corpus() -> Vec<Vec<u8>> {
 
 /// Reads and converts `bytes` as a pickle model; predicts a row if it loads.
 fn exercise(bytes: &[u8], task: TaskType) {
-    if let Ok(m) = pickle::load_unregistered(bytes, 10, task, MissingPolicy::Nan) {
-        let _ = m.predict_full(Batch::new(&[0.5; 10], 10).unwrap());
+    if let Ok(m) = pickle::load_unregistered(bytes, 10, task) {
+        let _ = m.model.predict(Batch::new(&[0.5; 10], 10).unwrap());
     }
 }
 

@@ -8,14 +8,13 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ml_worker::config::MissingPolicy;
-use ml_worker::model::{pickle, Batch, Model, TaskType};
+use ml_worker::model::{pickle, Batch, TaskType};
 
 fuzz_target!(|data: &[u8]| {
     let _ = pickle::reader::read(data);
     for task in [TaskType::Regression, TaskType::Classification] {
-        if let Ok(m) = pickle::load_unregistered(data, 10, task, MissingPolicy::Nan) {
-            let _ = m.predict_full(Batch::new(&[0.5; 10], 10).unwrap());
+        if let Ok(m) = pickle::load_unregistered(data, 10, task) {
+            let _ = m.model.predict(Batch::new(&[0.5; 10], 10).unwrap());
         }
     }
 });

@@ -10,19 +10,41 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::config::MAX_FEATURES;
-
 use super::tree::{
     FlavorKind, LocalSplit, LocalTree, ParsedTrees, Transform, TreeEnsemble, CATEGORICAL,
     MAX_CAT_WORDS,
 };
 use super::ModelError;
+use super::MAX_FEATURES;
 
 fn err(path: &Path, reason: impl Into<String>) -> ModelError {
     ModelError::Format {
         path: path.to_path_buf(),
         format: "LightGBM",
         reason: reason.into(),
+    }
+}
+
+/// `kind: lightgbm`: LightGBM text models, on the native evaluator.
+pub struct Loader;
+
+impl super::loader::ModelLoader for Loader {
+    fn kind(&self) -> &str {
+        "lightgbm"
+    }
+
+    fn load(
+        &self,
+        bytes: &[u8],
+        ctx: &super::loader::LoadContext<'_>,
+    ) -> Result<super::loader::Loaded, ModelError> {
+        let text = std::str::from_utf8(bytes).map_err(|_| {
+            ctx.format_error(
+                "LightGBM",
+                "not UTF-8 text (is this a binary or pickled model?)",
+            )
+        })?;
+        super::tree::TreeModel::serve(parse(text, ctx.path)?, ctx, "lightgbm")
     }
 }
 

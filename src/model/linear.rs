@@ -5,7 +5,7 @@
 //! `p = 1/(1+exp(-z))`), softmax (multinomial, max-subtracted as
 //! scipy.special.softmax).
 
-use super::{Batch, Model, ModelError, ModelInfo, Output, Prediction};
+use super::{Batch, Model, ModelError, Output, Prediction};
 
 /// How raw scores become outputs.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -46,16 +46,11 @@ impl Linear {
 
 /// A linear model served through the [`Model`] trait.
 pub struct LinearModel {
-    pub info: ModelInfo,
     pub linear: Linear,
 }
 
 impl Model for LinearModel {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn predict_full(&self, batch: Batch<'_>) -> Result<Prediction, ModelError> {
+    fn predict(&self, batch: Batch<'_>) -> Result<Prediction, ModelError> {
         batch.expect_features(self.linear.n_features)?;
         let n = batch.n_rows();
         let k = self.linear.n_outputs();

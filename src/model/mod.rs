@@ -17,6 +17,7 @@
 
 pub mod lightgbm;
 pub mod linear;
+pub mod loader;
 pub mod onnx;
 pub mod pickle;
 #[cfg(feature = "torch")]
@@ -30,6 +31,50 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+pub use loader::{EntryHead, KindOptions, LoadContext, Loaded, Loaders, ModelLoader, OptionsBlock};
+
+/// Most features a model may list.
+pub const MAX_FEATURES: usize = 1_000_000;
+
+/// The `torch` kind: TorchScript through libtorch, in a process of its own.
+#[cfg(feature = "torch")]
+fn torch_loader() -> torch::Loader {
+    torch::Loader
+}
+
+/// The `torch` kind in a build without libtorch: every model of it is
+/// refused, naming the feature, while the other kinds serve.
+#[cfg(not(feature = "torch"))]
+fn torch_loader() -> TorchUnavailable {
+    TorchUnavailable
+}
+
+#[cfg(not(feature = "torch"))]
+struct TorchUnavailable;
+
+#[cfg(not(feature = "torch"))]
+impl ModelLoader for TorchUnavailable {
+    fn kind(&self) -> &str {
+        "torch"
+    }
+
+    fn parse_options(
+        &self,
+        _block: Option<&OptionsBlock>,
+        _entry: &EntryHead<'_>,
+    ) -> Result<KindOptions, String> {
+        Ok(KindOptions::none())
+    }
+
+    fn load(&self, _bytes: &[u8], _ctx: &LoadContext<'_>) -> Result<Loaded, ModelError> {
+        Err(ModelError::Unsupported(
+            "kind 'torch' needs ml-worker built with the `torch` feature (`make build`, or \
+             `cargo build --release --features torch` after `make libtorch`); or export the model to ONNX"
+                .into(),
+        ))
+    }
+}
 
 /// What a model is trained to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -48,25 +93,23 @@ impl fmt::Display for TaskType {
     }
 }
 
-/// The file format of a registered model.
+/// How absent or NaN features are treated: set per model in `models.yaml`
+/// (`missing:`), or, by default, what the loaded model can do
+/// ([`Loaded::handles_missing`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum ModelKind {
-    Lightgbm,
-    Xgboost,
-    Onnx,
-    Pickle,
-    Torch,
+pub enum MissingPolicy {
+    /// Absent features become NaN (the model's own missing-value handling).
+    Nan,
+    /// The row is refused (a dead letter in the worker) naming the feature.
+    Reject,
 }
 
-impl fmt::Display for ModelKind {
+impl fmt::Display for MissingPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            ModelKind::Lightgbm => "lightgbm",
-            ModelKind::Xgboost => "xgboost",
-            ModelKind::Onnx => "onnx",
-            ModelKind::Pickle => "pickle",
-            ModelKind::Torch => "torch",
+            MissingPolicy::Nan => "nan",
+            MissingPolicy::Reject => "reject",
         })
     }
 }
@@ -76,7 +119,8 @@ impl fmt::Display for ModelKind {
 pub struct ModelInfo {
     pub name: String,
     pub version: String,
-    pub kind: ModelKind,
+    /// The `kind` of its registry entry (the loader that read it).
+    pub kind: String,
     pub sha256: String,
     pub path: PathBuf,
     pub features: Vec<String>,
@@ -89,6 +133,9 @@ pub struct ModelInfo {
     pub n_classes: Option<usize>,
     /// A one-line description of the loaded form, e.g. "lightgbm binary, 50 trees".
     pub detail: String,
+    /// What happens to a row with an absent or NaN feature (the entry's
+    /// `missing:`, else what the model can do).
+    pub missing: MissingPolicy,
     #[serde(serialize_with = "ser_duration_us")]
     pub load_time: Duration,
 }
@@ -248,30 +295,17 @@ pub enum ModelError {
     Runtime(String),
 }
 
-/// The one model interface every format implements.
+/// What every model format implements: rows in, one prediction per row out.
+///
+/// A model never sees rows of the wrong width, nor, under
+/// [`MissingPolicy::Reject`], rows with NaN: [`ServedModel`] checks them,
+/// and checks that the answer has one row per input row in the shape the
+/// loader announced ([`Loaded`]), so a model's mistake is an error, never a
+/// panic or a misread output.
 pub trait Model: Send + Sync {
-    /// Name, version, checksum and shape of the model.
-    fn info(&self) -> &ModelInfo;
-
-    /// One output per row: the value(s) for regression, the class index for
-    /// classification.
-    fn predict(&self, batch: Batch<'_>) -> Result<Output, ModelError> {
-        Ok(self.predict_full(batch)?.values)
-    }
-
-    /// Per-class probabilities (classification models only).
-    fn predict_proba(&self, batch: Batch<'_>) -> Result<Output, ModelError> {
-        self.predict_full(batch)?.probabilities.ok_or_else(|| {
-            ModelError::Unsupported(format!(
-                "model '{}' is a {} model and has no class probabilities",
-                self.info().name,
-                self.info().task_type
-            ))
-        })
-    }
-
-    /// Values and probabilities from one pass over the batch.
-    fn predict_full(&self, batch: Batch<'_>) -> Result<Prediction, ModelError>;
+    /// Values (regression: the predicted value(s); classification: the
+    /// class index) and, for classifiers, per-class probabilities.
+    fn predict(&self, batch: Batch<'_>) -> Result<Prediction, ModelError>;
 
     /// Per-feature importance, in `features` order, where the format records it.
     fn feature_importance(&self, _kind: ImportanceType) -> Option<Vec<f64>> {
@@ -279,42 +313,123 @@ pub trait Model: Send + Sync {
     }
 }
 
-/// Checks a batch against a model's registered features: the feature count,
-/// and, unless `allow_nan` (`missing: nan`), an error naming the first NaN
-/// (missing) feature, for models that would otherwise take NaN silently.
-pub fn check_input(batch: &Batch<'_>, info: &ModelInfo, allow_nan: bool) -> Result<(), ModelError> {
-    batch.expect_features(info.features.len())?;
-    if allow_nan {
-        return Ok(());
+/// A loaded model as the registry serves it: what it is ([`ModelInfo`],
+/// built once by the registry) and the format's [`Model`].
+pub struct ServedModel {
+    info: ModelInfo,
+    model: std::sync::Arc<dyn Model>,
+}
+
+impl ServedModel {
+    pub fn new(info: ModelInfo, model: std::sync::Arc<dyn Model>) -> ServedModel {
+        ServedModel { info, model }
     }
-    match batch.data().iter().position(|v| v.is_nan()) {
-        None => Ok(()),
-        Some(i) => {
-            let (row, col) = (i / batch.n_features(), i % batch.n_features());
-            Err(ModelError::Input(format!(
-                "feature '{}' is missing or NaN in row {row}; model '{}' does not accept missing values (missing: reject)",
-                info.features.get(col).map_or("?", String::as_str),
-                info.name
+
+    /// Name, version, checksum and shape of the model.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// The format's model (shared by entries that load the same file).
+    pub fn inner(&self) -> &std::sync::Arc<dyn Model> {
+        &self.model
+    }
+
+    /// Why `row` cannot be served under this model's missing-value policy
+    /// (the first absent or NaN feature), if it cannot. The one place the
+    /// policy is decided: the worker, `predict` and [`ServedModel::predict_full`]
+    /// all ask here.
+    pub fn missing_problem(&self, row: &[f64]) -> Option<String> {
+        if self.info.missing == MissingPolicy::Nan {
+            return None;
+        }
+        let col = row.iter().position(|v| v.is_nan())?;
+        Some(format!(
+            "feature '{}' is missing or NaN; model '{}' does not accept missing values (missing: reject)",
+            self.info.features.get(col).map_or("?", String::as_str),
+            self.info.name
+        ))
+    }
+
+    /// Values and probabilities from one pass over the batch. Fails on a
+    /// batch of the wrong width, on a row the missing-value policy refuses
+    /// (callers that serve rows one by one check [`ServedModel::missing_problem`]
+    /// first), and on an answer in the wrong shape.
+    pub fn predict_full(&self, batch: Batch<'_>) -> Result<Prediction, ModelError> {
+        batch.expect_features(self.info.features.len())?;
+        if self.info.missing == MissingPolicy::Reject {
+            if let Some(i) = batch.data().iter().position(|v| v.is_nan()) {
+                let row = i / batch.n_features();
+                let why = self.missing_problem(batch.row(row)).unwrap_or_default();
+                return Err(ModelError::Input(format!("row {row}: {why}")));
+            }
+        }
+        if batch.n_rows() == 0 {
+            return Ok(Prediction::empty(&self.info));
+        }
+        let p = self.model.predict(batch)?;
+        self.check_shape(&p, batch.n_rows())?;
+        Ok(p)
+    }
+
+    /// One output per row: the value(s) for regression, the class index for
+    /// classification.
+    pub fn predict(&self, batch: Batch<'_>) -> Result<Output, ModelError> {
+        Ok(self.predict_full(batch)?.values)
+    }
+
+    /// Per-class probabilities (classification models only).
+    pub fn predict_proba(&self, batch: Batch<'_>) -> Result<Output, ModelError> {
+        self.predict_full(batch)?.probabilities.ok_or_else(|| {
+            ModelError::Unsupported(format!(
+                "model '{}' is a {} model and has no class probabilities",
+                self.info.name, self.info.task_type
+            ))
+        })
+    }
+
+    /// Per-feature importance, in `features` order, where the format records
+    /// it (one value per feature, or nothing).
+    pub fn feature_importance(&self, kind: ImportanceType) -> Option<Vec<f64>> {
+        self.model
+            .feature_importance(kind)
+            .filter(|v| v.len() == self.info.features.len())
+    }
+
+    fn check_shape(&self, p: &Prediction, rows: usize) -> Result<(), ModelError> {
+        let bad = |what: String| {
+            Err(ModelError::Runtime(format!(
+                "model '{}' answered {what}",
+                self.info.name
             )))
+        };
+        let v = &p.values;
+        if v.width != self.info.n_outputs || v.values.len() != rows * v.width {
+            return bad(format!(
+                "{} values of width {} for {rows} rows (expected width {})",
+                v.values.len(),
+                v.width,
+                self.info.n_outputs
+            ));
+        }
+        match (&p.probabilities, self.info.n_classes) {
+            (None, None) => Ok(()),
+            (Some(pr), Some(k)) if pr.width == k && pr.values.len() == rows * k => Ok(()),
+            (Some(pr), _) => bad(format!(
+                "{} probabilities of width {} for {rows} rows (expected {:?} classes)",
+                pr.values.len(),
+                pr.width,
+                self.info.n_classes
+            )),
+            (None, Some(k)) => bad(format!("no probabilities (expected {k} classes)")),
         }
     }
 }
 
-/// Serves a loaded model under another registry entry's name, so that two
-/// entries pointing at the same file share one loaded copy.
-pub struct Aliased {
-    pub info: ModelInfo,
-    pub inner: std::sync::Arc<dyn Model>,
-}
-
-impl Model for Aliased {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-    fn predict_full(&self, batch: Batch<'_>) -> Result<Prediction, ModelError> {
-        self.inner.predict_full(batch)
-    }
-    fn feature_importance(&self, kind: ImportanceType) -> Option<Vec<f64>> {
-        self.inner.feature_importance(kind)
+impl fmt::Debug for ServedModel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServedModel")
+            .field("info", &self.info)
+            .finish()
     }
 }

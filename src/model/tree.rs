@@ -26,7 +26,8 @@
 use std::hint::select_unpredictable;
 use std::sync::OnceLock;
 
-use super::{Batch, ImportanceType, Model, ModelError, ModelInfo, Output, Prediction};
+use super::loader::{LoadContext, Loaded};
+use super::{Batch, ImportanceType, Model, ModelError, Output, Prediction};
 
 mod quick;
 
@@ -40,30 +41,80 @@ pub struct ParsedTrees {
     pub n_classes: Option<usize>,
 }
 
-/// A LightGBM or XGBoost model served by the native evaluator.
+/// A tree ensemble served by the native evaluator.
 pub struct TreeModel {
-    pub info: ModelInfo,
     pub ensemble: TreeEnsemble,
+    /// Probabilities and the argmax class, rather than values.
+    pub classification: bool,
 }
 
 impl Model for TreeModel {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn predict_full(&self, batch: Batch<'_>) -> Result<Prediction, ModelError> {
+    fn predict(&self, batch: Batch<'_>) -> Result<Prediction, ModelError> {
         batch.expect_features(self.ensemble.n_features)?;
-        let classification = self.info.task_type == super::TaskType::Classification;
         Ok(predict_trees(
             &self.ensemble,
             batch.data(),
             batch.n_rows(),
-            classification,
+            self.classification,
         ))
     }
 
     fn feature_importance(&self, kind: ImportanceType) -> Option<Vec<f64>> {
         Some(self.ensemble.importance(kind))
+    }
+}
+
+impl TreeModel {
+    /// Checks a parsed tree model file against its registry entry (feature
+    /// count, task type) and describes it: `format` names the file format
+    /// in the detail line ("lightgbm binary, 50 trees").
+    pub fn serve(
+        parsed: ParsedTrees,
+        ctx: &LoadContext<'_>,
+        format: &str,
+    ) -> Result<Loaded, ModelError> {
+        let ens = parsed.ensemble;
+        if ctx.features.len() != ens.n_features {
+            return Err(ModelError::Input(format!(
+                "field 'features' lists {} features but the model file has {}",
+                ctx.features.len(),
+                ens.n_features
+            )));
+        }
+        let generic = |n: &str| {
+            n.starts_with("Column_")
+                || (n.starts_with('f') && n[1..].parse::<u32>().is_ok())
+                || n.is_empty()
+        };
+        if parsed
+            .feature_names
+            .iter()
+            .zip(ctx.features)
+            .any(|(a, b)| a != b && !generic(a))
+        {
+            tracing::warn!(model = %ctx.name, file_features = ?parsed.feature_names, "feature names in the model file differ from 'features' (order is taken from 'features')");
+        }
+        let classification = ctx.task_type == super::TaskType::Classification;
+        let (n_outputs, n_classes) = match (classification, parsed.n_classes) {
+            (true, None) => {
+                return Err(ModelError::Input(format!(
+                    "field 'task_type' is classification but objective '{}' is not a classification objective",
+                    parsed.objective
+                )))
+            }
+            (true, Some(k)) => (1, Some(k)),
+            (false, _) => (ens.n_groups, None),
+        };
+        Ok(Loaded {
+            detail: format!("{format} {}, {} trees", parsed.objective, ens.n_trees()),
+            n_outputs,
+            n_classes,
+            handles_missing: true,
+            model: std::sync::Arc::new(TreeModel {
+                ensemble: ens,
+                classification,
+            }),
+        })
     }
 }
 

@@ -24,6 +24,23 @@ fn err(path: &Path, reason: impl Into<String>) -> ModelError {
     }
 }
 
+/// `kind: xgboost`: XGBoost JSON and UBJSON models, on the native evaluator.
+pub struct Loader;
+
+impl super::loader::ModelLoader for Loader {
+    fn kind(&self) -> &str {
+        "xgboost"
+    }
+
+    fn load(
+        &self,
+        bytes: &[u8],
+        ctx: &super::loader::LoadContext<'_>,
+    ) -> Result<super::loader::Loaded, ModelError> {
+        super::tree::TreeModel::serve(parse(bytes, ctx.path)?, ctx, "xgboost")
+    }
+}
+
 /// Parses an XGBoost model from JSON text or UBJSON bytes (detected from the
 /// first byte: `{` followed by `"` or whitespace is JSON).
 pub fn parse(bytes: &[u8], path: &Path) -> Result<ParsedTrees, ModelError> {
@@ -213,7 +230,7 @@ fn from_document(doc: &Value) -> Result<ParsedTrees, String> {
         .map(|v| count(v, "num_target"))
         .transpose()?
         .unwrap_or(1);
-    if n_features > crate::config::MAX_FEATURES || num_class > 100_000 || num_target > 100_000 {
+    if n_features > super::MAX_FEATURES || num_class > 100_000 || num_target > 100_000 {
         return Err(format!(
             "implausible model shape: num_feature={n_features}, num_class={num_class}, num_target={num_target}"
         ));

@@ -17,7 +17,7 @@ use rdkafka::message::OwnedHeaders;
 
 use crate::config::MissingPolicy;
 use crate::events::{Codec, DecodeError, FeatureEvent, FeatureScan};
-use crate::model::Model;
+use crate::model::ServedModel;
 use crate::registry::{Readiness, Registry};
 use crate::signal::SignalRule;
 use crate::worker::config::{BatchLimits, WorkerConfig};
@@ -85,7 +85,7 @@ pub struct Route {
 
 /// The model that serves a route, once known.
 pub struct Serving {
-    pub model: Arc<dyn Model>,
+    pub model: Arc<ServedModel>,
     /// A fallback model serves the route's name.
     pub fallback: bool,
     /// The serving model's signal rule.
@@ -95,8 +95,12 @@ pub struct Serving {
     /// rows (`None`: absent, NaN); `None` when the layouts are the same (a
     /// lazy model's fallback may list other features).
     remap: Option<Vec<Option<usize>>>,
-    /// The serving model's missing-value policy (applied after a remap).
+    /// The serving model's missing-value policy.
     missing: MissingPolicy,
+    /// Rows come from a route that did not apply that policy already (a
+    /// lazy model's route is made before its policy is known, a fallback
+    /// has its own): [`Serving::rows`] applies it.
+    check_missing: bool,
 }
 
 impl Serving {
@@ -106,6 +110,7 @@ impl Serving {
     fn resolve(
         name: &str,
         columns: Option<&[String]>,
+        route_missing: Option<MissingPolicy>,
         registry: &Registry,
     ) -> Result<Arc<Serving>, String> {
         let served = registry.get(name).map_err(|e| e.to_string())?;
@@ -129,8 +134,11 @@ impl Serving {
             fallback: served.fallback_for.is_some(),
             signal: spec.signal.clone(),
             inference_timeout: spec.limits.inference_timeout,
+            // `None`: the route takes this policy itself
+            check_missing: info.missing == MissingPolicy::Reject
+                && (remap.is_some() || route_missing == Some(MissingPolicy::Nan)),
             remap,
-            missing: spec.missing,
+            missing: info.missing,
             model: served.model,
         }))
     }
@@ -139,28 +147,31 @@ impl Serving {
     /// layouts agree, else the remapped rows and, per row, why it cannot be
     /// served (a feature the serving model rejects as missing).
     pub fn rows(&self, rows: Vec<f64>, n_rows: usize) -> (Vec<f64>, Vec<(u32, String)>) {
-        let Some(map) = &self.remap else {
-            return (rows, Vec::new());
+        let mut out = match &self.remap {
+            None if !self.check_missing => return (rows, Vec::new()),
+            None => rows,
+            Some(map) => {
+                let nf_in = rows.len().checked_div(n_rows).unwrap_or(0);
+                let mut out = Vec::with_capacity(n_rows * map.len());
+                for row in rows.chunks_exact(nf_in.max(1)).take(n_rows) {
+                    out.extend(map.iter().map(|c| c.map_or(f64::NAN, |c| row[c])));
+                }
+                out
+            }
         };
-        let nf_in = rows.len().checked_div(n_rows).unwrap_or(0);
-        let names = &self.model.info().features;
-        let mut out = Vec::with_capacity(n_rows * map.len());
         let mut bad = Vec::new();
-        for r in 0..n_rows {
-            let row = &rows[r * nf_in..(r + 1) * nf_in];
-            let start = out.len();
-            out.extend(map.iter().map(|c| c.map_or(f64::NAN, |c| row[c])));
-            if self.missing == MissingPolicy::Reject {
-                if let Some(j) = out[start..].iter().position(|v| v.is_nan()) {
-                    bad.push((
-                        r as u32,
-                        format!(
-                            "feature '{}' is missing; model '{}' (serving as fallback) rejects missing values",
-                            names[j],
-                            self.model.info().name
-                        ),
-                    ));
-                    out[start..].fill(0.0);
+        if self.check_missing {
+            let nf = self.model.info().features.len().max(1);
+            for (r, row) in out.chunks_exact_mut(nf).enumerate() {
+                if let Some(why) = self.model.missing_problem(row) {
+                    let why = if self.fallback {
+                        format!("{why} (serving as fallback)")
+                    } else {
+                        why
+                    };
+                    bad.push((r as u32, why));
+                    // the batch goes on without it
+                    row.fill(0.0);
                 }
             }
         }
@@ -188,7 +199,7 @@ impl Route {
         };
         match registry.readiness(name) {
             Readiness::Settled => {
-                let serving = Serving::resolve(name, None, registry)?;
+                let serving = Serving::resolve(name, None, None, registry)?;
                 let route = make(&serving.model.info().features, serving.missing);
                 let _ = route.serving.set(Ok(serving));
                 route
@@ -198,7 +209,13 @@ impl Route {
             }
             Readiness::Pending => {
                 registry.start_loading(name);
-                Ok(make(&spec.features, spec.missing))
+                // its policy is known once it loads: until then absent
+                // features are NaN, and the serving model's policy is
+                // applied to the rows ([`Serving::rows`])
+                Ok(make(
+                    &spec.features,
+                    spec.missing.unwrap_or(MissingPolicy::Nan),
+                ))
             }
         }
     }
@@ -222,7 +239,14 @@ impl Route {
     /// load, at most until its deadline: call it off the consume thread).
     pub fn serving(&self, registry: &Registry) -> Result<Arc<Serving>, String> {
         self.serving
-            .get_or_init(|| Serving::resolve(&self.name, Some(&self.features), registry))
+            .get_or_init(|| {
+                Serving::resolve(
+                    &self.name,
+                    Some(&self.features),
+                    Some(self.missing),
+                    registry,
+                )
+            })
             .clone()
     }
 

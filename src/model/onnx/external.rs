@@ -429,6 +429,28 @@ pub fn inline(model: &[u8], dir: &Path, limit: u64) -> Result<Option<Inlined>, S
 }
 
 /// SHA256 of an open file's first `size` bytes.
+/// The operator types of the main graph's nodes (`ModelProto.graph.node[*].op_type`).
+pub fn graph_ops(model: &[u8]) -> Result<Vec<String>, String> {
+    let mut ops = Vec::new();
+    for graph in fields(model)?
+        .iter()
+        .filter(|f| f.number == 7 && f.wire == 2)
+    {
+        for node in fields(graph.payload)?
+            .iter()
+            .filter(|f| f.number == 1 && f.wire == 2)
+        {
+            for op in fields(node.payload)?
+                .iter()
+                .filter(|f| f.number == 4 && f.wire == 2)
+            {
+                ops.push(String::from_utf8_lossy(op.payload).into_owned());
+            }
+        }
+    }
+    Ok(ops)
+}
+
 fn sha256_of(f: &File, size: u64) -> std::io::Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];

@@ -23,8 +23,59 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{RunOptions, Session};
 use ort::value::{DynMapValueType, DynValue, Tensor, TensorElementType, ValueType};
 
-use super::{Batch, Model, ModelError, ModelInfo, Output, Prediction, TaskType};
-use crate::config::ModelSpec;
+use super::loader::{EntryHead, KindOptions, LoadContext, Loaded, ModelLoader, OptionsBlock};
+use super::{Batch, Model, ModelError, Output, Prediction, TaskType};
+
+/// `onnx:` in a registry entry: which graph input and outputs to use, when
+/// ambiguous. By default the single float input is used, `probabilities` is
+/// the float output of shape `[N, classes]` (or a ZipMap sequence of maps)
+/// and the prediction is the remaining output.
+#[derive(Debug, Clone, Default, serde::Deserialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct OnnxOptions {
+    /// Name of the graph input that takes the feature matrix.
+    #[serde(default)]
+    pub input: Option<String>,
+    /// Name of the output holding the prediction (value or label).
+    #[serde(default)]
+    pub prediction: Option<String>,
+    /// Name of the output holding class probabilities.
+    #[serde(default)]
+    pub probabilities: Option<String>,
+}
+
+/// `kind: onnx`: ONNX models through ONNX Runtime.
+pub struct Loader {
+    runtime: RuntimeConfig,
+}
+
+impl Loader {
+    /// A loader that finds ONNX Runtime through `runtime`.
+    pub fn new(runtime: RuntimeConfig) -> Loader {
+        Loader { runtime }
+    }
+}
+
+impl ModelLoader for Loader {
+    fn kind(&self) -> &str {
+        "onnx"
+    }
+
+    fn parse_options(
+        &self,
+        block: Option<&OptionsBlock>,
+        _entry: &EntryHead<'_>,
+    ) -> Result<KindOptions, String> {
+        Ok(KindOptions::new(match block {
+            None => OnnxOptions::default(),
+            Some(b) => b.parse::<OnnxOptions>()?,
+        }))
+    }
+
+    fn load(&self, bytes: &[u8], ctx: &LoadContext<'_>) -> Result<Loaded, ModelError> {
+        OnnxModel::load(ctx, bytes, &self.runtime)
+    }
+}
 
 /// Where to find the ONNX Runtime library.
 #[derive(Debug, Clone, Default)]
@@ -128,7 +179,7 @@ struct OutSel {
 
 /// An ONNX model: one session (ONNX Runtime runs need exclusive access).
 pub struct OnnxModel {
-    pub info: ModelInfo,
+    n_features: usize,
     session: Mutex<Session>,
     input: String,
     input_f64: bool,
@@ -176,22 +227,23 @@ fn classify(ty: &ValueType) -> Option<Shape> {
 impl OnnxModel {
     /// Builds a session from the model bytes and picks its input and outputs.
     pub fn load(
-        spec: &ModelSpec,
+        ctx: &LoadContext<'_>,
         bytes: &[u8],
-        info: ModelInfo,
         rt: &RuntimeConfig,
-    ) -> Result<OnnxModel, ModelError> {
+    ) -> Result<Loaded, ModelError> {
+        let default = OnnxOptions::default();
+        let opts = ctx.options::<OnnxOptions>().unwrap_or(&default);
         let env = environment(rt)?;
         let format_err = |reason: String| ModelError::Format {
-            path: spec.path.clone(),
+            path: ctx.path.to_path_buf(),
             format: "ONNX",
             reason,
         };
         // external tensors are read here, from the model's own folder, so
         // ONNX Runtime never opens a file (it would resolve them against
         // the working directory)
-        let dir = spec.path.parent().unwrap_or(Path::new("."));
-        let budget = spec.limits.max_bytes.saturating_sub(bytes.len() as u64);
+        let dir = ctx.path.parent().unwrap_or(Path::new("."));
+        let budget = ctx.max_bytes.saturating_sub(bytes.len() as u64);
         let (bytes, external) = match external::inline(bytes, dir, budget).map_err(&format_err)? {
             Some((inlined, files)) => (std::borrow::Cow::Owned(inlined), files),
             None => (std::borrow::Cow::Borrowed(bytes), Vec::new()),
@@ -217,7 +269,7 @@ impl OnnxModel {
 
         // input: the named one, else the only one
         let inputs = session.inputs();
-        let input = match &spec.onnx.input {
+        let input = match &opts.input {
             Some(name) => inputs.iter().find(|i| i.name() == name).ok_or_else(|| {
                 format_err(format!(
                     "field 'onnx.input': no input named '{name}' (inputs: {:?})",
@@ -242,10 +294,10 @@ impl OnnxModel {
                         &shape[..]
                     )));
                 }
-                if shape[1] > 0 && shape[1] as usize != spec.features.len() {
+                if shape[1] > 0 && shape[1] as usize != ctx.features.len() {
                     return Err(ModelError::Input(format!(
                         "field 'features' lists {} features but ONNX input '{}' takes {}",
-                        spec.features.len(),
+                        ctx.features.len(),
                         input.name(),
                         shape[1]
                     )));
@@ -302,9 +354,9 @@ impl OnnxModel {
                 })
             })
             .collect();
-        let (prediction, probabilities) = match spec.task_type {
+        let (prediction, probabilities) = match ctx.task_type {
             TaskType::Regression => {
-                let p = match &spec.onnx.prediction {
+                let p = match &opts.prediction {
                     Some(n) => pick(n, "onnx.prediction")?,
                     None => {
                         let floats: Vec<&OutSel> = usable
@@ -325,7 +377,7 @@ impl OnnxModel {
                 (Some(p), None)
             }
             TaskType::Classification => {
-                let probs = match &spec.onnx.probabilities {
+                let probs = match &opts.probabilities {
                     Some(n) => pick(n, "onnx.probabilities")?,
                     None => usable
                         .iter()
@@ -349,7 +401,7 @@ impl OnnxModel {
                             )
                         })?,
                 };
-                let label = match &spec.onnx.prediction {
+                let label = match &opts.prediction {
                     Some(n) => Some(pick(n, "onnx.prediction")?),
                     None => usable
                         .iter()
@@ -360,22 +412,26 @@ impl OnnxModel {
             }
         };
 
-        let mut model = OnnxModel {
-            info,
+        let model = OnnxModel {
+            n_features: ctx.features.len(),
             session: Mutex::new(session),
             input: input_name,
             input_f64,
             prediction,
             probabilities,
         };
+        let handles_missing = external::graph_ops(&bytes)
+            .unwrap_or_default()
+            .iter()
+            .any(|op| op.starts_with("TreeEnsemble"));
         // one probe row: proves the graph runs and fixes the output widths
-        let zeros = vec![0.0; spec.features.len()];
+        let zeros = vec![0.0; ctx.features.len()];
         let probe = model
-            .run(Batch::new(&zeros, spec.features.len())?)
+            .run(Batch::new(&zeros, ctx.features.len())?)
             .map_err(|e| format_err(format!("a probe row of zeros failed: {e}")))?;
-        model.info.n_outputs = probe.values.width;
-        model.info.n_classes = probe.probabilities.as_ref().map(|p| p.width);
-        model.info.detail = format!(
+        let n_outputs = probe.values.width;
+        let n_classes = probe.probabilities.as_ref().map(|p| p.width);
+        let mut detail = format!(
             "onnx, input '{}' ({}), prediction {}, probabilities {}",
             model.input,
             if input_f64 { "float64" } else { "float32" },
@@ -391,13 +447,23 @@ impl OnnxModel {
                 .unwrap_or_else(|| "none".into()),
         );
         for f in &external {
-            model.info.detail.push_str(&format!(
+            detail.push_str(&format!(
                 ", external data '{}' ({} bytes used, sha256 {})",
                 f.location, f.bytes_used, f.sha256
             ));
-            tracing::info!(model = %spec.name, location = %f.location, sha256 = %f.sha256, bytes = f.bytes_used, "onnx external data read");
+            tracing::info!(model = %ctx.name, location = %f.location, sha256 = %f.sha256, bytes = f.bytes_used, "onnx external data read");
         }
-        Ok(model)
+        Ok(Loaded {
+            model: std::sync::Arc::new(model),
+            n_outputs,
+            n_classes,
+            detail,
+            // a tree-ensemble operator records where missing values go
+            // (CatBoost, LightGBM and scikit-learn tree exports); what any
+            // other graph makes of NaN is its own affair: rejected unless
+            // the entry says `missing: nan`
+            handles_missing,
+        })
     }
 
     fn run(&self, batch: Batch<'_>) -> Result<Prediction, ModelError> {
@@ -516,24 +582,8 @@ fn extract(v: &DynValue, kind: OutKind, n: usize) -> Result<Output, String> {
 }
 
 impl Model for OnnxModel {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn predict_full(&self, batch: Batch<'_>) -> Result<Prediction, ModelError> {
-        batch.expect_features(self.info.features.len())?;
-        if batch.n_rows() == 0 {
-            return Ok(Prediction {
-                values: Output {
-                    values: vec![],
-                    width: self.info.n_outputs,
-                },
-                probabilities: self.probabilities.as_ref().map(|_| Output {
-                    values: vec![],
-                    width: self.info.n_classes.unwrap_or(1),
-                }),
-            });
-        }
+    fn predict(&self, batch: Batch<'_>) -> Result<Prediction, ModelError> {
+        batch.expect_features(self.n_features)?;
         self.run(batch)
     }
 }

@@ -14,12 +14,12 @@
 
 use super::numpy::{self, global_name, number, seq, NdArray};
 use super::reader::{kind_name, Graph, Id, Obj};
-use crate::config::ModelSpec;
 use crate::model::linear::{Linear, LinearModel, Link, Scaler};
 use crate::model::tree::{
     FlavorKind, LocalSplit, LocalTree, Transform, TreeEnsemble, TreeModel, DEFAULT_LEFT,
 };
-use crate::model::{lightgbm, xgboost, Model, ModelInfo};
+use crate::model::{lightgbm, xgboost, Model};
+use std::path::Path;
 
 /// Whether a global may appear in a model pickle (as data; never resolved).
 pub fn is_allowed(module: &str, name: &str) -> bool {
@@ -102,6 +102,12 @@ pub struct Converted {
     pub inner: Box<dyn Model>,
     pub n_features: usize,
     pub classifier: bool,
+    /// Values per row (1 for classifiers).
+    pub n_outputs: usize,
+    pub n_classes: Option<usize>,
+    /// The model decides where NaN goes (trees that recorded a side for
+    /// missing values); else NaN inputs are refused by default.
+    pub handles_missing: bool,
 }
 
 /// The class of an object created by NEWOBJ or REDUCE of a class global.
@@ -170,7 +176,7 @@ fn array_f64(g: &Graph, id: Id, what: &str) -> Result<(Vec<usize>, Vec<f64>), St
 }
 
 /// Converts the pickle's root object.
-pub fn convert(g: &Graph, spec: &ModelSpec, info: &ModelInfo) -> Result<Converted, String> {
+pub fn convert(g: &Graph, path: &Path) -> Result<Converted, String> {
     let root = g.root;
     let (module, name) = class_of(g, root).ok_or_else(|| {
         format!(
@@ -201,7 +207,7 @@ pub fn convert(g: &Graph, spec: &ModelSpec, info: &ModelInfo) -> Result<Converte
         let est = *seq(g, last)?
             .get(1)
             .ok_or("a Pipeline step is not (name, estimator)")?;
-        let mut c = estimator(g, est, spec, info)?;
+        let mut c = estimator(g, est, path)?;
         if let Some(n) = out
             .iter()
             .filter_map(Scaler::n_features)
@@ -217,7 +223,7 @@ pub fn convert(g: &Graph, spec: &ModelSpec, info: &ModelInfo) -> Result<Converte
         c.steps = out;
         return Ok(c);
     }
-    estimator(g, root, spec, info)
+    estimator(g, root, path)
 }
 
 fn scaler(g: &Graph, id: Id, class: &str) -> Result<Scaler, String> {
@@ -277,37 +283,28 @@ fn scaler(g: &Graph, id: Id, class: &str) -> Result<Scaler, String> {
     }
 }
 
-fn estimator(g: &Graph, id: Id, spec: &ModelSpec, info: &ModelInfo) -> Result<Converted, String> {
+fn estimator(g: &Graph, id: Id, path: &Path) -> Result<Converted, String> {
     let (module, name) = class_of(g, id).ok_or("not an estimator object")?;
     let class = format!("{module}.{name}");
     let st = state(g, id)?;
-    let mut sub_info = info.clone();
     match class.as_str() {
         "lightgbm.basic.Booster" | "lightgbm.sklearn.LGBMRegressor" | "lightgbm.sklearn.LGBMClassifier" => {
             let booster = if name == "Booster" { id } else { need(g, st, "_Booster", name)? };
             let bst = state(g, booster)?;
             let model = need(g, bst, "_handle", "lightgbm Booster")?;
             let model = text(g, model).ok_or("lightgbm Booster '_handle' is not the model text")?;
-            let parsed = lightgbm::parse(model, &spec.path).map_err(|e| e.to_string())?;
-            let classifier = parsed.n_classes.is_some();
+            let parsed = lightgbm::parse(model, path).map_err(|e| e.to_string())?;
             let native = format!("native LightGBM evaluator ({}, {} trees)", parsed.objective, parsed.ensemble.n_trees());
-            let n_features = parsed.ensemble.n_features;
-            sub_info.kind = crate::model::ModelKind::Lightgbm;
-            let m = crate::registry::tree_model(parsed, sub_info).map_err(|e| e.to_string())?;
-            Ok(Converted { class, native, steps: Vec::new(), inner: Box::new(m), n_features, classifier })
+            Ok(tree_converted(class, native, parsed.ensemble, parsed.n_classes.is_some(), parsed.n_classes, true))
         }
         "xgboost.core.Booster" | "xgboost.sklearn.XGBRegressor" | "xgboost.sklearn.XGBClassifier" => {
             let booster = if name == "Booster" { id } else { need(g, st, "_Booster", name)? };
             let bst = state(g, booster)?;
             let raw = need(g, bst, "handle", "xgboost Booster")?;
             let raw = numpy::bytes_of(g, raw).map_err(|e| format!("xgboost Booster 'handle': {e}"))?;
-            let parsed = xgboost::parse(&raw, &spec.path).map_err(|e| e.to_string())?;
-            let classifier = parsed.n_classes.is_some();
+            let parsed = xgboost::parse(&raw, path).map_err(|e| e.to_string())?;
             let native = format!("native XGBoost evaluator ({}, {} trees)", parsed.objective, parsed.ensemble.n_trees());
-            let n_features = parsed.ensemble.n_features;
-            sub_info.kind = crate::model::ModelKind::Xgboost;
-            let m = crate::registry::tree_model(parsed, sub_info).map_err(|e| e.to_string())?;
-            Ok(Converted { class, native, steps: Vec::new(), inner: Box::new(m), n_features, classifier })
+            Ok(tree_converted(class, native, parsed.ensemble, parsed.n_classes.is_some(), parsed.n_classes, true))
         }
         "sklearn.linear_model._base.LinearRegression"
         | "sklearn.linear_model._ridge.Ridge"
@@ -341,8 +338,8 @@ fn estimator(g: &Graph, id: Id, spec: &ModelSpec, info: &ModelInfo) -> Result<Co
                     }
                 }
             }
-            sub_info.n_outputs = if logistic { 1 } else { k };
-            sub_info.n_classes = logistic.then_some(if k == 1 { 2 } else { k });
+            let n_outputs = if logistic { 1 } else { k };
+            let n_classes = logistic.then_some(if k == 1 { 2 } else { k });
             let native = match link {
                 Link::Identity => format!("native linear model ({k} output{})", if k == 1 { "" } else { "s" }),
                 Link::Logistic => "native linear model (logistic, 2 classes)".to_string(),
@@ -353,9 +350,12 @@ fn estimator(g: &Graph, id: Id, spec: &ModelSpec, info: &ModelInfo) -> Result<Co
                 class,
                 native,
                 steps: Vec::new(),
-                inner: Box::new(LinearModel { info: sub_info, linear }),
+                inner: Box::new(LinearModel { linear }),
                 n_features: nf,
                 classifier: logistic,
+                n_outputs,
+                n_classes,
+                handles_missing: false,
             })
         }
         "sklearn.tree._classes.DecisionTreeRegressor"
@@ -380,8 +380,12 @@ fn estimator(g: &Graph, id: Id, spec: &ModelSpec, info: &ModelInfo) -> Result<Co
             let groups = n_classes.unwrap_or(1);
             let mut ens = TreeEnsemble::empty(FlavorKind::Sklearn, n_features, groups);
             ens.max_nodes = node_limit(g);
+            // trees pickled by scikit-learn >= 1.3 record where missing
+            // values go at every split (and sklearn predicts NaN with them)
+            let mut handles_missing = true;
             for &t in &trees {
                 let tree = tree_of(g, t)?;
+                handles_missing &= tree.has_missing_side;
                 add_sklearn_tree(&mut ens, &tree, n_classes, 1.0)?;
             }
             if trees.len() > 1 || module != "sklearn.tree._classes" {
@@ -394,10 +398,10 @@ fn estimator(g: &Graph, id: Id, spec: &ModelSpec, info: &ModelInfo) -> Result<Co
                 if trees.len() == 1 { "" } else { "s, averaged" },
                 n_classes.map(|k| format!(", {k} classes")).unwrap_or_default()
             );
-            Ok(tree_converted(class, native, ens, classifier, n_classes, sub_info))
+            Ok(tree_converted(class, native, ens, classifier, n_classes, handles_missing))
         }
         "sklearn.ensemble._gb.GradientBoostingRegressor" | "sklearn.ensemble._gb.GradientBoostingClassifier" => {
-            gradient_boosting(g, st, class, name, sub_info)
+            gradient_boosting(g, st, class, name)
         }
         other => Err(format!(
             "{other} is not a supported model class; convert it to ONNX (skl2onnx) or a native format"
@@ -411,11 +415,11 @@ fn tree_converted(
     ens: TreeEnsemble,
     classifier: bool,
     n_classes: Option<usize>,
-    mut info: ModelInfo,
+    handles_missing: bool,
 ) -> Converted {
     let n_features = ens.n_features;
-    info.n_outputs = if classifier { 1 } else { ens.n_groups };
-    info.n_classes = if classifier {
+    let n_outputs = if classifier { 1 } else { ens.n_groups };
+    let n_classes = if classifier {
         Some(n_classes.unwrap_or(2).max(2))
     } else {
         None
@@ -425,11 +429,14 @@ fn tree_converted(
         native,
         steps: Vec::new(),
         inner: Box::new(TreeModel {
-            info,
             ensemble: ens,
+            classification: classifier,
         }),
         n_features,
         classifier,
+        n_outputs,
+        n_classes,
+        handles_missing,
     }
 }
 
@@ -468,6 +475,8 @@ struct SkTree {
     feature: Vec<i64>,
     threshold: Vec<f64>,
     missing_left: Vec<bool>,
+    /// The nodes record a side for missing values (scikit-learn >= 1.3).
+    has_missing_side: bool,
     /// `[node_count, n_outputs * max_n_classes]`
     values: Vec<f64>,
     value_width: usize,
@@ -494,9 +503,9 @@ fn tree_of(g: &Graph, est: Id) -> Result<SkTree, String> {
     let right = to_i(col("right_child")?);
     let feature = to_i(col("feature")?);
     let threshold = col("threshold")?;
-    let missing_left = match nodes.field("missing_go_to_left") {
-        Ok(v) => v.into_iter().map(|x| x != 0.0).collect(),
-        Err(_) => vec![false; n],
+    let (missing_left, has_missing_side) = match nodes.field("missing_go_to_left") {
+        Ok(v) => (v.into_iter().map(|x| x != 0.0).collect(), true),
+        Err(_) => (vec![false; n], false),
     };
     let (vshape, values) = array_f64(g, need(g, ts, "values", "Tree")?, "Tree values")?;
     if vshape.first() != Some(&n) || vshape.len() != 3 {
@@ -512,6 +521,7 @@ fn tree_of(g: &Graph, est: Id) -> Result<SkTree, String> {
         feature,
         threshold,
         missing_left,
+        has_missing_side,
         values,
         value_width,
     })
@@ -649,7 +659,6 @@ fn gradient_boosting(
     st: &[(Id, Id)],
     class: String,
     name: &str,
-    info: ModelInfo,
 ) -> Result<Converted, String> {
     let classifier = name.ends_with("Classifier");
     let loss = get(g, st, "loss").and_then(|v| text(g, v)).unwrap_or("");
@@ -752,6 +761,7 @@ fn gradient_boosting(
             .unwrap_or_default()
     );
     Ok(tree_converted(
-        class, native, ens, classifier, n_classes, info,
+        // scikit-learn's gradient boosting refuses NaN inputs
+        class, native, ens, classifier, n_classes, false,
     ))
 }

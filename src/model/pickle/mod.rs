@@ -14,8 +14,10 @@ pub mod convert;
 pub mod numpy;
 pub mod reader;
 
-use super::{Batch, Model, ModelError, ModelInfo, Prediction};
-use crate::config::{MissingPolicy, ModelSpec};
+use std::path::Path;
+
+use super::loader::{LoadContext, Loaded, ModelLoader};
+use super::{Batch, Model, ModelError, Prediction};
 use crate::model::linear::Scaler;
 
 /// Modules and names whose mere presence makes a pickle hostile: importing
@@ -100,32 +102,39 @@ pub fn is_dangerous(module: &str, name: &str) -> bool {
 
 /// A model rebuilt from a pickle: optional scalers, then a native model.
 pub struct PickleModel {
-    pub info: ModelInfo,
     pub steps: Vec<Scaler>,
     pub inner: Box<dyn Model>,
-    allow_nan: bool,
 }
 
 impl Model for PickleModel {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn predict_full(&self, batch: Batch<'_>) -> Result<Prediction, ModelError> {
-        super::check_input(&batch, &self.info, self.allow_nan)?;
+    fn predict(&self, batch: Batch<'_>) -> Result<Prediction, ModelError> {
         if self.steps.is_empty() {
-            return self.inner.predict_full(batch);
+            return self.inner.predict(batch);
         }
         let n = batch.n_features();
         let mut data = batch.data().to_vec();
         for s in &self.steps {
             s.apply(&mut data, n);
         }
-        self.inner.predict_full(Batch::new(&data, n)?)
+        self.inner.predict(Batch::new(&data, n)?)
     }
 
     fn feature_importance(&self, kind: super::ImportanceType) -> Option<Vec<f64>> {
         self.inner.feature_importance(kind)
+    }
+}
+
+/// `kind: pickle`: scikit-learn, LightGBM and XGBoost pickles, read as data
+/// (never run) and rebuilt as native models.
+pub struct Loader;
+
+impl ModelLoader for Loader {
+    fn kind(&self) -> &str {
+        "pickle"
+    }
+
+    fn load(&self, bytes: &[u8], ctx: &LoadContext<'_>) -> Result<Loaded, ModelError> {
+        load(ctx, bytes)
     }
 }
 
@@ -136,52 +145,23 @@ pub fn load_unregistered(
     bytes: &[u8],
     n_features: usize,
     task_type: super::TaskType,
-    missing: MissingPolicy,
-) -> Result<PickleModel, ModelError> {
+) -> Result<Loaded, ModelError> {
     let features: Vec<String> = (0..n_features).map(|i| format!("f{i}")).collect();
-    let spec = ModelSpec {
-        name: "unregistered".into(),
-        path: "unregistered.pkl".into(),
-        kind: super::ModelKind::Pickle,
-        features: features.clone(),
-        target: "y".into(),
+    let ctx = LoadContext {
+        name: "unregistered",
+        path: Path::new("unregistered.pkl"),
+        features: &features,
         task_type,
-        version: None,
-        sha256: None,
-        lazy: false,
-        fallback: None,
-        description: None,
-        onnx: Default::default(),
-        torch: Default::default(),
-        signal: None,
-        missing,
-        limits: Default::default(),
+        max_bytes: u64::MAX,
+        options: &Default::default(),
     };
-    let info = ModelInfo {
-        name: spec.name.clone(),
-        version: String::new(),
-        kind: spec.kind,
-        sha256: String::new(),
-        path: spec.path.clone(),
-        features,
-        target: spec.target.clone(),
-        task_type,
-        n_outputs: 1,
-        n_classes: None,
-        detail: String::new(),
-        load_time: Default::default(),
-    };
-    load(&spec, bytes, info)
+    load(&ctx, bytes)
 }
 
 /// Reads a pickle file and converts what it holds, per the allowlist.
-pub fn load(
-    spec: &ModelSpec,
-    bytes: &[u8],
-    mut info: ModelInfo,
-) -> Result<PickleModel, ModelError> {
+pub fn load(ctx: &LoadContext<'_>, bytes: &[u8]) -> Result<Loaded, ModelError> {
     let format_err = |reason: String| ModelError::Format {
-        path: spec.path.clone(),
+        path: ctx.path.to_path_buf(),
         format: "pickle",
         reason,
     };
@@ -196,7 +176,7 @@ pub fn load(
         return Err(ModelError::Unsupported(format!(
             "{}: refused: the pickle references {} that could run code if loaded by Python: {} \
              (nothing was run; ml-worker never executes pickles)",
-            spec.path.display(),
+            ctx.path.display(),
             if dangerous.len() == 1 {
                 "a global"
             } else {
@@ -216,7 +196,7 @@ pub fn load(
             "{}: unsupported pickle: it references {} outside the allowlist of model classes: {}; \
              convert the model to ONNX (skl2onnx, onnxmltools) or its native format \
              (LightGBM Booster.save_model, XGBoost save_model to .json/.ubj)",
-            spec.path.display(),
+            ctx.path.display(),
             if unknown.len() == 1 {
                 "a global"
             } else {
@@ -225,22 +205,22 @@ pub fn load(
             unknown.join(", ")
         )));
     }
-    let converted = convert::convert(&graph, spec, &info).map_err(format_err)?;
-    if converted.n_features != spec.features.len() {
+    let converted = convert::convert(&graph, ctx.path).map_err(format_err)?;
+    if converted.n_features != ctx.features.len() {
         return Err(ModelError::Input(format!(
             "field 'features' lists {} features but the pickled model has {}",
-            spec.features.len(),
+            ctx.features.len(),
             converted.n_features
         )));
     }
     let task_ok = matches!(
-        (spec.task_type, converted.classifier),
+        (ctx.task_type, converted.classifier),
         (super::TaskType::Classification, true) | (super::TaskType::Regression, false)
     );
     if !task_ok {
         return Err(ModelError::Input(format!(
             "task_type is {} but the pickle holds a {}",
-            spec.task_type,
+            ctx.task_type,
             if converted.classifier {
                 "classifier"
             } else {
@@ -248,14 +228,14 @@ pub fn load(
             }
         )));
     }
-    let inner_info = converted.inner.info();
-    info.n_outputs = inner_info.n_outputs;
-    info.n_classes = inner_info.n_classes;
-    info.detail = format!("pickle {} -> {}", converted.class, converted.native);
-    Ok(PickleModel {
-        info,
-        steps: converted.steps,
-        inner: converted.inner,
-        allow_nan: spec.missing == MissingPolicy::Nan,
+    Ok(Loaded {
+        detail: format!("pickle {} -> {}", converted.class, converted.native),
+        n_outputs: converted.n_outputs,
+        n_classes: converted.n_classes,
+        handles_missing: converted.handles_missing,
+        model: std::sync::Arc::new(PickleModel {
+            steps: converted.steps,
+            inner: converted.inner,
+        }),
     })
 }

@@ -35,8 +35,8 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use super::shm::{self, Shm};
-use crate::config::{MissingPolicy, ModelSpec, TorchDevice, TorchOutput};
-use crate::model::{Batch, Model, ModelError, ModelInfo, Output, Prediction, TaskType};
+use super::{TorchDevice, TorchOutput};
+use crate::model::{Batch, Model, ModelError, Output, Prediction, TaskType};
 
 /// Largest frame either side reads (a batch of 100,000 rows of 500 features).
 const MAX_FRAME: usize = 512 << 20;
@@ -71,12 +71,11 @@ const SHM_ENV: &str = "ML_WORKER_TORCH_SHM";
 struct LoadRequest {
     name: String,
     path: PathBuf,
-    features: Vec<String>,
+    n_features: usize,
     classification: bool,
     output: Option<String>,
     device: String,
     threads: usize,
-    allow_nan: bool,
 }
 
 /// What the child says about a loaded model.
@@ -349,24 +348,16 @@ fn load_in_child(body: &[u8]) -> Result<(super::TorchModel, Loaded), Failure> {
         .ok_or_else(|| bad("short load request"))?;
     let req: LoadRequest = serde_json::from_slice(json).map_err(|e| bad(&e.to_string()))?;
     let bytes = &body[4 + json_len..];
-    let spec = ModelSpec {
+    let spec = super::TorchSpec {
         name: req.name.clone(),
         path: req.path.clone(),
-        kind: crate::model::ModelKind::Torch,
-        features: req.features.clone(),
-        target: String::new(),
+        n_features: req.n_features,
         task_type: if req.classification {
             TaskType::Classification
         } else {
             TaskType::Regression
         },
-        version: None,
-        sha256: None,
-        lazy: false,
-        fallback: None,
-        description: None,
-        onnx: Default::default(),
-        torch: crate::config::TorchOptions {
+        options: super::TorchOptions {
             output: match req.output.as_deref() {
                 Some("logits") => Some(TorchOutput::Logits),
                 Some(_) => Some(TorchOutput::Probabilities),
@@ -381,34 +372,13 @@ fn load_in_child(body: &[u8]) -> Result<(super::TorchModel, Loaded), Failure> {
             },
             intra_op_threads: req.threads,
         },
-        signal: None,
-        missing: if req.allow_nan {
-            MissingPolicy::Nan
-        } else {
-            MissingPolicy::Reject
-        },
-        limits: Default::default(),
     };
-    let info = ModelInfo {
-        name: spec.name.clone(),
-        version: String::new(),
-        kind: crate::model::ModelKind::Torch,
-        sha256: String::new(),
-        path: spec.path.clone(),
-        features: spec.features.clone(),
-        target: String::new(),
-        task_type: spec.task_type,
-        n_outputs: 1,
-        n_classes: None,
-        detail: String::new(),
-        load_time: Default::default(),
-    };
-    confine(spec.torch.device, spec.torch.intra_op_threads)?;
-    let m = super::TorchModel::load(&spec, bytes, info).map_err(|e| to_failure(&e))?;
+    confine(spec.options.device, spec.options.intra_op_threads)?;
+    let (m, shape) = super::TorchModel::load(&spec, bytes).map_err(|e| to_failure(&e))?;
     let loaded = Loaded {
-        n_outputs: m.info.n_outputs,
-        n_classes: m.info.n_classes,
-        detail: m.info.detail.clone(),
+        n_outputs: shape.n_outputs,
+        n_classes: shape.n_classes,
+        detail: shape.detail,
     };
     Ok((m, loaded))
 }
@@ -466,7 +436,7 @@ fn predict_in_child(
         .f64s(n)
         .ok_or_else(|| bad("the rows are past the shared memory".into()))?;
     let batch = Batch::new(data, nf).map_err(|e| to_failure(&e))?;
-    let p = m.predict_full(batch).map_err(|e| to_failure(&e))?;
+    let p = m.predict(batch).map_err(|e| to_failure(&e))?;
     let mut out = Vec::with_capacity(16 + 8 * p.values.values.len());
     encode_output(&p.values, &mut out);
     match &p.probabilities {
@@ -621,7 +591,10 @@ struct State {
 
 /// A TorchScript model served by a child process.
 pub struct HostedTorch {
-    pub info: ModelInfo,
+    name: String,
+    path: PathBuf,
+    n_outputs: usize,
+    n_classes: Option<usize>,
     /// The load frame's body, kept to start a new child after a crash.
     load: Vec<u8>,
     state: Mutex<State>,
@@ -629,27 +602,32 @@ pub struct HostedTorch {
 
 impl HostedTorch {
     /// Starts a host process and loads `bytes` (the verified file) in it.
-    pub fn load(spec: &ModelSpec, bytes: &[u8], mut info: ModelInfo) -> Result<Self, ModelError> {
+    pub fn load(
+        spec: &super::TorchSpec,
+        bytes: &[u8],
+    ) -> Result<crate::model::loader::Loaded, ModelError> {
         let req = LoadRequest {
             name: spec.name.clone(),
             path: spec.path.clone(),
-            features: spec.features.clone(),
+            n_features: spec.n_features,
             classification: spec.task_type == TaskType::Classification,
-            output: spec.torch.output.map(|o| match o {
+            output: spec.options.output.map(|o| match o {
                 TorchOutput::Logits => "logits".to_string(),
                 TorchOutput::Probabilities => "probabilities".to_string(),
             }),
-            device: spec.torch.device.to_string(),
-            threads: spec.torch.intra_op_threads,
-            allow_nan: spec.missing == MissingPolicy::Nan,
+            device: spec.options.device.to_string(),
+            threads: spec.options.intra_op_threads,
         };
         let json = serde_json::to_vec(&req).map_err(|e| ModelError::Runtime(e.to_string()))?;
         let mut load = Vec::with_capacity(4 + json.len() + bytes.len());
         load.extend_from_slice(&(json.len() as u32).to_le_bytes());
         load.extend_from_slice(&json);
         load.extend_from_slice(bytes);
-        let model = HostedTorch {
-            info: info.clone(),
+        let mut model = HostedTorch {
+            name: spec.name.clone(),
+            path: spec.path.clone(),
+            n_outputs: 1,
+            n_classes: None,
             load,
             state: Mutex::new(State {
                 host: None,
@@ -660,10 +638,16 @@ impl HostedTorch {
             let mut state = model.state.lock().unwrap_or_else(|p| p.into_inner());
             model.start(&mut state)?
         };
-        info.n_outputs = loaded.n_outputs;
-        info.n_classes = loaded.n_classes;
-        info.detail = format!("{} (in its own process)", loaded.detail);
-        Ok(HostedTorch { info, ..model })
+        model.n_outputs = loaded.n_outputs;
+        model.n_classes = loaded.n_classes;
+        Ok(crate::model::loader::Loaded {
+            model: Arc::new(model),
+            n_outputs: loaded.n_outputs,
+            n_classes: loaded.n_classes,
+            detail: format!("{} (in its own process)", loaded.detail),
+            // a network's answer to NaN is NaN or worse: refused by default
+            handles_missing: false,
+        })
     }
 
     /// Starts a child and loads the model in it.
@@ -708,7 +692,7 @@ impl HostedTorch {
         };
         // its stderr (libtorch's warnings): one escaped log line each
         if let Some(err) = child.stderr.take() {
-            let name = self.info.name.clone();
+            let name = self.name.clone();
             let _ = std::thread::Builder::new()
                 .name("torch-host-log".into())
                 .spawn(move || log_lines(err, &name, pid));
@@ -754,7 +738,7 @@ impl HostedTorch {
             Ok((b'e', b)) => {
                 let f: Failure = serde_json::from_slice(&b)
                     .map_err(|e| ModelError::Runtime(format!("torch host: {e}")))?;
-                return Err(from_failure(f, &self.info.path));
+                return Err(from_failure(f, &self.path));
             }
             Ok((t, _)) => {
                 return Err(ModelError::Runtime(format!(
@@ -763,7 +747,7 @@ impl HostedTorch {
             }
             Err(e) => {
                 return Err(ModelError::Format {
-                    path: self.info.path.clone(),
+                    path: self.path.clone(),
                     format: "TorchScript",
                     reason: format!("the process loading it {}", host.failed(&e)),
                 })
@@ -789,7 +773,7 @@ impl HostedTorch {
         // the rows into the shared memory, room for the reply after them
         let data = f64_bytes(batch.data());
         // both at most MAX_WIDTH (checked at load)
-        let width = self.info.n_outputs + self.info.n_classes.unwrap_or(0);
+        let width = self.n_outputs + self.n_classes.unwrap_or(0);
         let need = batch
             .n_rows()
             .saturating_mul(width)
@@ -855,15 +839,13 @@ impl HostedTorch {
                 let fits = |o: &Output, width: usize| {
                     o.width == width && Some(o.values.len()) == rows.checked_mul(width)
                 };
-                match (values, probabilities, self.info.n_classes) {
-                    (Some(values), None, None) if fits(&values, self.info.n_outputs) => {
-                        Ok(Prediction {
-                            values,
-                            probabilities: None,
-                        })
-                    }
+                match (values, probabilities, self.n_classes) {
+                    (Some(values), None, None) if fits(&values, self.n_outputs) => Ok(Prediction {
+                        values,
+                        probabilities: None,
+                    }),
                     (Some(values), Some(Some(p)), Some(k))
-                        if fits(&values, self.info.n_outputs) && fits(&p, k) =>
+                        if fits(&values, self.n_outputs) && fits(&p, k) =>
                     {
                         Ok(Prediction {
                             values,
@@ -872,8 +854,8 @@ impl HostedTorch {
                     }
                     _ => Err(ModelError::Runtime(format!(
                         "torch host: a reply that is not {} output{} for each of {rows} rows",
-                        self.info.n_outputs,
-                        if self.info.n_outputs == 1 { "" } else { "s" }
+                        self.n_outputs,
+                        if self.n_outputs == 1 { "" } else { "s" }
                     ))),
                 }
             }
@@ -881,7 +863,7 @@ impl HostedTorch {
                 state.crashes = 0;
                 let f: Failure = serde_json::from_slice(&b)
                     .map_err(|e| ModelError::Runtime(format!("torch host: {e}")))?;
-                Err(from_failure(f, &self.info.path))
+                Err(from_failure(f, &self.path))
             }
             Ok((t, _)) => Err(ModelError::Runtime(format!(
                 "torch host: unexpected reply {t}"
@@ -890,7 +872,7 @@ impl HostedTorch {
                 let mut host = state.host.take().expect("present");
                 state.crashes += 1;
                 let why = host.failed(&e);
-                tracing::error!(model = %self.info.name, crashes = state.crashes, "torch model process {why}");
+                tracing::error!(model = %self.name, crashes = state.crashes, "torch model process {why}");
                 Err(ModelError::Runtime(format!("the model's process {why}")))
             }
         }
@@ -1024,15 +1006,7 @@ fn signal_name(sig: i32) -> &'static str {
 }
 
 impl Model for HostedTorch {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn predict_full(&self, batch: Batch<'_>) -> Result<Prediction, ModelError> {
-        batch.expect_features(self.info.features.len())?;
-        if batch.n_rows() == 0 {
-            return Ok(Prediction::empty(&self.info));
-        }
+    fn predict(&self, batch: Batch<'_>) -> Result<Prediction, ModelError> {
         self.predict_hosted(batch)
     }
 }

@@ -22,6 +22,7 @@
 
 pub mod host;
 pub mod inspect;
+pub mod options;
 pub mod sandbox;
 pub(crate) mod shm;
 
@@ -30,26 +31,82 @@ use std::io::Cursor;
 
 use tch::{CModule, Device, IValue, Kind, TchError, Tensor};
 
-use super::{Batch, Model, ModelError, ModelInfo, Output, Prediction, TaskType};
-use crate::config::{MissingPolicy, ModelSpec, TorchDevice, TorchOutput};
+use std::path::PathBuf;
+
+use super::loader::{EntryHead, KindOptions, LoadContext, Loaded, ModelLoader, OptionsBlock};
+use super::{Batch, Model, ModelError, Output, Prediction, TaskType};
+pub use options::{TorchDevice, TorchOptions, TorchOutput};
+
+/// `kind: torch`: TorchScript, checked, then run by libtorch in a process
+/// of its own ([`host`]).
+pub struct Loader;
+
+impl ModelLoader for Loader {
+    fn kind(&self) -> &str {
+        "torch"
+    }
+
+    fn parse_options(
+        &self,
+        block: Option<&OptionsBlock>,
+        entry: &EntryHead<'_>,
+    ) -> Result<KindOptions, String> {
+        let raw = block
+            .map(|b| b.parse::<options::RawTorchOptions>())
+            .transpose()?;
+        Ok(KindOptions::new(options::torch_options(
+            raw,
+            entry.task_type,
+        )?))
+    }
+
+    fn load(&self, bytes: &[u8], ctx: &LoadContext<'_>) -> Result<Loaded, ModelError> {
+        let spec = TorchSpec {
+            name: ctx.name.to_string(),
+            path: ctx.path.to_path_buf(),
+            n_features: ctx.features.len(),
+            task_type: ctx.task_type,
+            options: ctx.options::<TorchOptions>().cloned().unwrap_or_default(),
+        };
+        host::HostedTorch::load(&spec, bytes)
+    }
+}
+
+/// What a torch model is loaded as.
+#[derive(Debug, Clone)]
+pub struct TorchSpec {
+    pub name: String,
+    pub path: PathBuf,
+    pub n_features: usize,
+    pub task_type: TaskType,
+    pub options: TorchOptions,
+}
 
 /// A loaded TorchScript module and how to read its output.
 pub struct TorchModel {
-    pub info: ModelInfo,
     module: CModule,
     device: Device,
     output: Option<TorchOutput>,
     threads: usize,
-    /// `missing: nan`: NaN inputs are passed to the model.
-    allow_nan: bool,
+    task_type: TaskType,
+    n_outputs: usize,
+    n_classes: Option<usize>,
     /// The output's width is known (from the load probe): every batch's
     /// must be the same.
     probed: bool,
 }
 
+/// A loaded model's shape and description.
+#[derive(Debug, Clone)]
+pub struct TorchShape {
+    pub n_outputs: usize,
+    pub n_classes: Option<usize>,
+    pub detail: String,
+}
+
 impl TorchModel {
     /// Loads `bytes` (the verified file) as TorchScript on the configured device.
-    pub fn load(spec: &ModelSpec, bytes: &[u8], mut info: ModelInfo) -> Result<Self, ModelError> {
+    pub fn load(spec: &TorchSpec, bytes: &[u8]) -> Result<(Self, TorchShape), ModelError> {
         let format_err = |reason: String| ModelError::Format {
             path: spec.path.clone(),
             format: "TorchScript",
@@ -62,54 +119,61 @@ impl TorchModel {
         if let Some((f, n)) = inspection.inlined_nodes.iter().max_by_key(|(_, n)| *n) {
             tracing::debug!(model = %spec.name, function = %f, nodes = n, "largest TorchScript function once inlined");
         }
-        let device = resolve_device(spec.torch.device).map_err(ModelError::Unsupported)?;
+        let device = resolve_device(spec.options.device).map_err(ModelError::Unsupported)?;
         let mut module = CModule::load_data_on_device(&mut Cursor::new(bytes), device)
             .map_err(|e| format_err(brief(&e)))?;
         module.set_eval();
         let mut model = TorchModel {
-            info: info.clone(),
             module,
             device,
-            output: spec.torch.output,
-            threads: spec.torch.intra_op_threads,
-            allow_nan: spec.missing == MissingPolicy::Nan,
+            output: spec.options.output,
+            threads: spec.options.intra_op_threads,
+            task_type: spec.task_type,
+            n_outputs: 1,
+            n_classes: None,
             probed: false,
         };
-        let n = spec.features.len();
-        let probe = model
-            .predict_full(Batch::new(&vec![0.0; n], n)?)
-            .map_err(|e| {
-                format_err(format!(
-                    "a [1, {n}] float32 input (the {n} registered features) fails: {}",
-                    match e {
-                        ModelError::Runtime(r) | ModelError::Input(r) => r,
-                        other => other.to_string(),
-                    }
-                ))
-            })?;
-        info.n_outputs = probe.values.width;
-        info.n_classes = probe.probabilities.as_ref().map(|p| p.width);
-        info.detail = format!(
+        let n = spec.n_features;
+        let probe = model.predict(Batch::new(&vec![0.0; n], n)?).map_err(|e| {
+            format_err(format!(
+                "a [1, {n}] float32 input (the {n} registered features) fails: {}",
+                match e {
+                    ModelError::Runtime(r) | ModelError::Input(r) => r,
+                    other => other.to_string(),
+                }
+            ))
+        })?;
+        let n_outputs = probe.values.width;
+        let n_classes = probe.probabilities.as_ref().map(|p| p.width);
+        let detail = format!(
             "TorchScript, device {}{}, {} intra-op thread{}, {}",
             device_name(device),
-            match spec.torch.device {
+            match spec.options.device {
                 TorchDevice::Auto => " (auto)",
                 _ => "",
             },
             model.threads,
             if model.threads == 1 { "" } else { "s" },
-            match (info.task_type, model.output, info.n_classes) {
+            match (spec.task_type, model.output, n_classes) {
                 (TaskType::Classification, Some(TorchOutput::Logits), Some(k)) =>
                     format!("{k} classes from logits"),
                 (TaskType::Classification, _, Some(k)) => format!("{k} classes from probabilities"),
-                _ => format!("{} output value(s) per row", info.n_outputs),
+                _ => format!("{n_outputs} output value(s) per row"),
             }
         );
-        tracing::info!(model = %info.name, device = %device_name(device), threads = model.threads,
+        tracing::info!(model = %spec.name, device = %device_name(device), threads = model.threads,
             "torch model loaded");
-        model.info = info;
+        model.n_outputs = n_outputs;
+        model.n_classes = n_classes;
         model.probed = true;
-        Ok(model)
+        Ok((
+            model,
+            TorchShape {
+                n_outputs,
+                n_classes,
+                detail,
+            },
+        ))
     }
 
     /// The module's output for `n_rows` rows, as one tensor on the CPU.
@@ -163,26 +227,18 @@ impl TorchModel {
 }
 
 impl Model for TorchModel {
-    fn info(&self) -> &ModelInfo {
-        &self.info
-    }
-
-    fn predict_full(&self, batch: Batch<'_>) -> Result<Prediction, ModelError> {
-        super::check_input(&batch, &self.info, self.allow_nan)?;
+    fn predict(&self, batch: Batch<'_>) -> Result<Prediction, ModelError> {
         let rows = batch.n_rows();
-        if rows == 0 {
-            return Ok(Prediction::empty(&self.info));
-        }
         let runtime = |e: TchError| ModelError::Runtime(brief(&e));
         let out = self
             .forward(batch.data(), rows, batch.n_features())
             .map_err(runtime)?;
-        if self.info.task_type == TaskType::Regression {
+        if self.task_type == TaskType::Regression {
             return Ok(Prediction {
                 values: Self::read(
                     &out,
                     rows,
-                    self.probed.then_some(&|w: usize| w == self.info.n_outputs),
+                    self.probed.then_some(&|w: usize| w == self.n_outputs),
                 )?,
                 probabilities: None,
             });
@@ -196,7 +252,7 @@ impl Model for TorchModel {
             _ => out,
         };
         // a binary classifier's one column (P(class 1)) becomes two
-        let k = self.info.n_classes.unwrap_or(0);
+        let k = self.n_classes.unwrap_or(0);
         let mut probs = Self::read(
             &scores,
             rows,
