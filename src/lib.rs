@@ -35,6 +35,7 @@ pub mod audit;
 pub mod bench;
 pub mod broker;
 pub mod checksum;
+pub mod cli;
 pub mod config;
 pub mod deadline;
 pub mod demo;

@@ -8,8 +8,7 @@ use anyhow::{Context, Result};
 
 use crate::audit::{default_worker_id, AuditStore};
 use crate::broker::{EmbeddedBroker, TopicSpec};
-use crate::model::onnx;
-use crate::registry::{Registry, RegistryOptions};
+use crate::registry::RegistryBuilder;
 use crate::worker::config::WorkerConfig;
 use crate::worker::metrics::Metrics;
 use crate::worker::{Started, Summary};
@@ -39,9 +38,10 @@ pub fn embedded_topics(cfg: &WorkerConfig) -> Vec<TopicSpec> {
 
 /// Opens the audit store and the registry, starts the embedded broker if
 /// `kafka.brokers` is `embedded`, and runs the worker until `stop` is set.
+/// `kinds`: the model kinds and registry options (an audit store is added).
 pub fn serve(
     cfg: Arc<WorkerConfig>,
-    onnx: onnx::RuntimeConfig,
+    kinds: RegistryBuilder,
     stop: Arc<AtomicBool>,
     on_start: impl FnOnce(&Started),
 ) -> Result<Summary> {
@@ -54,14 +54,7 @@ pub fn serve(
     // the chain head, where the database's editor cannot rewrite it
     let m = metrics.clone();
     audit.on_head(Box::new(move |head| m.set_audit_head(head.id, &head.mac)));
-    let registry = Arc::new(Registry::open(
-        &cfg.registry,
-        Some(audit),
-        RegistryOptions {
-            onnx,
-            ..RegistryOptions::default()
-        },
-    )?);
+    let registry = Arc::new(kinds.audit(Some(audit)).open(&cfg.registry)?);
     let broker = if cfg.embedded() {
         let b = EmbeddedBroker::start(1, &embedded_topics(&cfg))?;
         tracing::info!(bootstrap = %b.bootstrap_servers(), "embedded broker started");

@@ -1,0 +1,817 @@
+//! The `ml-worker` command line, as a library function: `src/main.rs` runs
+//! it with the built-in model kinds, and a program built on the library
+//! runs it with its own kinds added ([`main`], `examples/custom_model.rs`):
+//! every command (`run`, `predict`, `models`, ...) then serves them.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::audit::{default_worker_id, AuditOptions, AuditStore, Head};
+use crate::checksum::sha256_file;
+use crate::input::read_rows;
+use crate::model::{onnx, Batch, Prediction, TaskType};
+use crate::registry::{RegistryBuilder, RegistryOptions};
+use crate::text::escape;
+use crate::worker::config::{load_worker_config, Overrides};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(Parser)]
+#[command(
+    name = "ml-worker",
+    version,
+    about = "Serve trained ML models on a Kafka stream"
+)]
+struct Cli {
+    /// ONNX Runtime shared library (overrides the default search; ORT_DYLIB_PATH overrides this).
+    #[arg(long, global = true, value_name = "PATH")]
+    onnxruntime: Option<PathBuf>,
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect and verify the registered models.
+    Models {
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+    /// Predict offline from a CSV or JSON-lines feature file; prints JSON lines.
+    Predict {
+        /// Registered model name.
+        #[arg(long)]
+        model: String,
+        /// CSV with a header of feature names, or JSON lines (.jsonl) of {"feature": value}.
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long, default_value = "config/models.yaml")]
+        registry: PathBuf,
+        /// Audit store the load is recorded in.
+        #[arg(long, default_value = "data/audit.db", env = "ML_WORKER_AUDIT_DB")]
+        audit_db: PathBuf,
+    },
+    /// The streaming worker: consume feature events, infer, publish predictions and signals.
+    Run {
+        /// Worker configuration.
+        #[arg(long, default_value = "config/worker.yaml")]
+        config: PathBuf,
+        /// Override `kafka.brokers` (`host:port,...` or `embedded`).
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Override `kafka.group_id`.
+        #[arg(long)]
+        group: Option<String>,
+        /// Override the model registry file.
+        #[arg(long)]
+        registry: Option<PathBuf>,
+    },
+    /// Everything in one process: embedded broker, the worker on the shipped models, sample traffic, a summary.
+    Demo {
+        #[arg(long, default_value = "config/worker.yaml")]
+        config: PathBuf,
+        /// Feature events to send.
+        #[arg(long, default_value_t = 60_000)]
+        events: u64,
+        /// Events per second.
+        #[arg(long, default_value_t = 20_000.0)]
+        rate: f64,
+        /// One event in this many is poison (0: none).
+        #[arg(long, default_value_t = 2_000)]
+        poison_every: u64,
+        #[arg(long, default_value = "models/samples")]
+        samples: PathBuf,
+    },
+    /// Benchmark: throughput and latency of the worker, each against a pass-through floor in the same run.
+    Bench {
+        /// Worker configuration (batching, delivery; brokers and topics are the bench's own).
+        #[arg(long, default_value = "config/worker.yaml")]
+        config: PathBuf,
+        /// Run against this cluster (`host:port,...`; topics are created and
+        /// deleted, replication 1) instead of the embedded broker.
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Events per throughput run.
+        #[arg(long, default_value_t = 300_000)]
+        events: u64,
+        /// Throughput rounds (baseline and worker alternate; medians reported).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        rounds: u64,
+        /// Latency rounds: a pass-through floor phase and a worker phase each.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        latency_rounds: u64,
+        /// Events written before a latency phase's consumer starts (not timed).
+        #[arg(long, default_value_t = 100_000)]
+        backlog: u64,
+        /// Events/s offered in a latency phase (timed).
+        #[arg(long, default_value_t = 20_000.0)]
+        rate: f64,
+        /// How long a latency phase offers events at --rate, seconds.
+        #[arg(long, default_value_t = 10.0)]
+        latency_secs: f64,
+        /// Model the events are for.
+        #[arg(long, default_value = "diabetes_lgbm")]
+        model: String,
+        /// Sample rows of the shipped models.
+        #[arg(long, default_value = "models/samples")]
+        samples: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run an embedded Kafka broker (librdkafka's mock cluster) until stopped.
+    Broker {
+        /// Topics to create, `name:partitions,...`.
+        #[arg(long, default_value = crate::broker::DEFAULT_TOPICS)]
+        topics: String,
+        /// Number of brokers in the cluster.
+        #[arg(long, default_value_t = 1)]
+        brokers: i32,
+        /// Also write the bootstrap address to this file (for scripts).
+        #[arg(long, value_name = "PATH")]
+        address_file: Option<PathBuf>,
+        /// Largest record batch accepted, in bytes; larger ones are refused
+        /// with "message size too large" (the broker keeps about 5 MB a partition).
+        #[arg(long, default_value_t = crate::broker::DEFAULT_MAX_MESSAGE_BYTES as u64,
+              value_parser = clap::value_parser!(u64).range(1024..=4_194_304))]
+        max_message_bytes: u64,
+    },
+    /// Inspect and verify the audit store.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// One line per model: name, version, kind, sha256, status (loads nothing).
+    List {
+        #[arg(long, default_value = "config/models.yaml")]
+        registry: PathBuf,
+    },
+    /// Load and verify every model (lazy ones too); exit non-zero if any fails.
+    Verify {
+        #[arg(long, default_value = "config/models.yaml")]
+        registry: PathBuf,
+        #[arg(long, default_value = "data/audit.db", env = "ML_WORKER_AUDIT_DB")]
+        audit_db: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Print audit rows, oldest first.
+    Show {
+        #[arg(long, default_value = "data/audit.db", env = "ML_WORKER_AUDIT_DB")]
+        db: PathBuf,
+        /// Only this model's rows.
+        #[arg(long)]
+        model: Option<String>,
+        /// Only the newest N rows.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-check the keyed hash chain and the schema; exit non-zero if any
+    /// row was edited, removed or forged, or the store was altered. The key
+    /// comes from ML_WORKER_AUDIT_KEY, ML_WORKER_AUDIT_KEY_FILE or <db>.key.
+    Verify {
+        #[arg(long, default_value = "data/audit.db", env = "ML_WORKER_AUDIT_DB")]
+        db: PathBuf,
+        /// Anchor file the chain head was appended to; the store must reach its last head.
+        #[arg(long, env = "ML_WORKER_AUDIT_ANCHOR", value_name = "FILE")]
+        anchor: Option<PathBuf>,
+        /// A chain head seen elsewhere (the log's audit_head, the
+        /// ml_worker_audit_head metric), as ID:MAC; the store must contain it.
+        #[arg(long, value_name = "ID:MAC")]
+        head: Option<String>,
+    },
+}
+
+/// Runs the command line (`std::env::args`) with the model kinds of
+/// `kinds` (its options are set per command) and exits.
+pub fn main(kinds: RegistryBuilder) -> ! {
+    // a torch model's own process (see src/model/torch/host.rs): before
+    // anything else, it speaks frames on stdin/stdout, not a command line
+    #[cfg(feature = "torch")]
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == crate::model::torch::host::HOST_COMMAND)
+    {
+        crate::model::torch::host::serve();
+    }
+    let cli = Cli::parse();
+    // `run` logs as its config says (or as --log-json says)
+    if !matches!(cli.command, Command::Run { .. }) {
+        init_logging(cli.log_json);
+    }
+    let code: u8 = match run(cli, &kinds) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", escape(&chain_message(&e)));
+            2
+        }
+    };
+    // without waiting on (or tearing libraries down under) model code
+    // abandoned at a deadline
+    crate::deadline::exit(code.into())
+}
+
+/// The error and its causes, `: `-joined, leaving out a cause whose text the
+/// message already ends with (many errors here name their cause themselves).
+fn chain_message(e: &anyhow::Error) -> String {
+    let mut message = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.ends_with(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+    }
+    message
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ML_WORKER_LOG")
+        .unwrap_or_else(|_| "warn".into());
+    // control characters in log fields (from model files, events) escaped
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(|| crate::text::SafeWriter(std::io::stderr()));
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn run(cli: Cli, kinds: &RegistryBuilder) -> Result<u8> {
+    let onnx = onnx::RuntimeConfig {
+        library: cli.onnxruntime.clone(),
+    };
+    // the registry for a command: these kinds, these options
+    let kinds = |options: RegistryOptions| {
+        kinds.clone().options(RegistryOptions {
+            onnx: onnx.clone(),
+            ..options
+        })
+    };
+    match cli.command {
+        Command::Models {
+            command: ModelsCommand::List { registry },
+        } => models_list(
+            &registry,
+            kinds(RegistryOptions {
+                load_none: true,
+                ..Default::default()
+            }),
+        ),
+        Command::Models {
+            command: ModelsCommand::Verify { registry, audit_db },
+        } => models_verify(
+            &registry,
+            &audit_db,
+            kinds(RegistryOptions {
+                load_all: true,
+                ..Default::default()
+            }),
+        ),
+        Command::Predict {
+            model,
+            input,
+            registry,
+            audit_db,
+        } => predict(
+            &model,
+            &input,
+            &registry,
+            &audit_db,
+            kinds(RegistryOptions {
+                load_none: true,
+                ..Default::default()
+            }),
+        ),
+        Command::Audit {
+            command:
+                AuditCommand::Show {
+                    db,
+                    model,
+                    limit,
+                    json,
+                },
+        } => audit_show(&db, model.as_deref(), limit, json),
+        Command::Run {
+            config,
+            brokers,
+            group,
+            registry,
+        } => {
+            let overrides = Overrides {
+                brokers,
+                group_id: group,
+                registry,
+            };
+            run_worker(
+                &config,
+                &overrides,
+                kinds(RegistryOptions::default()),
+                cli.log_json,
+            )
+        }
+        Command::Demo {
+            config,
+            events,
+            rate,
+            poison_every,
+            samples,
+        } => {
+            if rate.is_nan() || rate <= 0.0 || events == 0 {
+                bail!("--rate must be positive and --events at least 1");
+            }
+            let cfg = load_worker_config(&config, &Overrides::default())?;
+            let opts = crate::demo::DemoOptions {
+                events,
+                rate,
+                samples,
+                poison_every,
+            };
+            crate::demo::run(&cfg, &opts, onnx)?;
+            Ok(0)
+        }
+        Command::Bench {
+            config,
+            brokers,
+            events,
+            rounds,
+            latency_rounds,
+            backlog,
+            rate,
+            latency_secs,
+            model,
+            samples,
+            json,
+        } => {
+            let ok = rate > 0.0 && rate.is_finite() && latency_secs > 0.0 && latency_secs <= 3600.0;
+            if !ok {
+                bail!("--rate must be positive and --latency-secs within 0..=3600");
+            }
+            if events == 0 {
+                bail!("--events must be at least 1");
+            }
+            let cfg = load_worker_config(&config, &Overrides::default())?;
+            let opts = crate::bench::BenchOptions {
+                events,
+                rate,
+                latency_for: std::time::Duration::from_secs_f64(latency_secs),
+                backlog,
+                latency_rounds: latency_rounds as usize,
+                brokers,
+                model,
+                rounds: rounds as usize,
+                samples,
+            };
+            let r = crate::bench::run(&cfg, &opts, onnx)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                print!("{r}");
+            }
+            Ok(0)
+        }
+        Command::Broker {
+            topics,
+            brokers,
+            address_file,
+            max_message_bytes,
+        } => run_broker(
+            &topics,
+            brokers,
+            address_file.as_deref(),
+            max_message_bytes as usize,
+        ),
+        Command::Audit {
+            command: AuditCommand::Verify { db, anchor, head },
+        } => audit_verify(&db, anchor, head.as_deref()),
+    }
+}
+
+fn run_broker(
+    topics: &str,
+    brokers: i32,
+    address_file: Option<&Path>,
+    max_message_bytes: usize,
+) -> Result<u8> {
+    let topics =
+        crate::broker::parse_topics(topics).map_err(|e| anyhow::anyhow!("--topics: {e}"))?;
+    let broker =
+        crate::broker::EmbeddedBroker::start_with(brokers, &topics, max_message_bytes)?;
+    let address = broker.bootstrap_servers();
+    if let Some(path) = address_file {
+        // write-then-rename, so a reader never sees a partial address
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{address}\n"))
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let names: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+    println!(
+        "embedded broker: bootstrap.servers={address} topics={}",
+        names.join(",")
+    );
+    println!(
+        "for demos and tests: each partition keeps about 5 MB (older records are dropped, read or not); \
+         record batches over {max_message_bytes} bytes are refused"
+    );
+    println!("stop with Ctrl-C or SIGTERM");
+    std::io::stdout().flush()?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(shutdown_signal())?;
+    eprintln!("embedded broker: stopping");
+    drop(broker);
+    Ok(0)
+}
+
+fn run_worker(
+    config: &Path,
+    overrides: &Overrides,
+    kinds: RegistryBuilder,
+    log_json: bool,
+) -> Result<u8> {
+    let cfg = load_worker_config(config, overrides)?;
+    init_logging(log_json || cfg.log_json);
+    let stop = Arc::new(AtomicBool::new(false));
+    stop_on_signal(stop.clone(), cfg.shutdown_timeout + Duration::from_secs(5))?;
+    let summary = crate::service::serve(Arc::new(cfg), kinds, stop, |started| {
+        tracing::info!(metrics = %started.metrics_address, brokers = %started.brokers, "ready for events");
+        eprintln!(
+            "ml-worker: consuming from {} (metrics on http://{}/metrics)",
+            started.brokers, started.metrics_address
+        );
+    })?;
+    eprintln!(
+        "ml-worker: stopped: {} events in, {} outputs acknowledged, {} dead letters{}",
+        summary.events_in,
+        summary.outputs_acked,
+        summary.dead_letters,
+        if summary.clean {
+            String::new()
+        } else {
+            format!(
+                "; {} events left uncommitted (read again on restart)",
+                summary.in_flight_at_exit
+            )
+        }
+    );
+    Ok(0)
+}
+
+/// Sets `stop` on the first SIGINT/SIGTERM; a second one exits at once
+/// (nothing is lost: uncommitted events are read again on restart), and so
+/// does the first one's `grace` running out (the drain deadline plus the
+/// final commit and leaving the group: a broker that does not answer must
+/// not hold the exit). SIGHUP (a closed terminal, or an operator's reload
+/// habit) is logged and ignored: its default action would kill the worker
+/// without a drain. The handlers are in place when this returns.
+fn stop_on_signal(stop: Arc<AtomicBool>, grace: Duration) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut term, mut int, mut hup) = rt.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::hangup())?,
+        ))
+    })?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            rt.block_on(async {
+                let mut stops = 0;
+                let overdue = tokio::time::sleep(Duration::MAX);
+                tokio::pin!(overdue);
+                loop {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                        _ = hup.recv() => {
+                            tracing::warn!("SIGHUP received and ignored (no reload yet); SIGTERM or SIGINT stop the worker");
+                            continue;
+                        }
+                        _ = &mut overdue, if stops > 0 => {
+                            eprintln!(
+                                "ml-worker: still stopping {grace:?} after the signal (shutdown_timeout_ms + 5 s); exiting now, uncommitted events are read again on restart"
+                            );
+                            crate::deadline::exit_now(1);
+                        }
+                    }
+                    stops += 1;
+                    if stops == 1 {
+                        eprintln!(
+                            "ml-worker: stopping (draining in-flight events; signal again to exit now)"
+                        );
+                        stop.store(true, Ordering::Relaxed);
+                        overdue
+                            .as_mut()
+                            .reset(tokio::time::Instant::now() + grace);
+                    } else {
+                        eprintln!(
+                            "ml-worker: exiting now; uncommitted events are read again on restart"
+                        );
+                        crate::deadline::exit_now(130);
+                    }
+                }
+            })
+        })?;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM; SIGHUP is ignored (as by the worker).
+async fn shutdown_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => return r,
+            _ = term.recv() => return Ok(()),
+            _ = hup.recv() => eprintln!("SIGHUP ignored; stop with Ctrl-C or SIGTERM"),
+        }
+    }
+}
+
+fn open_audit(path: &Path) -> Result<Arc<AuditStore>> {
+    Ok(Arc::new(AuditStore::open(path, &default_worker_id())?))
+}
+
+fn models_list(registry: &Path, kinds: RegistryBuilder) -> Result<u8> {
+    let reg = kinds.open(registry)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<24} {:<14} {:<9} {:<64} STATUS",
+        "NAME", "VERSION", "KIND", "SHA256"
+    )?;
+    for name in reg.names() {
+        let spec = reg.spec(name).context("registry lost a model")?;
+        let (sha, status) = match sha256_file(&spec.path) {
+            Ok(sha) => {
+                let status = match &spec.sha256 {
+                    Some(p) if *p != sha => "checksum mismatch".to_string(),
+                    Some(_) => "pinned".to_string(),
+                    None => "unpinned".to_string(),
+                };
+                (sha, status)
+            }
+            Err(e) => (
+                String::from("-"),
+                format!("unreadable: {}", escape(&e.to_string())),
+            ),
+        };
+        let version = spec
+            .version
+            .clone()
+            .unwrap_or_else(|| sha.chars().take(12).collect());
+        let lazy = if spec.lazy { ", lazy" } else { "" };
+        writeln!(
+            out,
+            "{:<24} {:<14} {:<9} {:<64} {status}{lazy}",
+            escape(name),
+            escape(&version),
+            spec.kind.to_string(),
+            sha
+        )?;
+    }
+    Ok(0)
+}
+
+fn models_verify(registry: &Path, audit_db: &Path, kinds: RegistryBuilder) -> Result<u8> {
+    let audit = open_audit(audit_db)?;
+    let mut reg = kinds.audit(Some(audit)).open(registry)?;
+    let mut failed = 0;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<24} {:<14} {:<9} {:<64} STATUS",
+        "NAME", "VERSION", "KIND", "SHA256"
+    )?;
+    for name in reg.names().to_vec() {
+        let spec = reg.spec(&name).context("registry lost a model")?.clone();
+        match reg.loaded(&name) {
+            Some(m) => {
+                let i = m.info();
+                writeln!(
+                    out,
+                    "{:<24} {:<14} {:<9} {:<64} ok: {}",
+                    escape(&name),
+                    escape(&i.version),
+                    i.kind.to_string(),
+                    i.sha256,
+                    escape(&i.detail)
+                )?;
+            }
+            None => {
+                failed += 1;
+                let reason = match reg.get(&name) {
+                    Err(e) => e.to_string(),
+                    Ok(s) => format!("not loaded (served by fallback '{}')", s.model.info().name),
+                };
+                writeln!(
+                    out,
+                    "{:<24} {:<14} {:<9} {:<64} FAILED: {}",
+                    escape(&name),
+                    "-",
+                    spec.kind.to_string(),
+                    "-",
+                    escape(&reason)
+                )?;
+            }
+        }
+    }
+    reg.unload_all();
+    Ok(if failed == 0 { 0 } else { 1 })
+}
+
+fn predict(
+    model: &str,
+    input: &Path,
+    registry: &Path,
+    audit_db: &Path,
+    kinds: RegistryBuilder,
+) -> Result<u8> {
+    let audit = open_audit(audit_db)?;
+    let mut reg = kinds.audit(Some(audit)).open(registry)?;
+    let served = reg.get(model)?;
+    let m = served.model;
+    let info = m.info();
+    if let Some(orig) = &served.fallback_for {
+        eprintln!(
+            "warning: model '{}' is unavailable; predicting with its fallback '{}'",
+            escape(orig),
+            escape(&info.name)
+        );
+    }
+    let rows = read_rows(input, &info.features)?;
+    let n_rows = Batch::new(&rows.data, rows.n_features)?.n_rows();
+    let timeout = reg
+        .spec(&info.name)
+        .map_or(crate::config::DEFAULT_INFERENCE_TIMEOUT, |s| {
+            s.limits.inference_timeout
+        });
+    let model = m.clone();
+    let pred = crate::deadline::run("predict", timeout, move || {
+        model.predict_full(Batch::new(&rows.data, rows.n_features)?)
+    })
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "model '{}': inference {e} (inference_timeout_ms)",
+            info.name
+        )
+    })?
+    .with_context(|| format!("model '{}'", info.name))?;
+    let written = write_predictions(&pred, info.task_type, n_rows);
+    reg.unload_all();
+    match written {
+        // a reader that stops early (`| head`) is not an error
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(0),
+        Err(e) => Err(e.into()),
+        Ok(0) => Ok(0),
+        Ok(failed) => {
+            eprintln!(
+                "error: {failed} of {} row(s) have no prediction (see their \"error\")",
+                n_rows
+            );
+            Ok(1)
+        }
+    }
+}
+
+/// One JSON line per row on stdout: its prediction, or `error` when the
+/// model's output for it is not finite. Returns the number of such rows.
+fn write_predictions(pred: &Prediction, task: TaskType, n_rows: usize) -> std::io::Result<usize> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut failed = 0;
+    for i in 0..n_rows {
+        if let Some(why) = pred.row_problem(i) {
+            failed += 1;
+            writeln!(out, "{}", serde_json::json!({"row": i, "error": why}))?;
+            continue;
+        }
+        let values = pred.values.row(i);
+        let prediction = match (task, values) {
+            (TaskType::Classification, [c]) => serde_json::json!(*c as i64),
+            (_, [v]) => json_number(*v),
+            (_, vs) => serde_json::Value::Array(vs.iter().map(|v| json_number(*v)).collect()),
+        };
+        let mut line = serde_json::json!({"row": i, "prediction": prediction});
+        if let Some(p) = &pred.probabilities {
+            line["probabilities"] =
+                serde_json::Value::Array(p.row(i).iter().map(|v| json_number(*v)).collect());
+        }
+        writeln!(out, "{line}")?;
+    }
+    out.flush()?;
+    Ok(failed)
+}
+
+/// A JSON number, or null for NaN/infinity (which JSON cannot carry).
+fn json_number(v: f64) -> serde_json::Value {
+    serde_json::Number::from_f64(v)
+        .map(serde_json::Value::Number)
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn audit_show(db: &Path, model: Option<&str>, limit: Option<usize>, json: bool) -> Result<u8> {
+    if !db.exists() {
+        bail!("audit store {} does not exist", db.display());
+    }
+    let store = AuditStore::inspect(db, &AuditOptions::from_env())?;
+    let mut out = std::io::stdout().lock();
+    for r in store.rows(model, limit)? {
+        if json {
+            writeln!(out, "{}", serde_json::to_string(&r)?)?;
+        } else {
+            writeln!(
+                out,
+                "{:>5} {} {:<8} {:<20} {:<14} {:<9} {} {} {}",
+                r.id,
+                escape(&r.ts),
+                escape(&r.event),
+                escape(&r.model),
+                escape(&r.version),
+                escape(&r.kind),
+                escape(&r.sha256.chars().take(16).collect::<String>()),
+                escape(&r.worker_id),
+                escape(&r.detail)
+            )?;
+        }
+    }
+    Ok(0)
+}
+
+fn audit_verify(db: &Path, anchor: Option<PathBuf>, head: Option<&str>) -> Result<u8> {
+    if !db.exists() {
+        bail!("audit store {} does not exist", db.display());
+    }
+    let options = AuditOptions {
+        anchor_file: anchor,
+        ..AuditOptions::from_env()
+    };
+    let store = AuditStore::inspect(db, &options)?;
+    let head: Option<Head> = head
+        .map(|h| {
+            h.parse()
+                .map_err(|e: String| anyhow::anyhow!("--head: {e}"))
+        })
+        .transpose()?;
+    let anchored = store.anchored_head()?.is_some();
+    let report = store.verify_with(head.as_slice())?;
+    let head_text = report
+        .head
+        .as_ref()
+        .map_or_else(|| "none".to_string(), |h| h.to_string());
+    if report.ok() {
+        let checked = if head.is_none() && !anchored {
+            ", no anchor given (compare the head with the log or ml_worker_audit_head)"
+        } else {
+            ", reaches its anchor"
+        };
+        let legacy = if report.unkeyed_rows > 0 {
+            format!(
+                "; rows 1..={} predate the keyed chain (hash-chained only)",
+                report.unkeyed_rows
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "ok: {} rows, keyed hash chain intact, head {head_text}{checked}{legacy}",
+            report.rows
+        );
+        Ok(0)
+    } else {
+        println!(
+            "FAILED: {} rows checked (head {head_text}), {} problem(s):",
+            report.rows,
+            report.problems.len()
+        );
+        for p in &report.problems {
+            println!("  {}", crate::text::escape(p));
+        }
+        Ok(1)
+    }
+}
