@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Golden fixtures from the reference libraries.
 
-Trains small models with LightGBM, XGBoost and scikit-learn on datasets that
+Trains small models with LightGBM, XGBoost, scikit-learn and CatBoost on datasets that
 ship with scikit-learn (no download), writes them in every supported format
 under tests/fixtures/ together with inputs (including NaNs) and the libraries'
 own predictions, and writes the shipped example models under models/.
@@ -9,11 +9,12 @@ Deterministic and rerunnable: `make fixtures` (or
 `.cache/venv/bin/python tools/make_fixtures.py`).
 
 Golden file format (tests/fixtures/<case>.golden.json):
-  case, kind (lightgbm|xgboost|onnx|torch|pickle), model_files (relative to tests/fixtures),
+  case, kind (lightgbm|xgboost|onnx|torch|pickle|catboost), model_files (relative to tests/fixtures),
   task_type, features, n_classes, library, inputs (NaN as null),
   prediction (value, or class index), probabilities (null for regression);
   torch cases add torch_output (logits|probabilities) for classifiers;
-  pickle cases add pickle_protocol and missing (nan|reject).
+  pickle cases add pickle_protocol and missing (nan|reject);
+  catboost cases add raw_formula_val and feature_importance (tools/catboost_fixtures.py).
 """
 import json
 import math
@@ -377,6 +378,14 @@ def main():
         "breast_cancer": ((xb_tr, xb_te, yb_tr), fb),
     }, SEED)
 
+    # ---- CatBoost JSON exports (and the ONNX exports of three of them)
+    import catboost_fixtures
+    cb_ver = catboost_fixtures.make(FIX, write_golden, {
+        "diabetes": ((xd_tr, xd_te, yd_tr), fd),
+        "wine": ((xw_tr, xw_te, yw_tr), fw),
+        "breast_cancer": ((xb_tr, xb_te, yb_tr), fb),
+    }, SEED)
+
     shipped = [("diabetes_lgbm", fd), ("breast_cancer_xgb", fb), ("wine_rf", fw), ("wine_mlp", fw)]
     write_models_readme(dict(shipped))
 
@@ -387,7 +396,7 @@ def main():
     pb = bx.predict(xgb.DMatrix(xb_te, feature_names=fb)).astype(np.float64)
     write_samples("breast_cancer_xgb", fb, xb_te, (pb > 0.5).astype(np.int64), np.column_stack([1 - pb, pb]))
     write_samples("wine_rf", fw, xw_te, wine[0], wine[1].astype(np.float64))
-    print(f"\nsklearn {sklearn.__version__}, {LGB_VER}, {XGB_VER}, {ORT_VER}, {torch_ver}")
+    print(f"\nsklearn {sklearn.__version__}, {LGB_VER}, {XGB_VER}, {ORT_VER}, {torch_ver}, {cb_ver}")
     for name, feats in shipped:
         print(f"{name}: {json.dumps(feats)}")
     for p in sorted(MODELS.iterdir()):

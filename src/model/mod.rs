@@ -15,6 +15,7 @@
 //! Inference is synchronous and batch-shaped; callers on an async runtime run
 //! it on a dedicated thread.
 
+pub mod catboost;
 pub mod lightgbm;
 pub mod linear;
 pub mod loader;
