@@ -414,8 +414,7 @@ fn run_broker(
 ) -> Result<u8> {
     let topics =
         crate::broker::parse_topics(topics).map_err(|e| anyhow::anyhow!("--topics: {e}"))?;
-    let broker =
-        crate::broker::EmbeddedBroker::start_with(brokers, &topics, max_message_bytes)?;
+    let broker = crate::broker::EmbeddedBroker::start_with(brokers, &topics, max_message_bytes)?;
     let address = broker.bootstrap_servers();
     if let Some(path) = address_file {
         // write-then-rename, so a reader never sees a partial address

@@ -47,6 +47,16 @@ pub enum RegistryError {
     Load { model: String, message: String },
 }
 
+impl RegistryError {
+    /// The format's error, when the model file could not be made into a model.
+    pub fn model_error(&self) -> Option<&ModelError> {
+        match self {
+            RegistryError::Model { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
 /// A model as served: the model itself and whether a fallback stands in.
 #[derive(Clone)]
 pub struct Served {

@@ -204,6 +204,12 @@ fn lightgbm_matches_lightgbm_within_1e9_relative() {
 }
 
 #[test]
+fn catboost_json_matches_catboost_within_1e9_relative() {
+    let n = check_kind("catboost", 1e-9, 1e-12);
+    assert!(n >= 500, "only {n} rows checked");
+}
+
+#[test]
 fn xgboost_json_and_ubj_match_xgboost_within_1e6_relative() {
     let n = check_kind("xgboost", 1e-6, 1e-7);
     assert!(n >= 500, "only {n} rows checked");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use ml_worker::audit::AuditStore;
 use ml_worker::config::parse_registry;
-use ml_worker::model::Batch;
+use ml_worker::model::{Batch, ModelError};
 use ml_worker::registry::{Registry, RegistryOptions};
 
 fn fixtures() -> PathBuf {
@@ -180,4 +180,95 @@ fn without_the_torch_feature_torch_models_fail_with_a_fix_and_others_still_work(
             .len(),
         1
     );
+}
+
+#[test]
+fn a_catboost_model_with_a_categorical_feature_is_refused_naming_it() {
+    let yaml = "models:\n  - name: cat\n    path: cb_categorical.json\n    kind: catboost\n    features: [a, b, color, d]\n    target: y\n    task_type: regression\n";
+    let reg = registry(yaml, None);
+    let Err(e) = reg.get("cat") else {
+        panic!("a categorical CatBoost model was served")
+    };
+    let text = e.to_string();
+    assert!(
+        text.contains("model 'cat'") && text.contains("'color'") && text.contains("categorical"),
+        "{text}"
+    );
+    // the format's own error is the source, typed
+    let source = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<Arc<ModelError>>())
+        .unwrap_or_else(|| panic!("no ModelError source: {e:?}"));
+    assert!(std::ptr::eq(&**source, e.model_error().unwrap()));
+    assert!(
+        matches!(&**source, ModelError::Unsupported(_)),
+        "{source:?}"
+    );
+}
+
+#[test]
+fn an_unknown_kind_is_refused_naming_the_kinds_available() {
+    let yaml = "models:\n  - name: m\n    path: lgb_regression.txt\n    kind: sklearn\n    features: [a]\n    target: y\n    task_type: regression\n";
+    let e = parse_registry(yaml, Path::new("test.yaml"), &fixtures())
+        .unwrap_err()
+        .to_string();
+    for k in ["catboost", "lightgbm", "onnx", "pickle", "torch", "xgboost"] {
+        assert!(e.contains(k), "{e}");
+    }
+    assert!(
+        e.contains("'kind'") && e.contains("unknown kind 'sklearn'"),
+        "{e}"
+    );
+    // another kind's options block is named as such
+    let yaml = format!(
+        "models:\n  - name: m\n    path: lgb_regression.txt\n    kind: lightgbm\n    features: {DIABETES}\n    target: y\n    task_type: regression\n    onnx: {{input: x}}\n"
+    );
+    let e = parse_registry(&yaml, Path::new("test.yaml"), &fixtures())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("'onnx'") && e.contains("only applies to kind onnx"),
+        "{e}"
+    );
+    // a kind without options refuses a block of its own name
+    let yaml = yaml.replace("onnx: {input: x}", "lightgbm: {x: 1}");
+    let e = parse_registry(&yaml, Path::new("test.yaml"), &fixtures())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("'lightgbm'") && e.contains("takes no options"),
+        "{e}"
+    );
+}
+
+/// A LightGBM pickle serves rows with NaN by default, as LightGBM does
+/// (the same model as a text file always did); `missing: reject` still
+/// refuses them, naming the feature, in `predict_full` as for the worker.
+#[test]
+fn pickled_boosters_take_nan_by_default_and_reject_when_told() {
+    let entry = |name: &str, extra: &str| {
+        format!("  - name: {name}\n    path: pkl_lgbm_regressor.pkl\n    kind: pickle\n    features: {DIABETES}\n    target: y\n    task_type: regression\n{extra}")
+    };
+    let yaml = format!(
+        "models:\n{}{}",
+        entry("default", ""),
+        entry("strict", "    missing: reject\n")
+    );
+    let reg = registry(&yaml, None);
+    let mut row = vec![0.1; 10];
+    row[2] = f64::NAN;
+    let default = reg.get("default").unwrap().model;
+    assert_eq!(default.info().missing, ml_worker::model::MissingPolicy::Nan);
+    let v = default.predict(Batch::new(&row, 10).unwrap()).unwrap();
+    assert!(v.values[0].is_finite());
+    let strict = reg.get("strict").unwrap().model;
+    let e = strict
+        .predict(Batch::new(&row, 10).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("feature 'bmi'") && e.contains("missing: reject"),
+        "{e}"
+    );
+    assert!(strict.missing_problem(&row).is_some());
+    assert!(default.missing_problem(&row).is_none());
 }

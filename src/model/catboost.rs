@@ -43,7 +43,7 @@ use std::path::Path;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
-use crate::config::MAX_FEATURES;
+use super::MAX_FEATURES;
 
 use super::tree::{
     FlavorKind, LocalSplit, LocalTree, ParsedTrees, Transform, TreeEnsemble, DEFAULT_LEFT,
@@ -92,6 +92,23 @@ fn err(path: &Path, reason: impl Into<String>) -> ModelError {
         path: path.to_path_buf(),
         format: "CatBoost",
         reason: reason.into(),
+    }
+}
+
+/// `kind: catboost`: CatBoost JSON models, on the native evaluator.
+pub struct Loader;
+
+impl super::loader::ModelLoader for Loader {
+    fn kind(&self) -> &str {
+        "catboost"
+    }
+
+    fn load(
+        &self,
+        bytes: &[u8],
+        ctx: &super::loader::LoadContext<'_>,
+    ) -> Result<super::loader::Loaded, ModelError> {
+        super::tree::TreeModel::serve(parse(bytes, ctx.path)?, ctx, "catboost")
     }
 }
 

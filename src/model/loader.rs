@@ -210,6 +210,7 @@ impl Loaders {
         Loaders::empty()
             .with(super::lightgbm::Loader)
             .with(super::xgboost::Loader)
+            .with(super::catboost::Loader)
             .with(super::onnx::Loader::new(onnx_runtime.clone()))
             .with(super::pickle::Loader)
             .with(super::torch_loader())
