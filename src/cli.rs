@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 use crate::audit::{default_worker_id, AuditOptions, AuditStore, Head};
 use crate::checksum::sha256_file;
 use crate::input::read_rows;
-use crate::model::{onnx, Batch, Prediction, TaskType};
+use crate::model::{onnx, Batch, ImportanceType, Prediction, TaskType};
 use crate::registry::{RegistryBuilder, RegistryOptions};
 use crate::text::escape;
 use crate::worker::config::{load_worker_config, Overrides};
@@ -152,6 +152,20 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ModelsCommand {
+    /// One model in detail: kind, version, sha256, features, task, classes,
+    /// trees, missing-value policy and feature importance (gain and split,
+    /// where the format records them). Loads the model (audited).
+    Info {
+        /// Registered model name.
+        name: String,
+        #[arg(long, default_value = "config/models.yaml")]
+        registry: PathBuf,
+        #[arg(long, default_value = "data/audit.db", env = "ML_WORKER_AUDIT_DB")]
+        audit_db: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// One line per model: name, version, kind, sha256, status (loads nothing).
     List {
         #[arg(long, default_value = "config/models.yaml")]
@@ -268,6 +282,24 @@ fn run(cli: Cli, kinds: &RegistryBuilder) -> Result<u8> {
         })
     };
     match cli.command {
+        Command::Models {
+            command:
+                ModelsCommand::Info {
+                    name,
+                    registry,
+                    audit_db,
+                    json,
+                },
+        } => models_info(
+            &name,
+            &registry,
+            &audit_db,
+            json,
+            kinds(RegistryOptions {
+                load_none: true,
+                ..Default::default()
+            }),
+        ),
         Command::Models {
             command: ModelsCommand::List { registry },
         } => models_list(
@@ -598,6 +630,121 @@ fn models_list(registry: &Path, kinds: RegistryBuilder) -> Result<u8> {
     Ok(0)
 }
 
+/// `models info NAME`: everything known about one loaded model.
+fn models_info(
+    name: &str,
+    registry: &Path,
+    audit_db: &Path,
+    json: bool,
+    kinds: RegistryBuilder,
+) -> Result<u8> {
+    let audit = open_audit(audit_db)?;
+    let mut reg = kinds.audit(Some(audit)).open(registry)?;
+    let served = reg.get(name)?;
+    let m = served.model;
+    let i = m.info();
+    let gain = m.feature_importance(ImportanceType::Gain);
+    let split = m.feature_importance(ImportanceType::Split);
+    let description = reg.spec(&i.name).and_then(|s| s.description.clone());
+    let doc = serde_json::json!({
+        "name": i.name,
+        "served_for": served.fallback_for,
+        "kind": i.kind,
+        "version": i.version,
+        "sha256": i.sha256,
+        "path": i.path,
+        "description": description,
+        "task_type": i.task_type,
+        "target": i.target,
+        "n_outputs": i.n_outputs,
+        "n_classes": i.n_classes,
+        "trees": m.inner().n_trees(),
+        "missing": i.missing,
+        "detail": i.detail,
+        "load_time_us": i.load_time.as_micros() as u64,
+        "features": i.features,
+        "importance": match (&gain, &split) {
+            (None, None) => serde_json::Value::Null,
+            _ => serde_json::json!({"gain": gain, "split": split}),
+        },
+    });
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{doc}")?;
+        reg.unload_all();
+        return Ok(0);
+    }
+    if let Some(orig) = &served.fallback_for {
+        writeln!(
+            out,
+            "(model '{}' is unavailable; this is its fallback)",
+            escape(orig)
+        )?;
+    }
+    let line = |out: &mut dyn Write, k: &str, v: &str| writeln!(out, "{k:<12} {}", escape(v));
+    line(&mut out, "name", &i.name)?;
+    line(&mut out, "kind", &i.kind)?;
+    line(&mut out, "version", &i.version)?;
+    line(&mut out, "sha256", &i.sha256)?;
+    line(&mut out, "path", &i.path.display().to_string())?;
+    if let Some(d) = &description {
+        line(&mut out, "description", d)?;
+    }
+    line(
+        &mut out,
+        "task",
+        &format!("{} (target '{}')", i.task_type, i.target),
+    )?;
+    match i.n_classes {
+        Some(k) => line(&mut out, "classes", &k.to_string())?,
+        None => line(&mut out, "outputs", &format!("{} per row", i.n_outputs))?,
+    }
+    if let Some(t) = m.inner().n_trees() {
+        line(&mut out, "trees", &t.to_string())?;
+    }
+    line(&mut out, "missing", &i.missing.to_string())?;
+    line(&mut out, "detail", &i.detail)?;
+    line(
+        &mut out,
+        "load time",
+        &format!("{:.1} ms", i.load_time.as_secs_f64() * 1e3),
+    )?;
+    writeln!(out, "features     {}", i.features.len())?;
+    // by gain (the format's order where there is none)
+    let mut order: Vec<usize> = (0..i.features.len()).collect();
+    if let Some(g) = &gain {
+        order.sort_by(|&a, &b| g[b].total_cmp(&g[a]).then(a.cmp(&b)));
+    }
+    let cell = |v: &Option<Vec<f64>>, j: usize, digits: usize| {
+        v.as_ref()
+            .map_or("-".to_string(), |v| format!("{:.digits$}", v[j]))
+    };
+    writeln!(
+        out,
+        "  {:>5}  {:<32} {:>18} {:>10}",
+        "#", "FEATURE", "GAIN", "SPLITS"
+    )?;
+    for j in order {
+        writeln!(
+            out,
+            "  {:>5}  {:<32} {:>18} {:>10}",
+            j,
+            escape(&i.features[j]),
+            cell(&gain, j, 6),
+            cell(&split, j, 0)
+        )?;
+    }
+    if gain.is_none() && split.is_none() {
+        writeln!(
+            out,
+            "(the {} format records no feature importance)",
+            escape(&i.kind)
+        )?;
+    }
+    reg.unload_all();
+    Ok(0)
+}
+
 fn models_verify(registry: &Path, audit_db: &Path, kinds: RegistryBuilder) -> Result<u8> {
     let audit = open_audit(audit_db)?;
     let mut reg = kinds.audit(Some(audit)).open(registry)?;
@@ -664,8 +811,21 @@ fn predict(
             escape(&info.name)
         );
     }
-    let rows = read_rows(input, &info.features)?;
+    let mut rows = read_rows(input, &info.features)?;
     let n_rows = Batch::new(&rows.data, rows.n_features)?.n_rows();
+    // the model's missing-value policy, row by row, as the worker applies
+    // it: a refused row gets its reason, the others their prediction
+    let mut refused = std::collections::HashMap::new();
+    for (i, row) in rows
+        .data
+        .chunks_exact_mut(rows.n_features.max(1))
+        .enumerate()
+    {
+        if let Some(why) = m.missing_problem(row) {
+            refused.insert(i, why);
+            row.fill(0.0);
+        }
+    }
     let timeout = reg
         .spec(&info.name)
         .map_or(crate::config::DEFAULT_INFERENCE_TIMEOUT, |s| {
@@ -682,7 +842,7 @@ fn predict(
         )
     })?
     .with_context(|| format!("model '{}'", info.name))?;
-    let written = write_predictions(&pred, info.task_type, n_rows);
+    let written = write_predictions(&pred, info.task_type, n_rows, &refused);
     reg.unload_all();
     match written {
         // a reader that stops early (`| head`) is not an error
@@ -700,12 +860,18 @@ fn predict(
 }
 
 /// One JSON line per row on stdout: its prediction, or `error` when the
-/// model's output for it is not finite. Returns the number of such rows.
-fn write_predictions(pred: &Prediction, task: TaskType, n_rows: usize) -> std::io::Result<usize> {
+/// row was refused (`refused`: a missing value the model does not take) or
+/// the model's output for it is not finite. Returns the number of such rows.
+fn write_predictions(
+    pred: &Prediction,
+    task: TaskType,
+    n_rows: usize,
+    refused: &std::collections::HashMap<usize, String>,
+) -> std::io::Result<usize> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut failed = 0;
     for i in 0..n_rows {
-        if let Some(why) = pred.row_problem(i) {
+        if let Some(why) = refused.get(&i).cloned().or_else(|| pred.row_problem(i)) {
             failed += 1;
             writeln!(out, "{}", serde_json::json!({"row": i, "error": why}))?;
             continue;

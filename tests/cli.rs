@@ -186,6 +186,109 @@ fn predict_from_json_lines_treats_absent_features_as_missing() {
     }
 }
 
+/// An ONNX logistic regression refuses missing values by default: `predict`
+/// answers the row without a feature with an error naming it (the worker
+/// dead-letters the same event) and predicts the others.
+#[test]
+fn predict_applies_the_models_missing_value_policy_row_by_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = "onnx_skl_logreg";
+    let reg = registry_with(dir.path(), case, "onnx_skl_logreg.onnx", "onnx", "");
+    let g = golden(case);
+    let features: Vec<String> = g["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_string())
+        .collect();
+    let mut jsonl = String::new();
+    for (i, row) in g["inputs"].as_array().unwrap().iter().take(3).enumerate() {
+        let mut obj = serde_json::Map::new();
+        for (j, (f, v)) in features.iter().zip(row.as_array().unwrap()).enumerate() {
+            if !(i == 1 && j == 4) {
+                obj.insert(f.clone(), v.clone());
+            }
+        }
+        jsonl.push_str(&serde_json::Value::Object(obj).to_string());
+        jsonl.push('\n');
+    }
+    let input = dir.path().join("rows.jsonl");
+    std::fs::write(&input, jsonl).unwrap();
+    let o = predict(
+        dir.path(),
+        case,
+        input.to_str().unwrap(),
+        reg.to_str().unwrap(),
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{}", text(&o));
+    let want = g["prediction"].as_array().unwrap();
+    for i in [0, 2] {
+        assert_eq!(lines[i]["prediction"].as_f64(), want[i].as_f64(), "row {i}");
+    }
+    let why = lines[1]["error"].as_str().unwrap();
+    assert!(
+        why.contains(&format!("feature '{}'", features[4])) && why.contains("missing: reject"),
+        "{why}"
+    );
+}
+
+/// `models info`: the loaded model's facts and importance, as text and JSON.
+#[test]
+fn models_info_prints_shape_trees_and_importance() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = registry_with(dir.path(), "lgb_binary", "lgb_binary.txt", "lightgbm", "");
+    let reg = reg.to_str().unwrap();
+    let o = ml_worker(
+        dir.path(),
+        &["models", "info", "lgb_binary", "--registry", reg, "--json"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["kind"], "lightgbm");
+    assert_eq!(v["n_classes"], 2);
+    assert_eq!(v["missing"], "nan");
+    assert_eq!(v["sha256"].as_str().unwrap().len(), 64);
+    let n = v["features"].as_array().unwrap().len();
+    let gain = v["importance"]["gain"].as_array().unwrap();
+    let split = v["importance"]["split"].as_array().unwrap();
+    assert_eq!((gain.len(), split.len()), (n, n));
+    let splits: f64 = split.iter().map(|x| x.as_f64().unwrap()).sum();
+    assert!(splits > 0.0 && v["trees"].as_u64().unwrap() > 0, "{v}");
+    let o = ml_worker(
+        dir.path(),
+        &["models", "info", "lgb_binary", "--registry", reg],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for k in [
+        "kind         lightgbm",
+        "classes      2",
+        "trees",
+        "GAIN",
+        "SPLITS",
+    ] {
+        assert!(out.contains(k), "{k}: {out}");
+    }
+    // a format without importance says so; an unknown name is an error
+    let reg = registry_with(dir.path(), "onnx_mlp", "onnx_mlp.onnx", "onnx", "");
+    let reg = reg.to_str().unwrap();
+    let o = ml_worker(
+        dir.path(),
+        &["models", "info", "onnx_mlp", "--registry", reg, "--json"],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["importance"].is_null() && v["trees"].is_null(), "{v}");
+    assert_eq!(v["missing"], "reject");
+    let o = ml_worker(dir.path(), &["models", "info", "nope", "--registry", reg]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("unknown model 'nope'"), "{}", text(&o));
+}
+
 #[test]
 fn checksum_mismatch_is_refused_and_audited() {
     let dir = tempfile::tempdir().unwrap();

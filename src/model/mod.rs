@@ -312,6 +312,11 @@ pub trait Model: Send + Sync {
     fn feature_importance(&self, _kind: ImportanceType) -> Option<Vec<f64>> {
         None
     }
+
+    /// The number of trees, for tree ensembles.
+    fn n_trees(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A loaded model as the registry serves it: what it is ([`ModelInfo`],

@@ -62,6 +62,10 @@ impl Model for TreeModel {
     fn feature_importance(&self, kind: ImportanceType) -> Option<Vec<f64>> {
         Some(self.ensemble.importance(kind))
     }
+
+    fn n_trees(&self) -> Option<usize> {
+        Some(self.ensemble.n_trees())
+    }
 }
 
 impl TreeModel {

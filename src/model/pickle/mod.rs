@@ -122,6 +122,10 @@ impl Model for PickleModel {
     fn feature_importance(&self, kind: super::ImportanceType) -> Option<Vec<f64>> {
         self.inner.feature_importance(kind)
     }
+
+    fn n_trees(&self) -> Option<usize> {
+        self.inner.n_trees()
+    }
 }
 
 /// `kind: pickle`: scikit-learn, LightGBM and XGBoost pickles, read as data
