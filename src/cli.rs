@@ -378,7 +378,7 @@ fn run(cli: Cli, kinds: &RegistryBuilder) -> Result<u8> {
                 samples,
                 poison_every,
             };
-            crate::demo::run(&cfg, &opts, onnx)?;
+            crate::demo::run(&cfg, &opts, kinds(RegistryOptions::default()))?;
             Ok(0)
         }
         Command::Bench {

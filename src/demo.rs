@@ -15,8 +15,7 @@ use crate::broker::EmbeddedBroker;
 use crate::loadgen::{
     encode_feature, event, load_samples, now_ms, quantile, Load, Reader, Samples,
 };
-use crate::model::onnx;
-use crate::registry::{Registry, RegistryOptions};
+use crate::registry::RegistryBuilder;
 use crate::service::embedded_topics;
 use crate::worker::config::WorkerConfig;
 use crate::worker::metrics::Metrics;
@@ -60,7 +59,8 @@ fn poison(samples: &[Samples], n: u64, out: &mut Vec<u8>) -> &'static str {
     }
 }
 
-pub fn run(cfg: &WorkerConfig, opts: &DemoOptions, onnx: onnx::RuntimeConfig) -> Result<()> {
+/// Runs the demo with the model kinds (and registry options) of `kinds`.
+pub fn run(cfg: &WorkerConfig, opts: &DemoOptions, kinds: RegistryBuilder) -> Result<()> {
     let samples = load_samples(&opts.samples)?;
     let mut cfg = cfg.clone();
     // the demo's traffic is avro-raw, whatever the config's formats
@@ -85,14 +85,7 @@ pub fn run(cfg: &WorkerConfig, opts: &DemoOptions, onnx: onnx::RuntimeConfig) ->
     }
     let audit = Arc::new(AuditStore::open(&cfg.audit_db, &default_worker_id())?);
     let audit_before = audit.rows(None, Some(1))?.last().map_or(0, |r| r.id);
-    let registry = Arc::new(Registry::open(
-        &cfg.registry,
-        Some(audit.clone()),
-        RegistryOptions {
-            onnx,
-            ..Default::default()
-        },
-    )?);
+    let registry = Arc::new(kinds.audit(Some(audit.clone())).open(&cfg.registry)?);
     for name in registry.names() {
         match registry.get(name) {
             Ok(s) => {
