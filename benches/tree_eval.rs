@@ -3,7 +3,10 @@
 //! batch from a pool of 10,000 distinct rows (as a stream would bring new
 //! rows), so no run is helped by branch predictors learning repeated data. `tools/bench_reference.py` runs
 //! LightGBM's own `Booster.predict` (one thread) on the same model and rows;
-//! `make bench-models` runs both and prints the ratio.
+//! `make bench-models` runs both and prints the ratio. The `served` rows
+//! run the same model as the registry serves it (loaded through its
+//! `ModelLoader`, behind `ServedModel`'s width, missing-value and shape
+//! checks), to show what the plug-in boundary costs.
 
 mod common;
 
@@ -23,6 +26,19 @@ fn bench(c: &mut Criterion) {
     let pool = common::rows(common::POOL, nf, true);
     common::bench_batches(&mut g, &pool, nf, &[1, 100, 10_000], |data, n| {
         ens.transformed(data, n)
+    });
+    let specs = ml_worker::config::load_registry_file(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("config/models.yaml"),
+    )
+    .expect("shipped registry");
+    let spec: Vec<_> = specs
+        .into_iter()
+        .filter(|s| s.name == "diabetes_lgbm")
+        .collect();
+    let reg = ml_worker::registry::Registry::from_specs(spec, None, Default::default());
+    let served = reg.get("diabetes_lgbm").expect("diabetes_lgbm loads").model;
+    common::bench_batches_as("served", &mut g, &pool, nf, &[1, 100, 10_000], |data, _| {
+        served.predict_full(ml_worker::model::Batch::new(data, nf).unwrap())
     });
     g.finish();
 }

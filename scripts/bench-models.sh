@@ -36,6 +36,11 @@ for title, nat, py, ref in [("LightGBM, 150 trees (models/diabetes_lgbm.txt)", "
     print(f"\n{title}\n{'batch':>6} {'ml-worker rows/s':>17} {ref + ' rows/s':>16} {'ratio':>7} {'ml-worker us/row':>17}")
     for b in sorted(n):
         print(f"{b:>6} {n[b]:>17,.0f} {p.get(b, float('nan')):>16,.0f} {n[b] / p.get(b, float('nan')):>6.1f}x {1e6 / n[b]:>17.3f}")
+    served = native(nat, "served")
+    if served:
+        print("the same model as the registry serves it (its loader, ServedModel's checks):")
+        for b in sorted(served):
+            print(f"{b:>6} {served[b]:>17,.0f} rows/s served; the boundary costs {1e6 / served[b] - 1e6 / n[b]:,.3f} us/row ({n[b] / served[b]:.2f}x)")
     local = native(nat, "in-process")
     if local:
         print("torch models run in a process of their own; the same model in the worker's process:")

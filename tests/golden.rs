@@ -245,7 +245,7 @@ fn pickles_match_the_training_libraries() {
 
 #[test]
 fn fixtures_cover_missing_values_in_every_native_case() {
-    for kind in ["lightgbm", "xgboost"] {
+    for kind in ["lightgbm", "xgboost", "catboost"] {
         for g in goldens(kind) {
             let nan_rows = g
                 .inputs
