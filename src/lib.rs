@@ -64,7 +64,7 @@ pub mod text;
 pub mod worker;
 
 pub use model::{
-    Batch, EntryHead, KindOptions, LoadContext, Loaded, Model, ModelError, ModelInfo,
-    ModelLoader, OptionsBlock, Output, Prediction, ServedModel, TaskType,
+    Batch, EntryHead, KindOptions, LoadContext, Loaded, Model, ModelError, ModelInfo, ModelLoader,
+    OptionsBlock, Output, Prediction, ServedModel, TaskType,
 };
 pub use registry::{Registry, RegistryBuilder};

@@ -437,7 +437,29 @@ impl Registry {
         drop(state);
         let (loader, spec, slot) = (self.loader.clone(), entry.spec.clone(), entry.slot.clone());
         let started = crate::deadline::spawn(&format!("load-{}", spec.name), cancel, move || {
-            let result = loader.load_spec(&spec);
+            // a loader that panics (a user's kind, a format bug) refuses
+            // the model now, with the panic's text, instead of at the deadline
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loader.load_spec(&spec)))
+                    .unwrap_or_else(|p| {
+                        let text = p
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "a panic".into());
+                        let err = RegistryError::Load {
+                            model: spec.name.clone(),
+                            message: format!(
+                                "the '{}' loader panicked: {}",
+                                spec.kind,
+                                crate::text::escape(&text)
+                            ),
+                        };
+                        loader
+                            .audit(AuditEvent::Refuse, &spec, None, "", err.to_string())
+                            .ok(); // logged inside
+                        Err(err)
+                    });
             let mut state = slot.lock();
             match (&*state, result) {
                 (LoadState::Loading { .. }, Ok(m)) => *state = LoadState::Loaded(m),

@@ -272,3 +272,84 @@ fn pickled_boosters_take_nan_by_default_and_reject_when_told() {
     assert!(strict.missing_problem(&row).is_some());
     assert!(default.missing_problem(&row).is_none());
 }
+
+/// A kind of the user's own that misbehaves: a loader that panics is
+/// refused at once with the panic's text (not at its load deadline), and a
+/// model whose answer has the wrong shape is an error, never a misread row.
+#[test]
+fn a_user_kind_that_panics_or_answers_the_wrong_shape_is_an_error() {
+    use ml_worker::model::{LoadContext, Loaded, Model, ModelLoader, Output, Prediction};
+    use ml_worker::registry::RegistryBuilder;
+
+    struct Panics;
+    impl ModelLoader for Panics {
+        fn kind(&self) -> &str {
+            "panics"
+        }
+        fn load(&self, _: &[u8], _: &LoadContext<'_>) -> Result<Loaded, ModelError> {
+            panic!("boom in load")
+        }
+    }
+    struct TwoRows;
+    impl Model for TwoRows {
+        fn predict(&self, _: Batch<'_>) -> Result<Prediction, ModelError> {
+            Ok(Prediction {
+                values: Output {
+                    values: vec![1.0, 2.0],
+                    width: 1,
+                },
+                probabilities: None,
+            })
+        }
+    }
+    struct Lies;
+    impl ModelLoader for Lies {
+        fn kind(&self) -> &str {
+            "lies"
+        }
+        fn load(&self, _: &[u8], _: &LoadContext<'_>) -> Result<Loaded, ModelError> {
+            Ok(Loaded {
+                model: Arc::new(TwoRows),
+                n_outputs: 1,
+                n_classes: None,
+                detail: "always two rows".into(),
+                handles_missing: true,
+            })
+        }
+    }
+    let builder = RegistryBuilder::new().with_loader(Panics).with_loader(Lies);
+    let yaml = "models:\n  - name: p\n    path: lgb_regression.txt\n    kind: panics\n    features: [a]\n    target: y\n    task_type: regression\n  - name: l\n    path: lgb_regression.txt\n    kind: lies\n    features: [a]\n    target: y\n    task_type: regression\n    load_timeout_ms: 600000\n";
+    let specs = ml_worker::config::parse_registry_with(
+        yaml,
+        Path::new("test.yaml"),
+        &fixtures(),
+        &builder.loaders(),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let reg = builder.from_specs(specs);
+    let e = reg
+        .get("p")
+        .err()
+        .expect("a panicking loader serves nothing");
+    assert!(
+        e.to_string()
+            .contains("'panics' loader panicked: boom in load"),
+        "{e}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let m = reg.get("l").unwrap().model;
+    let e = m
+        .predict_full(Batch::new(&[1.0, 2.0, 3.0], 1).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model 'l' answered 2 values") && e.contains("3 rows"),
+        "{e}"
+    );
+    // the built-in kinds know nothing of these
+    let e = parse_registry(yaml, Path::new("test.yaml"), &fixtures())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown kind 'panics'"), "{e}");
+}
