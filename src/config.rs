@@ -190,7 +190,7 @@ pub enum ConfigError {
 
 /// Reads and validates a registry file (the built-in kinds).
 pub fn load_registry_file(file: &Path) -> Result<Vec<ModelSpec>, ConfigError> {
-    load_registry_file_with(file, &Loaders::default())
+    load_registry_file_with(file, &crate::model::kinds::builtin(&Default::default()))
 }
 
 /// Reads and validates a registry file whose kinds are `loaders`'.
@@ -226,7 +226,12 @@ pub fn read_config_file(file: &Path) -> Result<String, ConfigError> {
 /// Parses and validates registry YAML (the built-in kinds); `base`
 /// resolves relative model paths.
 pub fn parse_registry(text: &str, file: &Path, base: &Path) -> Result<Vec<ModelSpec>, ConfigError> {
-    parse_registry_with(text, file, base, &Loaders::default())
+    parse_registry_with(
+        text,
+        file,
+        base,
+        &crate::model::kinds::builtin(&Default::default()),
+    )
 }
 
 /// [`parse_registry`] for the kinds of `loaders`.

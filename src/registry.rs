@@ -188,7 +188,7 @@ impl RegistryBuilder {
 
     /// The kinds this builder's registry reads, by name.
     pub fn loaders(&self) -> Loaders {
-        let mut loaders = Loaders::builtin(&self.options.onnx);
+        let mut loaders = crate::model::kinds::builtin(&self.options.onnx);
         for l in &self.added {
             loaders.add(l.clone());
         }

@@ -9,7 +9,7 @@
 //! caching by checksum, fallbacks, the missing-value policy, and building
 //! [`super::ModelInfo`].
 //!
-//! The built-in kinds are registered in [`Loaders::builtin`], one line each;
+//! The built-in kinds are registered in [`super::kinds::builtin`], one line each;
 //! a program built on the library adds its own with
 //! [`crate::registry::RegistryBuilder::with_loader`] (see
 //! `examples/custom_model.rs`).
@@ -204,18 +204,6 @@ impl Loaders {
         }
     }
 
-    /// The built-in kinds; `onnx` finds ONNX Runtime through `onnx_runtime`.
-    /// Adding a format: its file under `src/model/` and one line here.
-    pub fn builtin(onnx_runtime: &super::onnx::RuntimeConfig) -> Loaders {
-        Loaders::empty()
-            .with(super::lightgbm::Loader)
-            .with(super::xgboost::Loader)
-            .with(super::catboost::Loader)
-            .with(super::onnx::Loader::new(onnx_runtime.clone()))
-            .with(super::pickle::Loader)
-            .with(super::torch_loader())
-    }
-
     /// Adds `loader`, replacing the loader of the same kind if there is one.
     pub fn with(mut self, loader: impl ModelLoader + 'static) -> Loaders {
         self.add(Arc::new(loader));
@@ -234,12 +222,6 @@ impl Loaders {
     /// The kinds, sorted.
     pub fn kinds(&self) -> Vec<&str> {
         self.by_kind.keys().map(String::as_str).collect()
-    }
-}
-
-impl Default for Loaders {
-    fn default() -> Self {
-        Loaders::builtin(&Default::default())
     }
 }
 

@@ -16,6 +16,7 @@
 //! it on a dedicated thread.
 
 pub mod catboost;
+pub mod kinds;
 pub mod lightgbm;
 pub mod linear;
 pub mod loader;
