@@ -112,7 +112,7 @@ struct Entry {
 
 /// Whether an entry can be served without waiting.
 #[derive(Clone)]
-pub enum Readiness {
+pub(crate) enum Readiness {
     /// Loaded, or settled on its fallback: [`Registry::get`] answers at once.
     Settled,
     /// It (or the fallback that would serve it) is not loaded yet.
@@ -322,7 +322,7 @@ impl Registry {
     /// load (never loads). Unknown names are settled (as errors).
     /// A load past its deadline is refused here (as a waiter would), so
     /// its fallback, if any, is what is asked about next.
-    pub fn readiness(&self, name: &str) -> Readiness {
+    pub(crate) fn readiness(&self, name: &str) -> Readiness {
         let mut at = name;
         for _ in 0..=self.order.len() {
             let Some(e) = self.entries.get(at) else {
@@ -351,7 +351,7 @@ impl Registry {
 
     /// Starts loading `name` (and, if it has failed, its fallback) on a
     /// thread of its own, without waiting.
-    pub fn start_loading(&self, name: &str) {
+    pub(crate) fn start_loading(&self, name: &str) {
         let mut at = name;
         for _ in 0..=self.order.len() {
             let Some(e) = self.entries.get(at) else {
