@@ -651,7 +651,7 @@ impl Loader {
             spec,
             Some(&i.version),
             &sha,
-            i.detail.clone(),
+            format!("{}; missing values: {}", i.detail, i.missing),
         )
         .map_err(|e| {
             fail(format!(

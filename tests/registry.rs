@@ -253,7 +253,19 @@ fn pickled_boosters_take_nan_by_default_and_reject_when_told() {
         entry("default", ""),
         entry("strict", "    missing: reject\n")
     );
-    let reg = registry(&yaml, None);
+    let dir = tempfile::tempdir().unwrap();
+    let audit = Arc::new(AuditStore::open(&dir.path().join("a.db"), "w").unwrap());
+    let reg = registry(&yaml, Some(audit.clone()));
+    // the policy each was served with is in its load row
+    for (name, policy) in [("default", "nan"), ("strict", "reject")] {
+        let rows = audit.rows(Some(name), None).unwrap();
+        assert!(
+            rows.iter().any(|r| r.event == "load"
+                && r.detail.ends_with(&format!("missing values: {policy}"))),
+            "{name}: {:?}",
+            rows.iter().map(|r| &r.detail).collect::<Vec<_>>()
+        );
+    }
     let mut row = vec![0.1; 10];
     row[2] = f64::NAN;
     let default = reg.get("default").unwrap().model;
