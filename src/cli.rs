@@ -623,7 +623,7 @@ fn models_list(registry: &Path, kinds: RegistryBuilder) -> Result<u8> {
             "{:<24} {:<14} {:<9} {:<64} {status}{lazy}",
             escape(name),
             escape(&version),
-            spec.kind.to_string(),
+            escape(&spec.kind),
             sha
         )?;
     }
@@ -658,7 +658,7 @@ fn models_info(
         "target": i.target,
         "n_outputs": i.n_outputs,
         "n_classes": i.n_classes,
-        "trees": m.inner().n_trees(),
+        "trees": m.n_trees(),
         "missing": i.missing,
         "detail": i.detail,
         "load_time_us": i.load_time.as_micros() as u64,
@@ -699,7 +699,7 @@ fn models_info(
         Some(k) => line(&mut out, "classes", &k.to_string())?,
         None => line(&mut out, "outputs", &format!("{} per row", i.n_outputs))?,
     }
-    if let Some(t) = m.inner().n_trees() {
+    if let Some(t) = m.n_trees() {
         line(&mut out, "trees", &t.to_string())?;
     }
     line(&mut out, "missing", &i.missing.to_string())?;
@@ -765,7 +765,7 @@ fn models_verify(registry: &Path, audit_db: &Path, kinds: RegistryBuilder) -> Re
                     "{:<24} {:<14} {:<9} {:<64} ok: {}",
                     escape(&name),
                     escape(&i.version),
-                    i.kind.to_string(),
+                    escape(&i.kind),
                     i.sha256,
                     escape(&i.detail)
                 )?;
@@ -781,7 +781,7 @@ fn models_verify(registry: &Path, audit_db: &Path, kinds: RegistryBuilder) -> Re
                     "{:<24} {:<14} {:<9} {:<64} FAILED: {}",
                     escape(&name),
                     "-",
-                    spec.kind.to_string(),
+                    escape(&spec.kind),
                     "-",
                     escape(&reason)
                 )?;
@@ -835,11 +835,12 @@ fn predict(
     let pred = crate::deadline::run("predict", timeout, move || {
         model.predict_full(Batch::new(&rows.data, rows.n_features)?)
     })
-    .map_err(|e| {
-        anyhow::anyhow!(
+    .map_err(|e| match e {
+        crate::deadline::Overrun::TimedOut(_) => anyhow::anyhow!(
             "model '{}': inference {e} (inference_timeout_ms)",
             info.name
-        )
+        ),
+        _ => anyhow::anyhow!("model '{}': inference {e}", info.name),
     })?
     .with_context(|| format!("model '{}'", info.name))?;
     let written = write_predictions(&pred, info.task_type, n_rows, &refused);

@@ -80,7 +80,8 @@ struct RawModel {
     /// `reject` (dead-letter the event). Default: what the model can do:
     /// `nan` for trees that record a direction for missing values
     /// (LightGBM, XGBoost, CatBoost, their pickles, scikit-learn >= 1.3
-    /// trees), `reject` for linear models, networks and ONNX graphs.
+    /// trees, ONNX graphs with a tree-ensemble operator), `reject` for
+    /// linear models, networks and other ONNX graphs.
     #[serde(default)]
     missing: Option<MissingPolicy>,
     /// This model's load deadline, including its warm-up (ms); default
@@ -93,7 +94,49 @@ struct RawModel {
     inference_timeout_ms: Option<u64>,
     /// Every other key: the kind's options block, or a mistake.
     #[serde(flatten)]
-    rest: BTreeMap<String, serde_norway::Value>,
+    rest: OtherKeys,
+}
+
+/// An entry's keys beyond its fields, each at most once (a map would keep
+/// the last of two blocks of one name silently).
+#[derive(Debug, Default)]
+struct OtherKeys(BTreeMap<String, serde_norway::Value>);
+
+impl<'de> Deserialize<'de> for OtherKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = OtherKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a model entry")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<OtherKeys, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some((k, v)) = map.next_entry::<String, serde_norway::Value>()? {
+                    if out.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!(
+                            "duplicate field `{}`",
+                            crate::text::escape(&short(&k))
+                        )));
+                    }
+                    out.insert(k, v);
+                }
+                Ok(OtherKeys(out))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// At most 100 characters of an untrusted name, for messages.
+fn short(s: &str) -> String {
+    match s.char_indices().nth(100) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
 }
 
 /// The fields of a `models:` entry, for the unknown-field error.
@@ -295,7 +338,7 @@ fn validate(
                 "kind",
                 format!(
                     "unknown kind '{}' (the kinds available: {})",
-                    crate::text::escape(&m.kind),
+                    crate::text::escape(&short(&m.kind)),
                     loaders.kinds().join(", ")
                 ),
             ));
@@ -363,7 +406,7 @@ fn validate(
             }
         }
         let mut block = None;
-        for (key, value) in m.rest {
+        for (key, value) in m.rest.0 {
             if key == kind {
                 block = Some(value);
             } else if loaders.get(&key).is_some() {
@@ -373,7 +416,7 @@ fn validate(
                 ));
             } else {
                 return Err(field(
-                    &crate::text::escape(&key),
+                    &crate::text::escape(&short(&key)),
                     format!("unknown field (expected one of: {ENTRY_FIELDS})"),
                 ));
             }
@@ -387,10 +430,12 @@ fn validate(
             .as_ref()
             .map(|v| serde_norway::to_string(v).unwrap_or_default())
             .unwrap_or_default();
-        let options = loader
-            .parse_options(block.map(OptionsBlock::new).as_ref(), &head)
-            .map_err(|e| field(&kind, e))?
-            .with_key(options_key);
+        // a loader's panic (a user's kind) is its error, not the process's end
+        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            loader.parse_options(block.map(OptionsBlock::new).as_ref(), &head)
+        }))
+        .unwrap_or_else(|_| Err(format!("the '{kind}' loader panicked parsing the block")));
+        let options = parsed.map_err(|e| field(&kind, e))?.with_key(options_key);
         let timeout = |v: Option<u64>, default: Duration, name: &'static str| match v {
             None => Ok(default),
             Some(ms) if (1..=MAX_TIMEOUT_MS).contains(&ms) => Ok(Duration::from_millis(ms)),

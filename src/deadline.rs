@@ -126,11 +126,14 @@ fn as_job<T>(cancel: Arc<Cancel>, f: impl FnOnce() -> T) -> Result<T, Overrun> {
     r.map_err(|p| Overrun::Panicked(panic_text(&p)))
 }
 
+/// A panic's message (model code's: untrusted, escaped).
 fn panic_text(p: &Box<dyn Any + Send>) -> String {
-    p.downcast_ref::<&str>()
+    let text = p
+        .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic".into())
+        .unwrap_or_else(|| "a panic".into());
+    crate::text::escape(&text).into_owned()
 }
 
 /// Runs `f` on a new thread named `name`, waiting at most `timeout`.

@@ -13,8 +13,8 @@
 //! - [`deadline`]: model code on threads of its own, under a deadline.
 //! - [`audit`]: append-only, hash-chained SQLite log of model lifecycle events.
 //! - [`model`]: the [`model::Model`] trait a format implements, the
-//!   [`model::ModelLoader`] that reads one `kind` ([`model::loader`]: the
-//!   built-in kinds, one line each), [`model::ServedModel`] as the registry
+//!   [`model::ModelLoader`] that reads one `kind` ([`model::loader`]; the
+//!   built-in kinds, one line each: [`model::kinds`]), [`model::ServedModel`] as the registry
 //!   serves a model, and one file per format: native LightGBM, XGBoost and
 //!   CatBoost tree evaluation ([`model::tree`]), ONNX Runtime
 //!   ([`model::onnx`]), TorchScript, pickles read as data.

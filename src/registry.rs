@@ -65,6 +65,11 @@ pub struct Served {
     pub fallback_for: Option<String>,
 }
 
+/// Most values per row a model may answer (regression outputs).
+pub const MAX_OUTPUTS: usize = 65_536;
+/// Most classes a classifier may have.
+pub const MAX_CLASSES: usize = 1_000_000;
+
 /// Two entries share a loaded model only if the file and the way it is
 /// read are the same.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -72,7 +77,9 @@ struct CacheKey {
     sha256: String,
     kind: String,
     task_type: TaskType,
-    n_features: usize,
+    /// A loader checks the entry's features against its file (names, not
+    /// just their count): an entry with other features loads its own.
+    features: Vec<String>,
     /// The kind's options block as written.
     options: String,
 }
@@ -590,7 +597,7 @@ impl Loader {
             sha256: sha.clone(),
             kind: spec.kind.clone(),
             task_type: spec.task_type,
-            n_features: spec.features.len(),
+            features: spec.features.clone(),
             options: spec.options.key().to_string(),
         };
         let cached = self
@@ -635,6 +642,25 @@ impl Loader {
             load_time: started.elapsed(),
         };
         let model = Arc::new(ServedModel::new(info, loaded.model.clone()));
+        let warmed_up = self.loaders.get(&spec.kind).is_some_and(|l| l.warms_up());
+        if shared_with.is_none() && !warmed_up {
+            // one row of zeros through the model as it will be served: a
+            // model that cannot answer (a wrong shape, a class out of
+            // range, a panic) is refused now, within the load deadline,
+            // not event by event (a non-finite answer for zeros is that
+            // row's problem: the model may not be defined there)
+            let n = spec.features.len();
+            let zeros = vec![0.0; n];
+            let probe = crate::model::Batch::new(&zeros, n).and_then(|b| model.predict_full(b));
+            if let Err(why) = probe {
+                return Err(refuse(RegistryError::Model {
+                    model: spec.name.clone(),
+                    source: Arc::new(ModelError::Runtime(format!(
+                        "a probe row of zeros (the warm-up at load) fails: {why}"
+                    ))),
+                }));
+            }
+        }
         let i = model.info();
         if let (Some(max), Some(k)) = (
             spec.signal.as_ref().and_then(|r| r.max_class()),
@@ -744,6 +770,13 @@ impl Loader {
             (TaskType::Regression, None) => loaded.n_outputs >= 1,
             _ => false,
         };
+        if loaded.n_outputs > MAX_OUTPUTS || loaded.n_classes.is_some_and(|k| k > MAX_CLASSES) {
+            return Err(model_err(ModelError::Unsupported(format!(
+                "the '{}' loader made a model of {} values per row and {:?} classes; \
+                 at most {MAX_OUTPUTS} values and {MAX_CLASSES} classes are served",
+                spec.kind, loaded.n_outputs, loaded.n_classes
+            ))));
+        }
         if !shape_ok {
             return Err(model_err(ModelError::Unsupported(format!(
                 "the '{}' loader made a {} model of {} value(s) per row and {} classes; \

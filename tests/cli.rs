@@ -486,8 +486,13 @@ fn bad_registry_files_name_file_model_and_field() {
             vec!["models.yaml", "invalid YAML"],
         ),
         (
-            base.replace("lightgbm", "catboost"),
-            vec!["model 'a'", "'kind'", "catboost"],
+            base.replace("lightgbm", "sklearn"),
+            vec![
+                "model 'a'",
+                "'kind'",
+                "unknown kind 'sklearn'",
+                "catboost, lightgbm",
+            ],
         ),
         (
             base.replace("m.txt", "missing.txt"),

@@ -260,8 +260,9 @@ fn pickled_boosters_take_nan_by_default_and_reject_when_told() {
     for (name, policy) in [("default", "nan"), ("strict", "reject")] {
         let rows = audit.rows(Some(name), None).unwrap();
         assert!(
-            rows.iter().any(|r| r.event == "load"
-                && r.detail.ends_with(&format!("missing values: {policy}"))),
+            rows.iter()
+                .any(|r| r.event == "load"
+                    && r.detail.ends_with(&format!("missing values: {policy}"))),
             "{name}: {:?}",
             rows.iter().map(|r| &r.detail).collect::<Vec<_>>()
         );
@@ -302,12 +303,13 @@ fn a_user_kind_that_panics_or_answers_the_wrong_shape_is_an_error() {
             panic!("boom in load")
         }
     }
+    /// Right for one row (so it passes the warm-up), two rows otherwise.
     struct TwoRows;
     impl Model for TwoRows {
-        fn predict(&self, _: Batch<'_>) -> Result<Prediction, ModelError> {
+        fn predict(&self, b: Batch<'_>) -> Result<Prediction, ModelError> {
             Ok(Prediction {
                 values: Output {
-                    values: vec![1.0, 2.0],
+                    values: vec![1.0; b.n_rows().min(2)],
                     width: 1,
                 },
                 probabilities: None,
@@ -364,4 +366,164 @@ fn a_user_kind_that_panics_or_answers_the_wrong_shape_is_an_error() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("unknown kind 'panics'"), "{e}");
+}
+
+/// What the loaders and the registry refuse at load, before an event is
+/// served: a classifier registered as a regression, a duplicated options
+/// block, a model that cannot answer a row of zeros (the warm-up), a class
+/// index out of range; and two entries of one file with other feature
+/// names do not share a loaded model (each loader checks its entry).
+#[test]
+fn registry_refusals_at_load_and_no_sharing_across_feature_names() {
+    let entry = |name: &str, file: &str, kind: &str, features: &str, task: &str| {
+        format!("  - name: {name}\n    path: {file}\n    kind: {kind}\n    features: {features}\n    target: y\n    task_type: {task}\n")
+    };
+    // a binary classifier's objective, registered as a regression
+    let yaml = format!(
+        "models:\n{}",
+        entry(
+            "b",
+            "lgb_binary.txt",
+            "lightgbm",
+            &golden_features("lgb_binary"),
+            "regression"
+        )
+    );
+    let e = registry(&yaml, None).get("b").err().unwrap().to_string();
+    assert!(
+        e.contains("is a classification objective") && e.contains("task_type: classification"),
+        "{e}"
+    );
+    let yaml = format!(
+        "models:\n{}",
+        entry(
+            "o",
+            "onnx_skl_logreg.onnx",
+            "onnx",
+            &golden_features("onnx_skl_logreg"),
+            "regression"
+        )
+    );
+    let e = registry(&yaml, None).get("o").err().unwrap().to_string();
+    assert!(e.contains("it is a classifier"), "{e}");
+    // the same options block twice: refused, not the last one kept
+    let yaml = format!(
+        "models:\n{}    onnx: {{prediction: nonexistent}}\n    onnx: {{prediction: label}}\n",
+        entry(
+            "o",
+            "onnx_skl_logreg.onnx",
+            "onnx",
+            &golden_features("onnx_skl_logreg"),
+            "classification"
+        )
+    );
+    let e = parse_registry(&yaml, Path::new("test.yaml"), &fixtures())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("duplicate field `onnx`"), "{e}");
+    // one file, features in another order: the second entry is loaded
+    // (and checked) on its own
+    let names: Vec<String> = serde_json::from_str(DIABETES).unwrap();
+    let mut swapped = names.clone();
+    swapped.swap(0, 1);
+    let yaml = format!(
+        "models:\n{}{}",
+        entry(
+            "a",
+            "lgb_regression.txt",
+            "lightgbm",
+            DIABETES,
+            "regression"
+        ),
+        entry(
+            "s",
+            "lgb_regression.txt",
+            "lightgbm",
+            &serde_json::to_string(&swapped).unwrap(),
+            "regression"
+        )
+    );
+    let reg = registry(&yaml, None);
+    let (a, s) = (reg.get("a").unwrap().model, reg.get("s").unwrap().model);
+    assert!(!a.info().detail.contains("shared"), "{}", a.info().detail);
+    assert!(!s.info().detail.contains("shared"), "{}", s.info().detail);
+}
+
+fn golden_features(case: &str) -> String {
+    let g: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fixtures().join(format!("{case}.golden.json"))).unwrap(),
+    )
+    .unwrap();
+    serde_json::to_string(&g["features"]).unwrap()
+}
+
+/// A user's model that cannot answer is refused at load (the warm-up row),
+/// and a class index out of range is an error, not a published class.
+#[test]
+fn a_user_model_that_cannot_answer_is_refused_at_load() {
+    use ml_worker::model::{LoadContext, Loaded, Model, ModelLoader, Output, Prediction};
+    use ml_worker::registry::RegistryBuilder;
+    struct Class(f64);
+    impl Model for Class {
+        fn predict(&self, b: Batch<'_>) -> Result<Prediction, ModelError> {
+            let n = b.n_rows();
+            Ok(Prediction {
+                values: Output {
+                    values: vec![self.0; n],
+                    width: 1,
+                },
+                probabilities: Some(Output {
+                    values: vec![0.5; 2 * n],
+                    width: 2,
+                }),
+            })
+        }
+    }
+    struct Classes;
+    impl ModelLoader for Classes {
+        fn kind(&self) -> &str {
+            "classes"
+        }
+        fn load(&self, bytes: &[u8], _: &LoadContext<'_>) -> Result<Loaded, ModelError> {
+            // the file says which class it answers
+            let c: f64 = std::str::from_utf8(bytes).unwrap().trim().parse().unwrap();
+            Ok(Loaded {
+                model: Arc::new(Class(c)),
+                n_outputs: 1,
+                n_classes: Some(2),
+                detail: String::new(),
+                handles_missing: false,
+            })
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (f, c) in [("ok", "1"), ("seven", "7"), ("half", "0.5")] {
+        std::fs::write(dir.path().join(f), c).unwrap();
+    }
+    let builder = RegistryBuilder::new().with_loader(Classes);
+    let entry = |name: &str| {
+        format!("  - name: {name}\n    path: {name}\n    kind: classes\n    features: [a]\n    target: y\n    task_type: classification\n")
+    };
+    let yaml = format!(
+        "models:\n{}{}{}",
+        entry("ok"),
+        entry("seven"),
+        entry("half")
+    );
+    let specs = ml_worker::config::parse_registry_with(
+        &yaml,
+        Path::new("t.yaml"),
+        dir.path(),
+        &builder.loaders(),
+    )
+    .unwrap();
+    let reg = builder.from_specs(specs);
+    assert!(reg.get("ok").is_ok());
+    for (name, want) in [
+        ("seven", "class 7, not one of its 2 classes"),
+        ("half", "class 0.5"),
+    ] {
+        let e = reg.get(name).err().unwrap().to_string();
+        assert!(e.contains("probe row of zeros") && e.contains(want), "{e}");
+    }
 }

@@ -1621,6 +1621,7 @@ fn models_that_never_return_are_cut_off_by_their_deadlines_while_every_other_mod
         .unwrap();
     let mut hostile_keys = Vec::new();
     let mut fallback_ids = Vec::new();
+    let mut full_ids = Vec::new();
     for i in 0..good {
         let e = ml_worker::loadgen::event(
             std::slice::from_ref(diabetes),
@@ -1639,6 +1640,17 @@ fn models_that_never_return_are_cut_off_by_their_deadlines_while_every_other_mod
             raw.send(BaseRecord::to(&s.features).key(&key).payload(&v))
                 .unwrap();
             fallback_ids.push(key);
+            // an event with the fallback's own features: served as the
+            // fallback would serve it alone (its rows are the event as
+            // received, not the lazy model's columns)
+            let mut full = e.clone();
+            full.model = "lazy_hang_fb".into();
+            full.event_id = format!("lazy_hang_fb-full-{i}");
+            ml_worker::loadgen::encode_feature(WireFormat::AvroRaw, &full, &mut b);
+            raw.send(BaseRecord::to(&s.features).key(&full.event_id).payload(&b))
+                .unwrap();
+            let (_, row) = ml_worker::loadgen::event_row(std::slice::from_ref(diabetes), i);
+            full_ids.push((full.event_id.clone(), diabetes.expected[row]));
             for model in ["lazy_hang", "onnx_hang", "torch_hang"] {
                 let key = format!("{model}-{i}");
                 let v = hostile_event(model, key.clone(), 1.0);
@@ -1655,8 +1667,20 @@ fn models_that_never_return_are_cut_off_by_their_deadlines_while_every_other_mod
         seen.by_id.keys().filter(|k| k.starts_with("g-")).count() as u64 >= good
             && seen.dead_letters.len() >= hostile_keys.len()
             && fallback_ids.iter().all(|id| seen.by_id.contains_key(id))
+            && full_ids.iter().all(|(id, _)| seen.by_id.contains_key(id))
     });
     let seen = &reader.seen;
+    for (id, want) in &full_ids {
+        let p = seen
+            .by_id
+            .get(id)
+            .unwrap_or_else(|| panic!("{id}: not served by the fallback"));
+        assert!(
+            p.fallback && (p.prediction - want).abs() <= 1e-9 * want.abs(),
+            "{id}: {} by the fallback, {want} by diabetes_lgbm itself",
+            p.prediction
+        );
+    }
     for id in &fallback_ids {
         let p = seen
             .by_id
@@ -1712,7 +1736,7 @@ fn models_that_never_return_are_cut_off_by_their_deadlines_while_every_other_mod
     assert!(summary.clean, "{summary:?}");
     assert_eq!(
         s.committed_total(2),
-        (good as usize + hostile_keys.len() + fallback_ids.len()) as i64,
+        (good as usize + hostile_keys.len() + fallback_ids.len() + full_ids.len()) as i64,
         "every input, served or dead-lettered, committed"
     );
 }

@@ -436,6 +436,10 @@ fn from_document(doc: Doc, max_nodes: usize) -> Result<ParsedTrees, Problem> {
     ens.base_margin = bias;
     ens.transform = transform;
     let split = |s: &Split| float_split(s, &columns);
+    // splits per feature as CatBoost counts them: once per tree and level
+    // (the evaluator's layout repeats a level's split per node and per
+    // dimension)
+    let mut counts = vec![0.0; n_features];
     match (&doc.oblivious_trees, &doc.trees) {
         (Some(_), Some(_)) => {
             return Err("the file has both 'oblivious_trees' and 'trees'".into());
@@ -447,6 +451,9 @@ fn from_document(doc: Doc, max_nodes: usize) -> Result<ParsedTrees, Problem> {
             for (t, tree) in trees.iter().enumerate() {
                 let locals = oblivious(tree, dims, scale, &ens, &split)
                     .map_err(|p| prefix(p, &format!("oblivious tree {t}")))?;
+                for s in &tree.splits {
+                    counts[split(s)?.0 as usize] += 1.0;
+                }
                 push(&mut ens, locals, t)?;
             }
         }
@@ -454,6 +461,9 @@ fn from_document(doc: Doc, max_nodes: usize) -> Result<ParsedTrees, Problem> {
             for (t, tree) in trees.iter().enumerate() {
                 let locals = non_symmetric(tree, dims, scale, &ens, &split)
                     .map_err(|p| prefix(p, &format!("tree {t}")))?;
+                for s in locals.first().map_or(&[][..], |l| &l.splits) {
+                    counts[s.feature as usize] += 1.0;
+                }
                 push(&mut ens, locals, t)?;
             }
         }
@@ -461,6 +471,8 @@ fn from_document(doc: Doc, max_nodes: usize) -> Result<ParsedTrees, Problem> {
     if ens.trees.is_empty() {
         return Err("the model has no trees".into());
     }
+    ens.split_counts = Some(counts);
+    ens.copies_per_tree = dims;
     ens.validate()?;
     Ok(ParsedTrees {
         ensemble: ens,
@@ -613,8 +625,11 @@ fn oblivious(
         Some(w) if w.len() != leaves => {
             return Err(format!("{} leaf weights for {leaves} leaves", w.len()).into())
         }
-        Some(w) if w.iter().any(|w| !w.is_finite()) => {
-            return Err("a leaf weight is not finite".into())
+        Some(w) if w.iter().any(|w| !(w.is_finite() && *w >= 0.0)) => {
+            return Err(
+                "a leaf weight is negative or not finite; weights are counts of training rows"
+                    .into(),
+            )
         }
         w => w.as_deref(),
     };
@@ -696,8 +711,8 @@ fn non_symmetric(
                 .into());
             }
             let weight = node.weight.unwrap_or(0.0);
-            if !weight.is_finite() {
-                return Err("a leaf weight is not finite".into());
+            if !(weight.is_finite() && weight >= 0.0) {
+                return Err(format!("a leaf weight is {weight}; weights are counts of training rows, finite and not negative").into());
             }
             match (&node.split, &node.left, &node.right, &node.value) {
                 (None, None, None, Some(v)) => {
@@ -977,10 +992,16 @@ mod tests {
         assert_eq!((p.objective.as_str(), p.n_classes), ("RMSE", None));
         assert_eq!(p.ensemble.base_margin.len(), 1);
         assert!(p.ensemble.base_margin[0] > 100.0);
-        // an oblivious tree of depth d has 2^d - 1 splits: split counts are
-        // per expanded node (a split at level i counts 2^i times)
+        // split counts as CatBoost counts them: one per tree and level
+        // (30 trees of depth 5), not per node of the expanded layout
         let splits: f64 = p.ensemble.importance(ImportanceType::Split).iter().sum();
-        assert_eq!(splits, (30 * 31) as f64);
+        assert_eq!(splits, (30 * 5) as f64);
+        assert_eq!(p.ensemble.n_model_trees(), 30);
+        // a multiclass model's trees hold a value per class: counted once
+        let (p, _) = load("cb_multiclass");
+        assert_eq!(p.ensemble.n_model_trees() * 3, p.ensemble.n_trees());
+        let (p, _) = load("cb_lossguide_multiclass");
+        assert_eq!(p.ensemble.n_model_trees() * 3, p.ensemble.n_trees());
     }
 
     #[test]

@@ -81,17 +81,26 @@ pub struct KindOptions {
 }
 
 impl KindOptions {
-    /// Options of type `T`, as the kind's loader parsed them.
+    /// Options of type `T`, as the kind's loader parsed them. Until the
+    /// registry file sets its key (the block as written), options made
+    /// this way equal only their own clones: two entries given options by
+    /// a program never share a loaded model by mistake.
     pub fn new<T: Any + Send + Sync>(value: T) -> KindOptions {
+        static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         KindOptions {
             value: Arc::new(value),
-            key: String::new(),
+            key: format!("\0options #{n}"),
         }
     }
 
-    /// No options (the kind takes none, or the block was absent).
+    /// No options (the kind takes none, or the block was absent): equal to
+    /// every other `none()`.
     pub fn none() -> KindOptions {
-        KindOptions::new(())
+        KindOptions {
+            value: Arc::new(()),
+            key: String::new(),
+        }
     }
 
     /// The options as the loader stored them; `None` if they are another type.
@@ -188,6 +197,13 @@ pub trait ModelLoader: Send + Sync {
 
     /// Makes a model of the verified file `bytes`.
     fn load(&self, bytes: &[u8], ctx: &LoadContext<'_>) -> Result<Loaded, ModelError>;
+
+    /// Whether `load` already ran the model on a row (a warm-up that fixes
+    /// its output shape). If not, the registry runs one row of zeros
+    /// through the model as it will be served before serving it.
+    fn warms_up(&self) -> bool {
+        false
+    }
 }
 
 /// The loaders a registry reads models with, by kind.

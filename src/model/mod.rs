@@ -8,6 +8,7 @@
 //! |------------|--------------------------|------------------------------------|
 //! | `lightgbm` | [`lightgbm`] text model  | native, [`tree::TreeEnsemble`]     |
 //! | `xgboost`  | [`xgboost`] JSON / UBJSON| native, [`tree::TreeEnsemble`]     |
+//! | `catboost` | [`catboost`] JSON        | native, [`tree::TreeEnsemble`]     |
 //! | `onnx`     | [`onnx`]                 | ONNX Runtime (loaded dynamically)  |
 //! | `torch`    | `torch` TorchScript      | libtorch via tch (`torch` feature) |
 //! | `pickle`   | [`pickle`] (never run)   | native trees / [`linear`] models   |
@@ -337,9 +338,9 @@ impl ServedModel {
         &self.info
     }
 
-    /// The format's model (shared by entries that load the same file).
-    pub fn inner(&self) -> &std::sync::Arc<dyn Model> {
-        &self.model
+    /// The number of trees, for tree ensembles (as the model file counts them).
+    pub fn n_trees(&self) -> Option<usize> {
+        self.model.n_trees()
     }
 
     /// Why `row` cannot be served under this model's missing-value policy
@@ -351,10 +352,10 @@ impl ServedModel {
             return None;
         }
         let col = row.iter().position(|v| v.is_nan())?;
-        Some(format!(
-            "feature '{}' is missing or NaN; model '{}' does not accept missing values (missing: reject)",
+        Some(missing_reason(
             self.info.features.get(col).map_or("?", String::as_str),
-            self.info.name
+            "missing or NaN",
+            &self.info.name,
         ))
     }
 
@@ -419,6 +420,20 @@ impl ServedModel {
                 self.info.n_outputs
             ));
         }
+        if let Some(k) = self.info.n_classes {
+            // a class index, in range (as many classes as probabilities)
+            if let Some(c) = v
+                .values
+                .iter()
+                // (a non-finite one is its row's problem: `row_problem`)
+                .find(|c| c.is_finite() && !(c.fract() == 0.0 && **c >= 0.0 && **c < k as f64))
+            {
+                return bad(format!(
+                    "class {c}, not one of its {k} classes (0 to {})",
+                    k - 1
+                ));
+            }
+        }
         match (&p.probabilities, self.info.n_classes) {
             (None, None) => Ok(()),
             (Some(pr), Some(k)) if pr.width == k && pr.values.len() == rows * k => Ok(()),
@@ -431,6 +446,16 @@ impl ServedModel {
             (None, Some(k)) => bad(format!("no probabilities (expected {k} classes)")),
         }
     }
+}
+
+/// Why a row is refused under `missing: reject`: feature `feature` is
+/// `what` ("missing", "NaN"). One wording wherever the policy is applied.
+pub fn missing_reason(feature: &str, what: &str, model: &str) -> String {
+    format!(
+        "feature '{}' is {what}; model '{}' does not accept missing values (missing: reject)",
+        crate::text::escape(feature),
+        crate::text::escape(model)
+    )
 }
 
 impl fmt::Debug for ServedModel {

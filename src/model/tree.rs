@@ -59,12 +59,16 @@ impl Model for TreeModel {
         ))
     }
 
+    /// Gain is `None` when the file records none (every split's gain 0:
+    /// scikit-learn trees, CatBoost without leaf weights).
     fn feature_importance(&self, kind: ImportanceType) -> Option<Vec<f64>> {
-        Some(self.ensemble.importance(kind))
+        let imp = self.ensemble.importance(kind);
+        let recorded = kind == ImportanceType::Split || imp.iter().any(|g| *g != 0.0);
+        recorded.then_some(imp)
     }
 
     fn n_trees(&self) -> Option<usize> {
-        Some(self.ensemble.n_trees())
+        Some(self.ensemble.n_model_trees())
     }
 }
 
@@ -107,10 +111,21 @@ impl TreeModel {
                 )))
             }
             (true, Some(k)) => (1, Some(k)),
-            (false, _) => (ens.n_groups, None),
+            (false, Some(k)) => {
+                return Err(ModelError::Input(format!(
+                    "field 'task_type' is regression but objective '{}' is a classification objective ({k} classes); \
+                     register it with task_type: classification",
+                    parsed.objective
+                )))
+            }
+            (false, None) => (ens.n_groups, None),
         };
         Ok(Loaded {
-            detail: format!("{format} {}, {} trees", parsed.objective, ens.n_trees()),
+            detail: format!(
+                "{format} {}, {} trees",
+                parsed.objective,
+                ens.n_model_trees()
+            ),
             n_outputs,
             n_classes,
             handles_missing: true,
@@ -232,6 +247,13 @@ pub struct TreeEnsemble {
     pub has_slow_nodes: bool,
     /// Most nodes `push_tree` accepts ([`MAX_NODES`] unless lowered).
     pub max_nodes: usize,
+    /// Splits per feature as the model's library counts them, when the
+    /// layout here repeats splits (CatBoost's oblivious levels, one copy
+    /// per output dimension); `None`: count the nodes.
+    pub split_counts: Option<Vec<f64>>,
+    /// Trees here per tree of the model file (a tree with a value per
+    /// class becomes one tree per class), for the tree count reported.
+    pub copies_per_tree: usize,
     /// QuickScorer tables, built at the first evaluation (`None`: the
     /// ensemble does not fit them and is walked).
     quick: OnceLock<Option<quick::QuickScorer>>,
@@ -419,6 +441,9 @@ impl TreeEnsemble {
 
     /// Split counts or total gains per feature.
     pub fn importance(&self, kind: ImportanceType) -> Vec<f64> {
+        if let (ImportanceType::Split, Some(c)) = (kind, &self.split_counts) {
+            return c.clone();
+        }
         let mut imp = vec![0.0; self.n_features];
         for (i, n) in self
             .nodes
@@ -427,16 +452,22 @@ impl TreeEnsemble {
             .filter(|(_, n)| n.kind != LEAF)
         {
             imp[n.feature as usize] += match kind {
-                ImportanceType::Split => 1.0,
+                // each copy of a tree holds the same splits
+                ImportanceType::Split => 1.0 / self.copies_per_tree.max(1) as f64,
                 ImportanceType::Gain => self.gains.get(i).copied().unwrap_or(0.0),
             };
         }
         imp
     }
 
-    /// Number of trees.
+    /// Number of trees (as evaluated: one per output group).
     pub fn n_trees(&self) -> usize {
         self.trees.len()
+    }
+
+    /// Number of trees as the model file counts them.
+    pub fn n_model_trees(&self) -> usize {
+        self.trees.len() / self.copies_per_tree.max(1)
     }
 }
 
@@ -765,6 +796,8 @@ impl TreeEnsemble {
             transform: Transform::Identity,
             has_slow_nodes: false,
             max_nodes: MAX_NODES,
+            split_counts: None,
+            copies_per_tree: 1,
             quick: OnceLock::new(),
         }
     }

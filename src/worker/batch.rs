@@ -209,13 +209,32 @@ impl Route {
             }
             Readiness::Pending => {
                 registry.start_loading(name);
-                // its policy is known once it loads: until then absent
-                // features are NaN, and the serving model's policy is
-                // applied to the rows ([`Serving::rows`])
-                Ok(make(
-                    &spec.features,
-                    spec.missing.unwrap_or(MissingPolicy::Nan),
-                ))
+                // which model serves is known once it loads: the rows carry
+                // the columns of every model that may (the model's, then
+                // its fallbacks' own), so a fallback's rows are the event
+                // as received
+                let mut columns = spec.features.clone();
+                let mut have: std::collections::HashSet<&str> =
+                    spec.features.iter().map(String::as_str).collect();
+                let mut at = spec.fallback.as_deref();
+                for _ in 0..registry.names().len() {
+                    let Some(fb) = at.and_then(|f| registry.spec(f)) else {
+                        break;
+                    };
+                    for f in &fb.features {
+                        if have.insert(f) {
+                            columns.push(f.clone());
+                        }
+                    }
+                    at = fb.fallback.as_deref();
+                }
+                // and absent features are NaN until then: the serving
+                // model's policy is applied to its rows ([`Serving::rows`])
+                let missing = match spec.missing {
+                    Some(m) if columns.len() == spec.features.len() => m,
+                    _ => MissingPolicy::Nan,
+                };
+                Ok(make(&columns, missing))
             }
         }
     }
@@ -307,10 +326,7 @@ impl Route {
             if let Some(i) = row.iter().position(|v| v.is_nan()) {
                 let present = features.clone().any(|(k, _)| k == names[i].as_bytes());
                 let what = if present { "NaN" } else { "missing" };
-                return Err(format!(
-                    "feature '{}' is {what}; model '{}' rejects missing values",
-                    names[i], self.name
-                ));
+                return Err(crate::model::missing_reason(&names[i], what, &self.name));
             }
         }
         Ok(())

@@ -57,6 +57,11 @@ impl Loader {
 }
 
 impl ModelLoader for Loader {
+    /// It runs a row of zeros at load (fixing the output widths).
+    fn warms_up(&self) -> bool {
+        true
+    }
+
     fn kind(&self) -> &str {
         "onnx"
     }
@@ -358,6 +363,16 @@ impl OnnxModel {
             TaskType::Regression => {
                 let p = match &opts.prediction {
                     Some(n) => pick(n, "onnx.prediction")?,
+                    None if usable.iter().any(|o| {
+                        matches!(o.kind, OutKind::Int64 | OutKind::SeqMapInt | OutKind::SeqMapString)
+                    }) =>
+                    {
+                        return Err(format_err(format!(
+                            "the graph answers a class label and probabilities (outputs: {:?}): it is a classifier; \
+                             register it with task_type: classification (or name its regression output in 'onnx.prediction')",
+                            outs.iter().map(|o| &o.0).collect::<Vec<_>>()
+                        )))
+                    }
                     None => {
                         let floats: Vec<&OutSel> = usable
                             .iter()

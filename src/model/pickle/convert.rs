@@ -391,6 +391,8 @@ fn estimator(g: &Graph, id: Id, path: &Path) -> Result<Converted, String> {
             if trees.len() > 1 || module != "sklearn.tree._classes" {
                 ens.average_over = Some(trees.len() as f64);
             }
+            // a classifier's tree becomes one tree per class here
+            ens.copies_per_tree = n_classes.unwrap_or(1);
             ens.validate()?;
             let native = format!(
                 "native tree evaluator ({} tree{}{})",

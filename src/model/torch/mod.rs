@@ -42,6 +42,11 @@ pub use options::{TorchDevice, TorchOptions, TorchOutput};
 pub struct Loader;
 
 impl ModelLoader for Loader {
+    /// It runs a row of zeros at load (fixing the output widths).
+    fn warms_up(&self) -> bool {
+        true
+    }
+
     fn kind(&self) -> &str {
         "torch"
     }
