@@ -28,6 +28,7 @@ demo-offline: onnxruntime build
 ## The README's second command: everything CI runs. The build without
 ## libtorch (--no-default-features) is linted and its registry tests run too.
 test: setup lint
+	$(CARGO) build --examples
 	$(CARGO) test --all-targets
 	$(CARGO) test --no-default-features --test registry
 	$(MAKE) test-kafka

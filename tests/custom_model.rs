@@ -28,20 +28,36 @@ fn example_dir() -> PathBuf {
     root().join("examples/custom_model")
 }
 
-/// target/<profile>/examples/custom_model, beside this test's own folder.
+/// target/<profile>/examples/custom_model, beside this test's own folder
+/// (`cargo build --examples`, which `make test` runs first), or the newest
+/// copy `cargo test --all-targets` built under a hashed name.
 fn example() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let p = exe
+    let dir = exe
         .parent()
         .and_then(Path::parent)
         .unwrap()
-        .join("examples/custom_model");
-    assert!(
-        p.exists(),
-        "{} is not built: run `cargo build --example custom_model` (cargo test --all-targets builds it)",
-        p.display()
-    );
-    p
+        .join("examples");
+    let plain = dir.join("custom_model");
+    if plain.exists() {
+        return plain;
+    }
+    let hashed = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with("custom_model-") && p.extension().is_none()
+        })
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok());
+    hashed.unwrap_or_else(|| {
+        panic!(
+            "{} is not built: run `cargo build --examples` (make test does)",
+            plain.display()
+        )
+    })
 }
 
 /// The model file, evaluated here: bias + sum of w * clip((x - mean) / std),
