@@ -772,9 +772,13 @@ fn models_verify(registry: &Path, audit_db: &Path, kinds: RegistryBuilder) -> Re
             }
             None => {
                 failed += 1;
-                let reason = match reg.get(&name) {
-                    Err(e) => e.to_string(),
-                    Ok(s) => format!("not loaded (served by fallback '{}')", s.model.info().name),
+                let reason = match (reg.get(&name), reg.failure(&name)) {
+                    (Err(e), _) => e.to_string(),
+                    (Ok(s), why) => format!(
+                        "{} (served by fallback '{}')",
+                        why.map_or("not loaded".to_string(), |e| e.to_string()),
+                        s.model.info().name
+                    ),
                 };
                 writeln!(
                     out,

@@ -66,6 +66,12 @@ struct RawModel {
     /// Load on first use instead of at start-up.
     #[serde(default)]
     lazy: bool,
+    /// `ml-worker run` starts even when this model's pinned `sha256` does
+    /// not match its file (the model is refused and audited; its events go
+    /// to the dead letters, or its fallback serves). Default: a wrong pin
+    /// refuses start-up.
+    #[serde(default)]
+    optional: bool,
     /// Another model's name that serves requests when this one cannot.
     #[serde(default)]
     fallback: Option<String>,
@@ -140,7 +146,8 @@ fn short(s: &str) -> String {
 }
 
 /// The fields of a `models:` entry, for the unknown-field error.
-const ENTRY_FIELDS: &str = "name, path, kind, features, target, task_type, version, sha256, lazy, \
+const ENTRY_FIELDS: &str =
+    "name, path, kind, features, target, task_type, version, sha256, lazy, optional, \
      fallback, description, signal, missing, load_timeout_ms, inference_timeout_ms, and the kind's \
      options block under its name";
 
@@ -193,6 +200,8 @@ pub struct ModelSpec {
     /// Lower-case hex.
     pub sha256: Option<String>,
     pub lazy: bool,
+    /// A wrong pin does not stop `ml-worker run` (see [`RawModel`]).
+    pub optional: bool,
     pub fallback: Option<String>,
     pub description: Option<String>,
     /// The kind's options block, as its loader parsed it.
@@ -469,6 +478,7 @@ fn validate(
             version: m.version,
             sha256,
             lazy: m.lazy,
+            optional: m.optional,
             fallback: m.fallback,
             description: m.description,
             options,

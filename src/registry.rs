@@ -208,9 +208,12 @@ impl RegistryBuilder {
     pub fn open(self, file: &Path) -> Result<Registry, ConfigError> {
         let specs = load_registry_file_with(file, &self.loaders())?;
         for s in &specs {
-            // the size is checked when the model loads (a refusal, audited)
+            // the size is checked when the model loads (a refusal, audited);
+            // a missing file with a fallback is refused the same way, and
+            // the fallback serves
             match check_file(&s.path, u64::MAX) {
                 Ok(_) => {}
+                Err(FileError::Missing(_) | FileError::NotRegular(_)) if s.fallback.is_some() => {}
                 Err(e @ (FileError::Missing(_) | FileError::NotRegular(_))) => {
                     return Err(ConfigError::Field {
                         file: file.to_path_buf(),
@@ -306,6 +309,38 @@ impl Registry {
     /// The kinds this registry reads.
     pub fn loaders(&self) -> &Loaders {
         &self.loader.loaders
+    }
+
+    /// Why `name` was refused, if it was (never loads).
+    pub fn failure(&self, name: &str) -> Option<RegistryError> {
+        match &*self.entries.get(name)?.slot.lock() {
+            LoadState::Failed(e) => Some(e.clone()),
+            _ => None,
+        }
+    }
+
+    /// Every pinned model whose file does not match its pin, except those
+    /// marked `optional` (reads and hashes each pinned file; refuses nothing).
+    pub fn pin_mismatches(&self) -> Vec<RegistryError> {
+        let mut out = Vec::new();
+        for name in &self.order {
+            let spec = &self.entries[name].spec;
+            let (Some(expected), false) = (&spec.sha256, spec.optional) else {
+                continue;
+            };
+            // an unreadable file is the load's to report (and audit)
+            if let Ok(actual) = crate::checksum::sha256_file(&spec.path) {
+                if actual != *expected {
+                    out.push(RegistryError::ChecksumMismatch {
+                        model: name.clone(),
+                        path: spec.path.display().to_string(),
+                        expected: expected.clone(),
+                        actual,
+                    });
+                }
+            }
+        }
+        out
     }
 
     /// Model names in registry order.

@@ -55,6 +55,21 @@ pub fn serve(
     let m = metrics.clone();
     audit.on_head(Box::new(move |head| m.set_audit_head(head.id, &head.mac)));
     let registry = Arc::new(kinds.audit(Some(audit)).open(&cfg.registry)?);
+    // a wrong pin is a deployment mistake: refuse to start rather than
+    // report ready and dead-letter the model's events (`optional: true`
+    // serves without it)
+    let wrong = registry.pin_mismatches();
+    if !wrong.is_empty() {
+        anyhow::bail!(
+            "{}: {}; not starting (fix the pin or the file, or mark the model `optional: true`)",
+            cfg.registry.display(),
+            wrong
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
     let broker = if cfg.embedded() {
         let b = EmbeddedBroker::start(1, &embedded_topics(&cfg))?;
         tracing::info!(bootstrap = %b.bootstrap_servers(), "embedded broker started");

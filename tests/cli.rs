@@ -848,3 +848,121 @@ fn bench_reports_floor_and_worker_latency_per_round() {
     }
     assert_eq!(j["latency_events"], 4000, "{j}");
 }
+
+/// A wrong `sha256` pin is a deployment mistake: `run` refuses to start,
+/// naming the model, the file and both checksums, instead of reporting
+/// ready and dead-lettering the model's events; `optional: true` starts.
+#[test]
+fn a_wrong_pin_refuses_start_up_unless_the_model_is_optional() {
+    let dir = tempfile::tempdir().unwrap();
+    let pin = format!("    sha256: \"{}\"\n", "0".repeat(64));
+    let cfg = std::fs::read_to_string(root().join("config/worker.yaml"))
+        .unwrap()
+        .replace("audit_db: \"../data/audit.db\"", "audit_db: \"audit.db\"")
+        .replace("address: \"127.0.0.1:9100\"", "address: \"127.0.0.1:0\"");
+    assert!(cfg.contains("audit_db: \"audit.db\"") && cfg.contains("127.0.0.1:0"));
+    std::fs::write(dir.path().join("worker.yaml"), cfg).unwrap();
+    let start = || {
+        Command::new(env!("CARGO_BIN_EXE_ml-worker"))
+            .args(["run", "--config", "worker.yaml"])
+            .current_dir(dir.path())
+            .env("ML_WORKER_AUDIT_KEY", "pin-test-key-0123456789abcdef")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    registry_with(
+        dir.path(),
+        "lgb_regression",
+        "lgb_regression.txt",
+        "lightgbm",
+        &pin,
+    );
+    let mut child = start();
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("the worker started with a wrong pin");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(2), "{err}");
+    for want in [
+        "model 'lgb_regression'",
+        "checksum mismatch",
+        &"0".repeat(64),
+        "not starting",
+        "optional: true",
+    ] {
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    // optional: it starts (the model is refused and audited)
+    registry_with(
+        dir.path(),
+        "lgb_regression",
+        "lgb_regression.txt",
+        "lightgbm",
+        &format!("{pin}    optional: true\n"),
+    );
+    let mut child = start();
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    let mut seen = Vec::new();
+    for line in lines.map_while(Result::ok) {
+        if line.contains("consuming from") {
+            break;
+        }
+        seen.push(line);
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "{seen:#?}"
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        !seen.iter().any(|l| l.contains("not starting")),
+        "{seen:#?}"
+    );
+}
+
+/// A model whose file is missing, with a fallback: the registry opens, the
+/// fallback serves it, and `models verify` says why the model failed.
+#[test]
+fn a_missing_file_with_a_fallback_is_served_by_the_fallback() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture("lgb_regression.txt"), dir.path().join("m.txt")).unwrap();
+    let g = golden("lgb_regression");
+    let features = serde_json::to_string(&g["features"]).unwrap();
+    let yaml = format!(
+        "models:\n  - name: gone\n    path: gone.txt\n    kind: lightgbm\n    features: {features}\n    target: y\n    task_type: regression\n    fallback: fb\n  - name: fb\n    path: m.txt\n    kind: lightgbm\n    features: {features}\n    target: y\n    task_type: regression\n"
+    );
+    std::fs::write(dir.path().join("models.yaml"), yaml).unwrap();
+    let o = ml_worker(
+        dir.path(),
+        &["models", "verify", "--registry", "models.yaml"],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let line = out.lines().find(|l| l.starts_with("gone")).unwrap();
+    assert!(
+        line.contains("FAILED")
+            && line.contains("gone.txt")
+            && line.contains("served by fallback 'fb'"),
+        "{line}"
+    );
+    let csv = dir.path().join("rows.csv");
+    std::fs::copy(fixture("lgb_regression.inputs.csv"), &csv).unwrap();
+    let o = predict(dir.path(), "gone", csv.to_str().unwrap(), "models.yaml");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("predicting with its fallback 'fb'"),
+        "{}",
+        text(&o)
+    );
+}
