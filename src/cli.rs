@@ -52,11 +52,8 @@ enum Command {
         /// CSV with a header of feature names, or JSON lines (.jsonl) of {"feature": value}.
         #[arg(long)]
         input: PathBuf,
-        #[arg(long, default_value = "config/models.yaml")]
-        registry: PathBuf,
-        /// Audit store the load is recorded in.
-        #[arg(long, default_value = "data/audit.db", env = "ML_WORKER_AUDIT_DB")]
-        audit_db: PathBuf,
+        #[command(flatten)]
+        stores: Stores,
     },
     /// The streaming worker: consume feature events, infer, publish predictions and signals.
     Run {
@@ -150,6 +147,78 @@ enum Command {
     },
 }
 
+/// Where a command finds the registry and the audit store: given, or the
+/// ones a worker configuration names (as `run` resolves them, relative to
+/// the configuration's folder), or the defaults.
+#[derive(clap::Args, Clone)]
+struct Stores {
+    /// models.yaml (default: the --config worker file's `registry`, else
+    /// config/models.yaml).
+    #[arg(long)]
+    registry: Option<PathBuf>,
+    /// The audit store loads are recorded in (default: the --config worker
+    /// file's `audit_db`, else data/audit.db).
+    #[arg(long, env = "ML_WORKER_AUDIT_DB")]
+    audit_db: Option<PathBuf>,
+    /// A worker configuration (worker.yaml) whose registry and audit store
+    /// to use, the ones `ml-worker run --config` uses.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl Stores {
+    /// The registry file alone (no audit store).
+    fn registry_only(&self) -> Result<PathBuf> {
+        Ok(match (&self.registry, &self.config) {
+            (Some(r), _) => r.clone(),
+            (None, Some(c)) => load_worker_config(c, &Overrides::default())?.registry,
+            (None, None) => PathBuf::from("config/models.yaml"),
+        })
+    }
+
+    /// The registry file and the audit store, the latter named on stderr.
+    fn resolve(&self) -> Result<(PathBuf, PathBuf)> {
+        let cfg = match &self.config {
+            Some(c) => Some(load_worker_config(c, &Overrides::default())?),
+            None => None,
+        };
+        let registry = self.registry.clone().unwrap_or_else(|| {
+            cfg.as_ref().map_or_else(
+                || PathBuf::from("config/models.yaml"),
+                |c| c.registry.clone(),
+            )
+        });
+        let audit_db = audit_store(self.audit_db.clone(), cfg.as_ref());
+        Ok((registry, audit_db))
+    }
+}
+
+/// The audit store: given, or the worker configuration's, or data/audit.db;
+/// said on stderr, so two commands that disagree show it.
+fn audit_store(
+    given: Option<PathBuf>,
+    cfg: Option<&crate::worker::config::WorkerConfig>,
+) -> PathBuf {
+    let db = given.unwrap_or_else(|| {
+        cfg.map_or_else(|| PathBuf::from("data/audit.db"), |c| c.audit_db.clone())
+    });
+    let shown = std::fs::canonicalize(&db).unwrap_or_else(|_| db.clone());
+    eprintln!(
+        "ml-worker: audit store {}",
+        escape(&shown.display().to_string())
+    );
+    db
+}
+
+/// [`audit_store`] for the audit commands' `--db` / `--config`.
+fn audit_db_of(db: Option<PathBuf>, config: Option<&Path>) -> Result<PathBuf> {
+    let cfg = match config {
+        Some(c) => Some(load_worker_config(c, &Overrides::default())?),
+        None => None,
+    };
+    Ok(audit_store(db, cfg.as_ref()))
+}
+
 #[derive(Subcommand)]
 enum ModelsCommand {
     /// One model in detail: kind, version, sha256, features, task, classes,
@@ -158,25 +227,21 @@ enum ModelsCommand {
     Info {
         /// Registered model name.
         name: String,
-        #[arg(long, default_value = "config/models.yaml")]
-        registry: PathBuf,
-        #[arg(long, default_value = "data/audit.db", env = "ML_WORKER_AUDIT_DB")]
-        audit_db: PathBuf,
+        #[command(flatten)]
+        stores: Stores,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
     },
     /// One line per model: name, version, kind, sha256, status (loads nothing).
     List {
-        #[arg(long, default_value = "config/models.yaml")]
-        registry: PathBuf,
+        #[command(flatten)]
+        stores: Stores,
     },
     /// Load and verify every model (lazy ones too); exit non-zero if any fails.
     Verify {
-        #[arg(long, default_value = "config/models.yaml")]
-        registry: PathBuf,
-        #[arg(long, default_value = "data/audit.db", env = "ML_WORKER_AUDIT_DB")]
-        audit_db: PathBuf,
+        #[command(flatten)]
+        stores: Stores,
     },
 }
 
@@ -184,8 +249,13 @@ enum ModelsCommand {
 enum AuditCommand {
     /// Print audit rows, oldest first.
     Show {
-        #[arg(long, default_value = "data/audit.db", env = "ML_WORKER_AUDIT_DB")]
-        db: PathBuf,
+        /// The audit store (default: the --config worker file's `audit_db`,
+        /// else data/audit.db).
+        #[arg(long, env = "ML_WORKER_AUDIT_DB")]
+        db: Option<PathBuf>,
+        /// A worker configuration whose audit store to read.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Only this model's rows.
         #[arg(long)]
         model: Option<String>,
@@ -200,8 +270,13 @@ enum AuditCommand {
     /// row was edited, removed or forged, or the store was altered. The key
     /// comes from ML_WORKER_AUDIT_KEY, ML_WORKER_AUDIT_KEY_FILE or <db>.key.
     Verify {
-        #[arg(long, default_value = "data/audit.db", env = "ML_WORKER_AUDIT_DB")]
-        db: PathBuf,
+        /// The audit store (default: the --config worker file's `audit_db`,
+        /// else data/audit.db).
+        #[arg(long, env = "ML_WORKER_AUDIT_DB")]
+        db: Option<PathBuf>,
+        /// A worker configuration whose audit store to read.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Anchor file the chain head was appended to; the store must reach its last head.
         #[arg(long, env = "ML_WORKER_AUDIT_ANCHOR", value_name = "FILE")]
         anchor: Option<PathBuf>,
@@ -283,66 +358,74 @@ fn run(cli: Cli, kinds: &RegistryBuilder) -> Result<u8> {
     };
     match cli.command {
         Command::Models {
-            command:
-                ModelsCommand::Info {
-                    name,
-                    registry,
-                    audit_db,
-                    json,
-                },
-        } => models_info(
-            &name,
-            &registry,
-            &audit_db,
-            json,
-            kinds(RegistryOptions {
-                load_none: true,
-                ..Default::default()
-            }),
-        ),
+            command: ModelsCommand::Info { name, stores, json },
+        } => {
+            let (registry, audit_db) = stores.resolve()?;
+            models_info(
+                &name,
+                &registry,
+                &audit_db,
+                json,
+                kinds(RegistryOptions {
+                    load_none: true,
+                    ..Default::default()
+                }),
+            )
+        }
         Command::Models {
-            command: ModelsCommand::List { registry },
+            command: ModelsCommand::List { stores },
         } => models_list(
-            &registry,
+            &stores.registry_only()?,
             kinds(RegistryOptions {
                 load_none: true,
                 ..Default::default()
             }),
         ),
         Command::Models {
-            command: ModelsCommand::Verify { registry, audit_db },
-        } => models_verify(
-            &registry,
-            &audit_db,
-            kinds(RegistryOptions {
-                load_all: true,
-                ..Default::default()
-            }),
-        ),
+            command: ModelsCommand::Verify { stores },
+        } => {
+            let (registry, audit_db) = stores.resolve()?;
+            models_verify(
+                &registry,
+                &audit_db,
+                kinds(RegistryOptions {
+                    load_all: true,
+                    ..Default::default()
+                }),
+            )
+        }
         Command::Predict {
             model,
             input,
-            registry,
-            audit_db,
-        } => predict(
-            &model,
-            &input,
-            &registry,
-            &audit_db,
-            kinds(RegistryOptions {
-                load_none: true,
-                ..Default::default()
-            }),
-        ),
+            stores,
+        } => {
+            let (registry, audit_db) = stores.resolve()?;
+            predict(
+                &model,
+                &input,
+                &registry,
+                &audit_db,
+                kinds(RegistryOptions {
+                    load_none: true,
+                    ..Default::default()
+                }),
+            )
+        }
         Command::Audit {
             command:
                 AuditCommand::Show {
                     db,
+                    config,
                     model,
                     limit,
                     json,
                 },
-        } => audit_show(&db, model.as_deref(), limit, json),
+        } => audit_show(
+            &audit_db_of(db, config.as_deref())?,
+            model.as_deref(),
+            limit,
+            json,
+        ),
         Command::Run {
             config,
             brokers,
@@ -433,8 +516,18 @@ fn run(cli: Cli, kinds: &RegistryBuilder) -> Result<u8> {
             max_message_bytes as usize,
         ),
         Command::Audit {
-            command: AuditCommand::Verify { db, anchor, head },
-        } => audit_verify(&db, anchor, head.as_deref()),
+            command:
+                AuditCommand::Verify {
+                    db,
+                    config,
+                    anchor,
+                    head,
+                },
+        } => audit_verify(
+            &audit_db_of(db, config.as_deref())?,
+            anchor,
+            head.as_deref(),
+        ),
     }
 }
 

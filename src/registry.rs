@@ -750,7 +750,7 @@ impl Loader {
                 .or_else(|| spec.version.clone())
                 .unwrap_or_default(),
             kind: spec.kind.to_string(),
-            path: spec.path.display().to_string(),
+            path: audit_path(&spec.path),
             sha256: sha.to_string(),
             detail,
         };
@@ -761,12 +761,23 @@ impl Loader {
     }
 }
 
+/// A model file's path as the audit store records it: absolute and
+/// canonical (links and `..` resolved), whatever folder a command ran in;
+/// absolute at least when the file is gone.
+fn audit_path(p: &Path) -> String {
+    std::fs::canonicalize(p)
+        .or_else(|_| std::path::absolute(p))
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
+}
+
 fn entry_for(info: &ModelInfo) -> AuditEntry {
     AuditEntry {
         model: info.name.clone(),
         version: info.version.clone(),
         kind: info.kind.to_string(),
-        path: info.path.display().to_string(),
+        path: audit_path(&info.path),
         sha256: info.sha256.clone(),
         detail: String::new(),
     }

@@ -966,3 +966,87 @@ fn a_missing_file_with_a_fallback_is_served_by_the_fallback() {
         text(&o)
     );
 }
+
+/// Every command finds the store `run --config` uses: `models verify`,
+/// `predict` and `audit show` given `--config` read the worker file's
+/// `registry` and `audit_db` (relative to its folder) from any working
+/// directory, say which store they use, and the store records absolute,
+/// canonical model paths.
+#[test]
+fn commands_given_the_worker_config_share_its_audit_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("conf");
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    registry_with(
+        &conf,
+        "lgb_regression",
+        "lgb_regression.txt",
+        "lightgbm",
+        "",
+    );
+    // the model file named through a `..` path
+    let yaml = std::fs::read_to_string(conf.join("models.yaml"))
+        .unwrap()
+        .replace(
+            "path: \"lgb_regression.txt\"",
+            "path: \"../conf/lgb_regression.txt\"",
+        );
+    std::fs::write(conf.join("models.yaml"), yaml).unwrap();
+    let cfg = std::fs::read_to_string(root().join("config/worker.yaml"))
+        .unwrap()
+        .replace(
+            "audit_db: \"../data/audit.db\"",
+            "audit_db: \"state/audit.db\"",
+        );
+    std::fs::write(conf.join("worker.yaml"), cfg).unwrap();
+    let config = conf.join("worker.yaml");
+    let config = config.to_str().unwrap();
+    let store = std::fs::canonicalize(&conf).unwrap().join("state/audit.db");
+    // no ML_WORKER_AUDIT_DB here: the config's store is the default
+    let ml_worker = |cwd: &Path, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ml-worker"))
+            .args(args)
+            .current_dir(cwd)
+            .env_remove("ML_WORKER_AUDIT_DB")
+            .env("ML_WORKER_AUDIT_KEY", "shared-store-key-0123456789abcdef")
+            .output()
+            .unwrap()
+    };
+    let o = ml_worker(&elsewhere, &["models", "verify", "--config", config]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("audit store {}", store.display())),
+        "{}",
+        text(&o)
+    );
+    let input = fixture("lgb_regression.inputs.csv");
+    let o = ml_worker(
+        dir.path(),
+        &[
+            "predict",
+            "--model",
+            "lgb_regression",
+            "--input",
+            input.to_str().unwrap(),
+            "--config",
+            config,
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let o = ml_worker(&elsewhere, &["audit", "show", "--json", "--config", config]);
+    assert!(o.status.success(), "{}", text(&o));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // verify and load rows from both commands, in the one store
+    let loads = rows.iter().filter(|r| r["event"] == "load").count();
+    assert!(loads >= 2, "{rows:#?}");
+    let canonical = std::fs::canonicalize(conf.join("lgb_regression.txt")).unwrap();
+    for r in &rows {
+        assert_eq!(r["path"], canonical.display().to_string(), "{r}");
+    }
+    assert!(store.exists());
+}
