@@ -57,6 +57,10 @@ pub struct PredictionEvent {
     pub probabilities: Option<Vec<f64>>,
     pub fallback: bool,
     pub inference_latency_us: i64,
+    /// When a fallback served it, the model that produced it (`model`
+    /// names the one the event asked for).
+    #[serde(default)]
+    pub served_by: Option<String>,
 }
 
 /// Direction of a trading signal.
@@ -321,6 +325,19 @@ fn read_prediction_datum(bytes: &[u8]) -> Result<PredictionEvent, DecodeError> {
             b => return Err(c.err(&format!("'fallback': boolean byte {b}"))),
         },
         inference_latency_us: c.long("inference_latency_us")?,
+        served_by: None,
+    };
+    // written before `served_by` existed: the datum ends here
+    if c.pos == c.b.len() {
+        return Ok(e);
+    }
+    let e = PredictionEvent {
+        served_by: match c.long("served_by")? {
+            0 => None,
+            1 => Some(c.string("served_by")?),
+            u => return Err(c.err(&format!("'served_by': union branch {u}"))),
+        },
+        ..e
     };
     c.done()?;
     Ok(e)
@@ -406,6 +423,13 @@ pub fn write_prediction_datum(e: &PredictionEvent, out: &mut Vec<u8>) {
     }
     out.push(e.fallback as u8);
     put_long(out, e.inference_latency_us);
+    match &e.served_by {
+        None => put_long(out, 0),
+        Some(m) => {
+            put_long(out, 1);
+            put_str(out, m);
+        }
+    }
 }
 
 /// Writes a SignalEvent datum with the shipped schema.

@@ -100,10 +100,35 @@ fn prediction_and_signal_datums_read_with_apache_avro() {
         probabilities: Some(vec![0.25, 0.75]),
         fallback: true,
         inference_latency_us: 1234,
+        served_by: Some("other".into()),
     };
     let mut out = Vec::new();
     write_prediction_datum(&p, &mut out);
     let v = read_with(&schema(PREDICTION_EVENT_SCHEMA), None, &out);
+    assert_eq!(
+        field(&v, "served_by"),
+        &Value::Union(1, Box::new(Value::String("other".into())))
+    );
+    // and back, through the worker's own reader; a datum written before
+    // `served_by` existed (it ends after inference_latency_us) still reads
+    let codec = ml_worker::events::Codec::new(WireFormat::AvroRaw, Default::default());
+    assert_eq!(codec.decode_prediction(&out).unwrap(), p);
+    let mut old = Vec::new();
+    write_prediction_datum(
+        &PredictionEvent {
+            served_by: None,
+            ..p.clone()
+        },
+        &mut old,
+    );
+    old.pop(); // the null branch of served_by
+    assert_eq!(
+        codec.decode_prediction(&old).unwrap(),
+        PredictionEvent {
+            served_by: None,
+            ..p.clone()
+        }
+    );
     assert_eq!(field(&v, "event_time"), &Value::TimestampMillis(-5));
     assert_eq!(
         field(&v, "probabilities"),
@@ -163,6 +188,7 @@ fn old_readers_read_outputs_of_an_evolved_schema() {
         probabilities: Some(vec![1.0]),
         fallback: false,
         inference_latency_us: 9,
+        served_by: None,
     };
     let mut out = Vec::new();
     write_prediction_datum(&p, &mut out);
@@ -265,6 +291,7 @@ fn json_events_read_null_as_missing_and_write_nan_as_null() {
             probabilities: None,
             fallback: false,
             inference_latency_us: 3,
+            served_by: None,
         },
         &mut out,
     );
@@ -361,6 +388,7 @@ fn shipped_schemas_parse_and_name_the_contract_fields() {
                 "probabilities",
                 "fallback",
                 "inference_latency_us",
+                "served_by",
             ],
         ),
         (

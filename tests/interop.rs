@@ -139,6 +139,7 @@ fn fastavro_reads_our_prediction_and_signal_datums() {
         probabilities: Some(vec![0.1, 0.2, 0.7]),
         fallback: true,
         inference_latency_us: 42,
+        served_by: None,
     };
     let mut a = Vec::new();
     write_prediction_datum(&p, &mut a);

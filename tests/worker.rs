@@ -1687,6 +1687,8 @@ fn models_that_never_return_are_cut_off_by_their_deadlines_while_every_other_mod
             .get(id)
             .unwrap_or_else(|| panic!("{id}: not served by the fallback"));
         assert!(p.fallback && p.model == "lazy_hang_fb", "{id}: {p:?}");
+        // the output names the model that produced it
+        assert_eq!(p.served_by.as_deref(), Some("diabetes_lgbm"), "{id}: {p:?}");
     }
     let missing = missing_ids(seen, "g", good);
     assert!(

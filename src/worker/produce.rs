@@ -63,6 +63,11 @@ impl GroupOut {
                 probabilities: None,
                 fallback: o.serving.as_ref().is_some_and(|s| s.fallback),
                 inference_latency_us: 0,
+                served_by: o
+                    .serving
+                    .as_ref()
+                    .filter(|s| s.fallback)
+                    .map(|s| s.model.info().name.clone()),
             },
             signal: SignalEvent {
                 event_id: String::new(),
