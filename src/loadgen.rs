@@ -310,6 +310,15 @@ pub struct Seen {
     pub by_id: HashMap<String, PredictionEvent>,
     /// Event ids seen more than once.
     pub duplicates: u64,
+    /// Per event id, the first prediction's key and `output.id` header.
+    pub first_output: HashMap<String, (Option<Vec<u8>>, Option<String>)>,
+    /// Event ids whose repeated prediction differs from the first in key,
+    /// `output.id`, prediction or model version (a restart's duplicate
+    /// must not).
+    pub unlike_duplicates: Vec<String>,
+    /// Predictions without `source.topic`/`source.partition`/`source.offset`
+    /// and `output.id` headers.
+    pub without_source: u64,
     pub signals: u64,
     pub sides: BTreeMap<String, u64>,
     pub signal_ids: HashSet<String>,
@@ -490,8 +499,39 @@ impl Reader {
                                 s.to_output_ms.push((ts - p.event_time) as f64);
                             }
                         }
-                        if !self.light && s.by_id.insert(p.event_id.clone(), p).is_some() {
-                            s.duplicates += 1;
+                        if !self.light {
+                            let header = |k: &str| {
+                                m.headers().and_then(|h| {
+                                    h.iter().find(|x| x.key == k).map(|x| {
+                                        String::from_utf8_lossy(x.value.unwrap_or(&[])).into_owned()
+                                    })
+                                })
+                            };
+                            let id = header("output.id");
+                            if ["source.topic", "source.partition", "source.offset"]
+                                .iter()
+                                .any(|k| header(k).is_none())
+                                || id.is_none()
+                            {
+                                s.without_source += 1;
+                            }
+                            let key = m.key().map(<[u8]>::to_vec);
+                            let id_now = p.event_id.clone();
+                            match s.by_id.insert(p.event_id.clone(), p) {
+                                None => {
+                                    s.first_output.insert(id_now, (key, id));
+                                }
+                                Some(before) => {
+                                    s.duplicates += 1;
+                                    let now = &s.by_id[&id_now];
+                                    let same = s.first_output.get(&id_now) == Some(&(key, id))
+                                        && before.prediction.to_bits() == now.prediction.to_bits()
+                                        && before.model_version == now.model_version;
+                                    if !same {
+                                        s.unlike_duplicates.push(id_now);
+                                    }
+                                }
+                            }
                         }
                     }
                     Err(_) => s.undecodable += 1,

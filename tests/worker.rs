@@ -693,6 +693,30 @@ fn a_worker_killed_with_sigkill_and_restarted_loses_nothing() {
     // window is depends on the broker: commits during the group join can
     // fail and are re-issued, on Kafka more than on the embedded broker)
     let seen = &reader.seen;
+    // and downstream can drop them: every prediction says where it came
+    // from and carries an id of its own, and a duplicate has the first's
+    // key, id, prediction and version
+    assert_eq!(seen.without_source, 0, "predictions without source headers");
+    assert!(
+        seen.unlike_duplicates.is_empty(),
+        "{} duplicates differ from the first output, e.g. {:?}",
+        seen.unlike_duplicates.len(),
+        &seen.unlike_duplicates[..seen.unlike_duplicates.len().min(5)]
+    );
+    let ids: std::collections::HashSet<_> = seen
+        .first_output
+        .values()
+        .map(|(_, id)| id.clone())
+        .collect();
+    assert_eq!(
+        ids.len(),
+        seen.by_id.len(),
+        "output ids are not unique per input"
+    );
+    eprintln!(
+        "SIGKILL restart: {} duplicates, every one with the first output's key, output.id, prediction and version",
+        seen.duplicates
+    );
     let window = n - committed_at_kill as u64;
     assert!(
         seen.duplicates <= window,

@@ -223,6 +223,44 @@ impl ProducerContext for DeliveryContext {
     }
 }
 
+/// A deterministic id for one output: from the input record's coordinates,
+/// the model version and what the output is (`prediction`, `signal`,
+/// `dead-letter`). A restart that reads the record again and produces the
+/// output again gives it the same id, so a consumer can drop the duplicate
+/// (the README's downstream recipe). 32 hex digits (128 bits of SHA-256).
+pub fn output_id(topic: &str, partition: i32, offset: i64, version: &str, what: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(topic.as_bytes());
+    h.update([0]);
+    h.update(partition.to_be_bytes());
+    h.update(offset.to_be_bytes());
+    h.update(version.as_bytes());
+    h.update([0]);
+    h.update(what.as_bytes());
+    hex::encode(&h.finalize()[..16])
+}
+
+/// Where an output came from and its id, as headers (`source.topic`,
+/// `source.partition`, `source.offset`, `output.id`).
+fn source_headers(
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    version: &str,
+    what: &str,
+) -> OwnedHeaders {
+    let (p, o) = (partition.to_string(), offset.to_string());
+    OwnedHeaders::new_with_capacity(4)
+        .insert(header("source.topic", topic))
+        .insert(header("source.partition", &p))
+        .insert(header("source.offset", &o))
+        .insert(header(
+            "output.id",
+            &output_id(topic, partition, offset, version, what),
+        ))
+}
+
 fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
     Header {
         key,
@@ -473,11 +511,18 @@ impl Publisher {
                     buf.clear();
                     self.predictions.1.encode_prediction(pe, &mut buf);
                     let mut failed = None;
+                    let headers = source_headers(
+                        &rec.topic,
+                        rec.partition,
+                        rec.offset,
+                        &pe.model_version,
+                        "prediction",
+                    );
                     if let Err(e) = self.send(
                         &self.predictions.0,
                         Some(pe.symbol.as_bytes()),
                         &buf,
-                        None,
+                        Some(headers),
                         opaque,
                     ) {
                         failed = Some(e);
@@ -500,11 +545,18 @@ impl Publisher {
                         buf.clear();
                         self.signals.1.encode_signal(se, &mut buf);
                         if failed.is_none() {
+                            let headers = source_headers(
+                                &rec.topic,
+                                rec.partition,
+                                rec.offset,
+                                &se.model_version,
+                                "signal",
+                            );
                             if let Err(e) = self.send(
                                 &self.signals.0,
                                 Some(se.symbol.as_bytes()),
                                 &buf,
-                                None,
+                                Some(headers),
                                 opaque,
                             ) {
                                 failed = Some(e);
@@ -626,7 +678,11 @@ impl Publisher {
                 .insert(header("error.reason", reason))
                 .insert(header("source.topic", &rec.topic))
                 .insert(header("source.partition", &partition))
-                .insert(header("source.offset", &offset));
+                .insert(header("source.offset", &offset))
+                .insert(header(
+                    "output.id",
+                    &output_id(&rec.topic, rec.partition, rec.offset, "", "dead-letter"),
+                ));
             if let Some((k, v)) = extra {
                 h = h.insert(header(k, v));
             }
