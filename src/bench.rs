@@ -1322,3 +1322,194 @@ impl std::fmt::Display for BenchReport {
         )
     }
 }
+
+/// One reporting window of a soak.
+#[derive(Debug, Clone, Serialize)]
+pub struct SoakWindow {
+    /// Seconds since the offer started, at the window's end.
+    pub at_s: f64,
+    /// Predictions read downstream in the window, per second.
+    pub events_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    /// Resident memory of this process (the worker runs in it), MiB.
+    pub rss_mib: f64,
+}
+
+/// `ml-worker bench --soak DURATION`: what a steady offered rate did over time.
+#[derive(Debug, Clone, Serialize)]
+pub struct SoakReport {
+    pub model: String,
+    pub brokers: String,
+    pub offered_rate: f64,
+    pub duration_s: f64,
+    pub offered: u64,
+    /// Events whose prediction was read downstream.
+    pub received: u64,
+    pub dead_letters: u64,
+    pub windows: Vec<SoakWindow>,
+}
+
+/// How often a soak reports.
+const SOAK_WINDOW: Duration = Duration::from_secs(10);
+
+/// This process's resident memory, MiB (0 where /proc is not there).
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Offers events for `duration` at `opts.rate` to a worker on its own
+/// topics, in this process, and prints throughput, latency percentiles
+/// (event time to prediction read downstream) and RSS every 10 s, so a
+/// leak or a latency creep shows. Every offered event must come out.
+pub fn soak(
+    cfg: &WorkerConfig,
+    opts: &BenchOptions,
+    duration: Duration,
+    kinds: crate::registry::RegistryBuilder,
+    mut line: impl FnMut(&SoakWindow),
+) -> Result<SoakReport> {
+    let samples: Vec<Samples> = load_samples(&opts.samples)?
+        .into_iter()
+        .filter(|s| s.model == opts.model)
+        .collect();
+    if samples.is_empty() {
+        bail!(
+            "no sample rows for model '{}' in {}",
+            opts.model,
+            opts.samples.display()
+        );
+    }
+    let registry = Arc::new(kinds.open(&cfg.registry)?);
+    if registry.spec(&opts.model).is_none() {
+        bail!(
+            "model '{}' is not in {}",
+            opts.model,
+            cfg.registry.display()
+        );
+    }
+    let cluster = Cluster::start(opts.brokers.as_deref())?;
+    let topics = WorkerTopics::create(&cluster, "soak", LATENCY_PARTITIONS)?;
+    let mut reader = Reader::outputs(
+        &cluster.brokers,
+        (&topics.predictions, WireFormat::AvroRaw),
+        None,
+        &topics.dead_letters,
+        Offset::Beginning,
+    )?;
+    reader.light = true;
+    reader.timed_prefix = Some(format!("{TIMED}-"));
+    let worker = BenchWorker::start(cfg, &cluster, "soak", &topics, registry)?;
+    let load =
+        Load::with_linger(&cluster.brokers, PRODUCER_LINGER_MS)?.spread_over(LATENCY_PARTITIONS);
+    let n = (opts.rate * duration.as_secs_f64()).round().max(1.0) as u64;
+    let traffic = Traffic {
+        topic: &topics.features,
+        format: WireFormat::AvroRaw,
+        samples: &samples,
+        prefix: TIMED,
+    };
+    let stop = AtomicBool::new(false);
+    let started = Instant::now();
+    let mut windows = Vec::new();
+    let result = std::thread::scope(|scope| -> Result<()> {
+        let offer = scope.spawn(|| -> Result<()> {
+            load.events(&traffic, 0, n, Some(opts.rate), &stop)?;
+            load.flush(Duration::from_secs(60))
+        });
+        // after the offer, a minute for the last events to come out
+        let deadline = started + duration + Duration::from_secs(60);
+        let mut from = 0usize;
+        let mut window_start = Instant::now();
+        loop {
+            let end = (window_start + SOAK_WINDOW).min(deadline);
+            reader.read(end.saturating_duration_since(Instant::now()), |s| {
+                s.latencies_ms.len() as u64 >= n
+            });
+            let now = Instant::now();
+            let lat = &reader.seen.latencies_ms[from..];
+            if !lat.is_empty() || now >= deadline {
+                let w = SoakWindow {
+                    at_s: started.elapsed().as_secs_f64(),
+                    events_per_s: lat.len() as f64 / (now - window_start).as_secs_f64().max(1e-3),
+                    p50_ms: quantile(lat, 0.5),
+                    p99_ms: quantile(lat, 0.99),
+                    p999_ms: quantile(lat, 0.999),
+                    rss_mib: rss_mib(),
+                };
+                line(&w);
+                windows.push(w);
+            }
+            from = reader.seen.latencies_ms.len();
+            window_start = now;
+            if from as u64 >= n || now >= deadline {
+                break;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        offer
+            .join()
+            .map_err(|_| anyhow!("producer thread panicked"))?
+    });
+    let stopped = worker.stop();
+    result?;
+    stopped?;
+    let seen = &reader.seen;
+    let report = SoakReport {
+        model: opts.model.clone(),
+        brokers: cluster.name(),
+        offered_rate: opts.rate,
+        duration_s: duration.as_secs_f64(),
+        offered: n,
+        received: seen.latencies_ms.len() as u64,
+        dead_letters: seen.dead_letters.len() as u64,
+        windows,
+    };
+    if report.received != n || report.dead_letters != 0 {
+        bail!(
+            "soak: {} of {n} offered events came out, {} dead letters",
+            report.received,
+            report.dead_letters
+        );
+    }
+    Ok(report)
+}
+
+impl std::fmt::Display for SoakWindow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:>7.1} s  {:>9.0} events/s  p50 {:>6.1} ms  p99 {:>6.1} ms  p999 {:>6.1} ms  RSS {:>7.1} MiB",
+            self.at_s, self.events_per_s, self.p50_ms, self.p99_ms, self.p999_ms, self.rss_mib
+        )
+    }
+}
+
+impl std::fmt::Display for SoakReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (first, last) = (self.windows.first(), self.windows.last());
+        writeln!(
+            f,
+            "soak: model {} on {}, {:.0} events/s offered for {:.0} s: {} of {} events out, {} dead letters",
+            self.model, self.brokers, self.offered_rate, self.duration_s, self.received, self.offered, self.dead_letters
+        )?;
+        if let (Some(a), Some(b)) = (first, last) {
+            writeln!(
+                f,
+                "RSS {:.1} MiB at the first window, {:.1} MiB at the last ({:+.1}%)",
+                a.rss_mib,
+                b.rss_mib,
+                (b.rss_mib / a.rss_mib.max(1e-9) - 1.0) * 100.0
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -122,6 +122,11 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Instead of the benchmark: offer events at --rate for this long
+        /// (e.g. 10m) and print throughput, p50/p99/p999 latency and RSS
+        /// every 10 s.
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        soak: Option<std::time::Duration>,
     },
     /// Run an embedded Kafka broker (librdkafka's mock cluster) until stopped.
     Broker {
@@ -476,6 +481,7 @@ fn run(cli: Cli, kinds: &RegistryBuilder) -> Result<u8> {
             model,
             samples,
             json,
+            soak,
         } => {
             let ok = rate > 0.0 && rate.is_finite() && latency_secs > 0.0 && latency_secs <= 3600.0;
             if !ok {
@@ -496,7 +502,26 @@ fn run(cli: Cli, kinds: &RegistryBuilder) -> Result<u8> {
                 rounds: rounds as usize,
                 samples,
             };
-            let r = crate::bench::run(&cfg, &opts, onnx)?;
+            if let Some(duration) = soak {
+                let r = crate::bench::soak(
+                    &cfg,
+                    &opts,
+                    duration,
+                    kinds(RegistryOptions::default()),
+                    |w| {
+                        if !json {
+                            println!("{w}");
+                        }
+                    },
+                )?;
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    print!("{r}");
+                }
+                return Ok(0);
+            }
+            let r = crate::bench::run(&cfg, &opts, onnx.clone())?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

@@ -1050,3 +1050,36 @@ fn commands_given_the_worker_config_share_its_audit_store() {
     }
     assert!(store.exists());
 }
+
+/// `bench --soak`: a steady offered rate, a line per window (throughput,
+/// latency percentiles, RSS), and every offered event out.
+#[test]
+fn bench_soak_reports_windows_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = root().join("config/worker.yaml");
+    let samples = root().join("models/samples");
+    let o = Command::new(env!("CARGO_BIN_EXE_ml-worker"))
+        .args([
+            "bench", "--soak", "3s", "--rate", "1000", "--json", "--config",
+        ])
+        .arg(&config)
+        .arg("--samples")
+        .arg(&samples)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["offered"], 3000, "{r}");
+    assert_eq!(r["received"], r["offered"], "{r}");
+    assert_eq!(r["dead_letters"], 0, "{r}");
+    let windows = r["windows"].as_array().unwrap();
+    assert!(!windows.is_empty(), "{r}");
+    for w in windows {
+        assert!(w["rss_mib"].as_f64().unwrap() > 0.0, "{w}");
+        assert!(
+            w["p999_ms"].as_f64().unwrap() >= w["p50_ms"].as_f64().unwrap(),
+            "{w}"
+        );
+    }
+}
