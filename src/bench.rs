@@ -1420,6 +1420,7 @@ pub fn soak(
     let stop = AtomicBool::new(false);
     let started = Instant::now();
     let mut windows = Vec::new();
+    let mut received = 0u64;
     let result = std::thread::scope(|scope| -> Result<()> {
         let offer = scope.spawn(|| -> Result<()> {
             load.events(&traffic, 0, n, Some(opts.rate), &stop)?;
@@ -1427,15 +1428,15 @@ pub fn soak(
         });
         // after the offer, a minute for the last events to come out
         let deadline = started + duration + Duration::from_secs(60);
-        let mut from = 0usize;
         let mut window_start = Instant::now();
         loop {
             let end = (window_start + SOAK_WINDOW).min(deadline);
+            let before = received;
             reader.read(end.saturating_duration_since(Instant::now()), |s| {
-                s.latencies_ms.len() as u64 >= n
+                before + s.latencies_ms.len() as u64 >= n
             });
             let now = Instant::now();
-            let lat = &reader.seen.latencies_ms[from..];
+            let lat = &reader.seen.latencies_ms[..];
             if !lat.is_empty() || now >= deadline {
                 let w = SoakWindow {
                     at_s: started.elapsed().as_secs_f64(),
@@ -1448,9 +1449,14 @@ pub fn soak(
                 line(&w);
                 windows.push(w);
             }
-            from = reader.seen.latencies_ms.len();
+            // the window's measurements are summed up: dropped, so this
+            // process's RSS is the worker's, not the bench's bookkeeping
+            received += reader.seen.latencies_ms.len() as u64;
+            reader.seen.latencies_ms.clear();
+            reader.seen.timed_event_times.clear();
+            reader.seen.to_output_ms.clear();
             window_start = now;
-            if from as u64 >= n || now >= deadline {
+            if received >= n || now >= deadline {
                 break;
             }
         }
@@ -1469,7 +1475,7 @@ pub fn soak(
         offered_rate: opts.rate,
         duration_s: duration.as_secs_f64(),
         offered: n,
-        received: seen.latencies_ms.len() as u64,
+        received,
         dead_letters: seen.dead_letters.len() as u64,
         windows,
     };
