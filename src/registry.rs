@@ -156,7 +156,9 @@ struct Loader {
 /// # impl ml_worker::model::ModelLoader for MyLoader {
 /// #     fn kind(&self) -> &str { "mine" }
 /// #     fn load(&self, _: &[u8], _: &ml_worker::model::LoadContext<'_>)
-/// #         -> Result<ml_worker::model::Loaded, ml_worker::model::ModelError> { unimplemented!() }
+/// #         -> Result<ml_worker::model::Loaded, ml_worker::model::ModelError> {
+/// #         Err(ml_worker::model::ModelError::Unsupported("an example".into()))
+/// #     }
 /// # }
 /// let registry = RegistryBuilder::new()
 ///     .with_loader(MyLoader)
@@ -320,14 +322,25 @@ impl Registry {
     }
 
     /// Every pinned model whose file does not match its pin, except those
-    /// marked `optional` (reads and hashes each pinned file; refuses nothing).
+    /// marked `optional`. A model already loaded was checked as it loaded
+    /// (and a refused one says why); only the others' files are read and
+    /// hashed here. Refuses nothing.
     pub fn pin_mismatches(&self) -> Vec<RegistryError> {
         let mut out = Vec::new();
         for name in &self.order {
-            let spec = &self.entries[name].spec;
+            let entry = &self.entries[name];
+            let spec = &entry.spec;
             let (Some(expected), false) = (&spec.sha256, spec.optional) else {
                 continue;
             };
+            match &*entry.slot.lock() {
+                LoadState::Loaded(_) => continue,
+                LoadState::Failed(e @ RegistryError::ChecksumMismatch { .. }) => {
+                    out.push(e.clone());
+                    continue;
+                }
+                _ => {}
+            }
             // an unreadable file is the load's to report (and audit)
             if let Ok(actual) = crate::checksum::sha256_file(&spec.path) {
                 if actual != *expected {
