@@ -1097,12 +1097,8 @@ impl Latency<'_> {
 }
 
 /// Runs the throughput rounds, then the latency rounds, and reports.
-pub fn run(
-    cfg: &WorkerConfig,
-    opts: &BenchOptions,
-    onnx: onnx::RuntimeConfig,
-) -> Result<BenchReport> {
-    let began = Instant::now();
+/// The sample rows of the benchmarked model.
+fn model_samples(opts: &BenchOptions) -> Result<Vec<Samples>> {
     let samples: Vec<Samples> = load_samples(&opts.samples)?
         .into_iter()
         .filter(|s| s.model == opts.model)
@@ -1114,6 +1110,16 @@ pub fn run(
             opts.samples.display()
         );
     }
+    Ok(samples)
+}
+
+pub fn run(
+    cfg: &WorkerConfig,
+    opts: &BenchOptions,
+    onnx: onnx::RuntimeConfig,
+) -> Result<BenchReport> {
+    let began = Instant::now();
+    let samples = model_samples(opts)?;
     let registry = Arc::new(Registry::open(
         &cfg.registry,
         None,
@@ -1377,17 +1383,7 @@ pub fn soak(
     kinds: crate::registry::RegistryBuilder,
     mut line: impl FnMut(&SoakWindow),
 ) -> Result<SoakReport> {
-    let samples: Vec<Samples> = load_samples(&opts.samples)?
-        .into_iter()
-        .filter(|s| s.model == opts.model)
-        .collect();
-    if samples.is_empty() {
-        bail!(
-            "no sample rows for model '{}' in {}",
-            opts.model,
-            opts.samples.display()
-        );
-    }
+    let samples = model_samples(opts)?;
     let registry = Arc::new(kinds.open(&cfg.registry)?);
     if registry.spec(&opts.model).is_none() {
         bail!(
