@@ -47,7 +47,8 @@ fn poison(samples: &[Samples], n: u64, out: &mut Vec<u8>) -> &'static str {
         _ => {
             let wine: Vec<Samples> = samples
                 .iter()
-                .filter(|s| s.model == "wine_rf")
+                // a network: it refuses missing values (the forest serves them)
+                .filter(|s| s.model == "wine_mlp")
                 .cloned()
                 .collect();
             let src = if wine.is_empty() { samples } else { &wine[..] };
