@@ -91,6 +91,9 @@ pub enum AuditEvent {
     Fallback,
     /// The model was unloaded.
     Unload,
+    /// A hot reload changed the model (old and new version in the detail),
+    /// or a reload was refused (no model; the reason in the detail).
+    Reload,
 }
 
 impl AuditEvent {
@@ -101,6 +104,7 @@ impl AuditEvent {
             AuditEvent::Refuse => "refuse",
             AuditEvent::Fallback => "fallback",
             AuditEvent::Unload => "unload",
+            AuditEvent::Reload => "reload",
         }
     }
 }

@@ -612,9 +612,10 @@ impl BenchWorker {
         let thread = {
             let (b, m, s) = (wcfg.brokers.clone(), metrics.clone(), stop.clone());
             let c = Arc::new(wcfg);
+            let models = crate::worker::reload::Models::fixed(registry, metrics.clone());
             std::thread::Builder::new()
                 .name("consumer".into())
-                .spawn(move || crate::worker::run(c, &b, registry, m, s, |_| {}))?
+                .spawn(move || crate::worker::run(c, &b, models, m, s, |_| {}))?
         };
         Ok(BenchWorker {
             metrics,

@@ -631,8 +631,8 @@ fn run_worker(
 /// (nothing is lost: uncommitted events are read again on restart), and so
 /// does the first one's `grace` running out (the drain deadline plus the
 /// final commit and leaving the group: a broker that does not answer must
-/// not hold the exit). SIGHUP (a closed terminal, or an operator's reload
-/// habit) is logged and ignored: its default action would kill the worker
+/// not hold the exit). SIGHUP reloads the model registry (see
+/// [`crate::worker::reload`]); its default action would kill the worker
 /// without a drain. The handlers are in place when this returns.
 fn stop_on_signal(stop: Arc<AtomicBool>, grace: Duration) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -658,7 +658,8 @@ fn stop_on_signal(stop: Arc<AtomicBool>, grace: Duration) -> Result<()> {
                         _ = term.recv() => {}
                         _ = int.recv() => {}
                         _ = hup.recv() => {
-                            tracing::warn!("SIGHUP received and ignored (no reload yet); SIGTERM or SIGINT stop the worker");
+                            eprintln!("ml-worker: SIGHUP: reloading the model registry");
+                            crate::worker::reload::SIGHUPS.fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
                         _ = &mut overdue, if stops > 0 => {

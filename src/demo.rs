@@ -110,7 +110,7 @@ pub fn run(cfg: &WorkerConfig, opts: &DemoOptions, kinds: RegistryBuilder) -> Re
     let worker = {
         let (c, r, m, s, b) = (
             Arc::new(cfg.clone()),
-            registry.clone(),
+            crate::worker::reload::Models::fixed(registry.clone(), metrics.clone()),
             metrics.clone(),
             stop.clone(),
             brokers.clone(),

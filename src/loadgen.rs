@@ -319,6 +319,9 @@ pub struct Seen {
     /// Predictions without `source.topic`/`source.partition`/`source.offset`
     /// and `output.id` headers.
     pub without_source: u64,
+    /// Every prediction's input partition and offset (its `source.*`
+    /// headers), model and model version, in the order read.
+    pub sources: Vec<(i32, i64, String, String)>,
     pub signals: u64,
     pub sides: BTreeMap<String, u64>,
     pub signal_ids: HashSet<String>,
@@ -514,6 +517,17 @@ impl Reader {
                                 || id.is_none()
                             {
                                 s.without_source += 1;
+                            }
+                            if let (Some(part), Some(off)) = (
+                                header("source.partition").and_then(|v| v.parse().ok()),
+                                header("source.offset").and_then(|v| v.parse().ok()),
+                            ) {
+                                s.sources.push((
+                                    part,
+                                    off,
+                                    p.model.clone(),
+                                    p.model_version.clone(),
+                                ));
                             }
                             let key = m.key().map(<[u8]>::to_vec);
                             let id_now = p.event_id.clone();

@@ -190,6 +190,11 @@ impl RegistryBuilder {
         self
     }
 
+    /// The audit store the registry records into, if any.
+    pub fn audit_store(&self) -> Option<&Arc<AuditStore>> {
+        self.audit.as_ref()
+    }
+
     pub fn options(mut self, options: RegistryOptions) -> RegistryBuilder {
         self.options = options;
         self
@@ -208,6 +213,13 @@ impl RegistryBuilder {
     /// load does not fail the registry: it is refused (and audited), and
     /// [`Registry::get`] reports why or serves its fallback.
     pub fn open(self, file: &Path) -> Result<Registry, ConfigError> {
+        let specs = self.read_specs(file)?;
+        Ok(self.from_specs(specs))
+    }
+
+    /// `models.yaml`'s entries, validated, with every model file present
+    /// (a missing file with a fallback is the load's to refuse).
+    fn read_specs(&self, file: &Path) -> Result<Vec<ModelSpec>, ConfigError> {
         let specs = load_registry_file_with(file, &self.loaders())?;
         for s in &specs {
             // the size is checked when the model loads (a refusal, audited);
@@ -227,23 +239,91 @@ impl RegistryBuilder {
                 Err(_) => {}
             }
         }
-        Ok(self.from_specs(specs))
+        Ok(specs)
+    }
+
+    /// Reads `file` again for a registry to replace `previous`, all or
+    /// nothing: a model whose entry and file (by SHA256) are unchanged is
+    /// taken over as loaded, without a load or an audit row; every added or
+    /// changed model is loaded (a lazy one too, when `previous` had it
+    /// loaded), verified and warmed up. Any failure (the YAML, a missing
+    /// file, a wrong pin, a model that does not load, unless it is
+    /// `optional`) refuses the whole reload: nothing of it serves, and its
+    /// models are freed when the error is dropped.
+    pub fn reopen(
+        self,
+        file: &Path,
+        previous: &Registry,
+    ) -> Result<(Registry, Vec<Change>), ReloadError> {
+        let specs = self.read_specs(file).map_err(ReloadError::Config)?;
+        let mut kept = HashMap::new();
+        for spec in &specs {
+            let Some(old) = previous.entries.get(&spec.name) else {
+                continue;
+            };
+            let Some(m) = previous.loaded(&spec.name) else {
+                continue;
+            };
+            if same_model(&old.spec, spec)
+                && crate::checksum::sha256_file(&spec.path).is_ok_and(|s| s == m.info().sha256)
+            {
+                kept.insert(spec.name.clone(), m);
+            }
+        }
+        let was_loaded = |name: &str| previous.loaded(name).is_some();
+        let registry = self.build(specs, |name| kept.get(name).cloned(), was_loaded);
+        let mut failures: Vec<RegistryError> = Vec::new();
+        for name in &registry.order {
+            let e = &registry.entries[name];
+            if e.spec.optional {
+                continue;
+            }
+            if let LoadState::Failed(err) = &*e.slot.lock() {
+                failures.push(err.clone());
+            }
+        }
+        for err in registry.pin_mismatches() {
+            if !failures.iter().any(|f| f.to_string() == err.to_string()) {
+                failures.push(err);
+            }
+        }
+        if !failures.is_empty() {
+            return Err(ReloadError::Refused(failures));
+        }
+        let changes = registry.changes_since(previous, &kept);
+        Ok((registry, changes))
     }
 
     /// A registry of validated entries (parsed with [`RegistryBuilder::loaders`]).
     pub fn from_specs(self, specs: Vec<ModelSpec>) -> Registry {
+        self.build(specs, |_| None, |_| false)
+    }
+
+    /// The registry of `specs`: an entry `loaded` answers for starts as
+    /// that model; the others load now unless they are lazy (and not
+    /// `eager`) or the options say otherwise.
+    fn build(
+        self,
+        specs: Vec<ModelSpec>,
+        loaded: impl Fn(&str) -> Option<Arc<ServedModel>>,
+        eager: impl Fn(&str) -> bool,
+    ) -> Registry {
         let loaders = self.loaders();
         let RegistryBuilder { audit, options, .. } = self;
         let order = specs.iter().map(|s| s.name.clone()).collect();
         let entries = specs
             .into_iter()
             .map(|spec| {
+                let state = match loaded(&spec.name) {
+                    Some(m) => LoadState::Loaded(m),
+                    None => LoadState::Idle,
+                };
                 (
                     spec.name.clone(),
                     Entry {
                         spec,
                         slot: Arc::new(Slot {
-                            state: Mutex::new(LoadState::Idle),
+                            state: Mutex::new(state),
                             changed: Condvar::new(),
                         }),
                         fallback_audited: OnceLock::new(),
@@ -266,7 +346,7 @@ impl RegistryBuilder {
             // load), each under its own deadline
             for name in &reg.order {
                 let e = &reg.entries[name];
-                if reg.loader.options.load_all || !e.spec.lazy {
+                if reg.loader.options.load_all || !e.spec.lazy || eager(name) {
                     if let Err(err) = reg.load(e) {
                         tracing::warn!(model = %name, error = %err, "model not loaded");
                     }
@@ -275,6 +355,57 @@ impl RegistryBuilder {
         }
         reg
     }
+}
+
+/// What a reload changed for one model name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub model: String,
+    /// The version served before (None: the model is new).
+    pub old: Option<String>,
+    /// The version served after (None: removed, or lazy and not loaded).
+    pub new: Option<String>,
+    /// What changed, in words.
+    pub what: String,
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+        write!(
+            f,
+            "{}: {} ({} -> {})",
+            self.model,
+            self.what,
+            v(&self.old),
+            v(&self.new)
+        )
+    }
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Config(ConfigError),
+    #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))]
+    Refused(Vec<RegistryError>),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Whether two entries make the same loaded model (fields that only route
+/// or describe, such as the signal rule or a fallback, may differ).
+fn same_model(a: &ModelSpec, b: &ModelSpec) -> bool {
+    let strip = |s: &ModelSpec| ModelSpec {
+        signal: None,
+        description: None,
+        fallback: None,
+        lazy: false,
+        optional: false,
+        ..s.clone()
+    };
+    strip(a) == strip(b)
 }
 
 pub struct Registry {
@@ -306,6 +437,64 @@ impl Registry {
             .audit(audit)
             .options(options)
             .from_specs(specs)
+    }
+
+    /// What changed from `previous` to this registry (`kept`: the models
+    /// taken over as loaded), name by name, in this registry's order then
+    /// the removed ones.
+    fn changes_since(
+        &self,
+        previous: &Registry,
+        kept: &HashMap<String, Arc<ServedModel>>,
+    ) -> Vec<Change> {
+        let version = |r: &Registry, name: &str| {
+            r.loaded(name)
+                .map(|m| m.info().version.clone())
+                .or_else(|| r.spec(name).and_then(|s| s.version.clone()))
+        };
+        let mut out = Vec::new();
+        for name in &self.order {
+            let spec = &self.entries[name].spec;
+            let (old, new) = (version(previous, name), version(self, name));
+            let what = match previous.spec(name) {
+                None => "added".to_string(),
+                // lazy, loaded by neither: it loads from its file when asked
+                Some(before)
+                    if before == spec
+                        && previous.loaded(name).is_none()
+                        && self.loaded(name).is_none() =>
+                {
+                    continue
+                }
+                Some(before) if kept.contains_key(name) => {
+                    if before == spec {
+                        continue;
+                    }
+                    "settings changed, same model".to_string()
+                }
+                Some(_) => match self.loaded(name) {
+                    Some(m) => format!("loaded sha256 {}", m.info().sha256),
+                    None => "entry changed (lazy: loads on first use)".to_string(),
+                },
+            };
+            out.push(Change {
+                model: name.clone(),
+                old,
+                new,
+                what,
+            });
+        }
+        for name in &previous.order {
+            if !self.entries.contains_key(name) {
+                out.push(Change {
+                    model: name.clone(),
+                    old: version(previous, name),
+                    new: None,
+                    what: "removed".to_string(),
+                });
+            }
+        }
+        out
     }
 
     /// The kinds this registry reads.

@@ -11,6 +11,7 @@ use crate::broker::{EmbeddedBroker, TopicSpec};
 use crate::registry::RegistryBuilder;
 use crate::worker::config::WorkerConfig;
 use crate::worker::metrics::Metrics;
+use crate::worker::reload::Models;
 use crate::worker::{Started, Summary};
 
 /// Partitions of topics the embedded broker creates for a worker config.
@@ -54,7 +55,8 @@ pub fn serve(
     // the chain head, where the database's editor cannot rewrite it
     let m = metrics.clone();
     audit.on_head(Box::new(move |head| m.set_audit_head(head.id, &head.mac)));
-    let registry = Arc::new(kinds.audit(Some(audit)).open(&cfg.registry)?);
+    let kinds = kinds.audit(Some(audit));
+    let registry = Arc::new(kinds.clone().open(&cfg.registry)?);
     // a wrong pin is a deployment mistake: refuse to start rather than
     // report ready and dead-letter the model's events (`optional: true`
     // serves without it)
@@ -80,10 +82,13 @@ pub fn serve(
     let brokers = broker
         .as_ref()
         .map_or_else(|| cfg.brokers.clone(), |b| b.bootstrap_servers());
-    let summary = crate::worker::run(cfg, &brokers, registry.clone(), metrics, stop, |s| {
+    let models = Models::reloadable(registry, cfg.registry.clone(), kinds, metrics.clone());
+    let summary = crate::worker::run(cfg, &brokers, models.clone(), metrics, stop, |s| {
         on_start(&s)
     })?;
-    if let Some(mut r) = Arc::into_inner(registry) {
+    // the registry served last, once its batches are done: every model's
+    // `unload` row
+    if let Some(mut r) = Arc::into_inner(models).and_then(|m| Arc::into_inner(m.into_current())) {
         r.unload_all();
     }
     drop(broker);

@@ -323,16 +323,41 @@ fn a_second_replica_on_the_shipped_config_takes_partitions_within_10_s_and_sigte
 }
 
 #[test]
-fn sighup_is_logged_and_ignored_and_the_worker_serves_on() {
+fn sighup_reloads_the_registry_and_the_worker_serves_on() {
     let s = Setup::new(2);
+    // a copy of the shipped registry, not watched: SIGHUP is the trigger
+    let registry = s.dir.path().join("models.yaml");
+    let shipped = std::fs::read_to_string(root().join("config/models.yaml"))
+        .unwrap()
+        .replace(
+            "path: \"../models/",
+            &format!("path: \"{}/models/", root().display()),
+        );
+    std::fs::write(&registry, &shipped).unwrap();
+    let worker_yaml = s.dir.path().join("worker.yaml");
+    let cfg = std::fs::read_to_string(&worker_yaml).unwrap().replace(
+        &root().join("config/models.yaml").display().to_string(),
+        &registry.display().to_string(),
+    ) + "\nreload: {watch: false}\n";
+    std::fs::write(&worker_yaml, cfg).unwrap();
     let group = unique("group");
     let w = Worker::start(&s, &group);
     wait_for("partitions", Duration::from_secs(30), || {
         w.assigned() == Some(2)
     });
+    std::fs::write(
+        &registry,
+        shipped.replace(
+            "- name: \"diabetes_lgbm\"\n",
+            "- name: \"diabetes_lgbm\"\n    version: \"hup-2\"\n",
+        ),
+    )
+    .unwrap();
     w.signal("HUP");
-    std::thread::sleep(Duration::from_millis(500));
-    // still there, still serving
+    wait_for("the reload", Duration::from_secs(30), || {
+        metric(w.metrics, "ml_worker_reloads_total{result=\"ok\"}") == Some(1)
+    });
+    // still there, serving the new version
     let samples = load_samples(&root().join("models/samples")).unwrap();
     let t = Traffic {
         topic: &s.features,
@@ -353,12 +378,21 @@ fn sighup_is_logged_and_ignored_and_the_worker_serves_on() {
     .unwrap();
     reader.read(Duration::from_secs(30), |seen| seen.by_id.len() >= 200);
     assert_eq!(reader.seen.by_id.len(), 200);
+    let diabetes: Vec<_> = reader
+        .seen
+        .by_id
+        .values()
+        .filter(|p| p.model == "diabetes_lgbm")
+        .collect();
+    assert!(!diabetes.is_empty());
+    assert!(diabetes.iter().all(|p| p.model_version == "hup-2"));
     let (_, lines) = w.terminate();
     assert!(
         lines.iter().any(|l| l.contains("SIGHUP")),
         "the SIGHUP is logged: {lines:?}"
     );
-    // the drain ran: every model's unload is in the audit store
+    // audited: the reload with both versions, then every model's unload
+    // at the drain
     let out = Command::new(env!("CARGO_BIN_EXE_ml-worker"))
         .args(["audit", "show", "--db"])
         .arg(s.dir.path().join("audit.db"))
@@ -367,6 +401,11 @@ fn sighup_is_logged_and_ignored_and_the_worker_serves_on() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.matches("unload").count(), 4, "{text}");
+    let reload = text
+        .lines()
+        .find(|l| l.contains("reload"))
+        .unwrap_or_else(|| panic!("no reload row: {text}"));
+    assert!(reload.contains("hup-2"), "{reload}");
 }
 
 /// A broker that stops answering (its process frozen with SIGSTOP) cannot

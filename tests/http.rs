@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ml_worker::worker::config::SchemaRegistryConfig;
-use ml_worker::worker::metrics::{serve, Metrics, HEADER_READ_TIMEOUT};
+use ml_worker::worker::metrics::{serve, Admin, Metrics, HEADER_READ_TIMEOUT};
 use ml_worker::worker::schema_registry::{LookupError, SchemaRegistry};
 
 fn endpoint() -> (SocketAddr, Arc<AtomicBool>) {
@@ -18,6 +18,7 @@ fn endpoint() -> (SocketAddr, Arc<AtomicBool>) {
     let addr = serve(
         "127.0.0.1:0".parse().unwrap(),
         Arc::new(Metrics::default()),
+        Admin::default(),
         stop.clone(),
     )
     .unwrap();
@@ -223,6 +224,93 @@ srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
 print(srv.server_address[1], flush=True)
 srv.serve_forever()
 "#;
+
+/// POST /admin/reload on an endpoint bound to `address`, with a reload
+/// thread that answers every request with "nothing changed".
+fn admin_endpoint(address: &str, token: Option<&str>) -> (SocketAddr, Arc<AtomicBool>) {
+    use ml_worker::worker::reload::{Reloaded, Request};
+    let (tx, rx) = std::sync::mpsc::channel::<Request>();
+    std::thread::spawn(move || {
+        for r in rx {
+            if let Some(reply) = r.reply {
+                let _ = reply.send(Ok(Reloaded {
+                    changes: Vec::new(),
+                    swapped: false,
+                    took: Duration::ZERO,
+                }));
+            }
+        }
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let admin = Admin {
+        reload: Some(tx),
+        token: token.map(str::to_string),
+    };
+    let addr = serve(
+        address.parse().unwrap(),
+        Arc::new(Metrics::default()),
+        admin,
+        stop.clone(),
+    )
+    .unwrap();
+    (addr, stop)
+}
+
+fn post(addr: SocketAddr, extra: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "POST /admin/reload HTTP/1.1\r\nHost: x\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, out)
+}
+
+#[test]
+fn admin_reload_answers_loopback_without_a_token_and_elsewhere_only_with_one() {
+    // loopback, no token: allowed
+    let (addr, stop) = admin_endpoint("127.0.0.1:0", None);
+    let (code, out) = post(addr, "");
+    assert_eq!(code, 200, "{out}");
+    assert!(out.contains("\"result\":\"unchanged\""), "{out}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // every address, no token: refused, saying what to set
+    let (addr, stop) = admin_endpoint("0.0.0.0:0", None);
+    let local = SocketAddr::from(([127, 0, 0, 1], addr.port()));
+    let (code, out) = post(local, "");
+    assert_eq!(code, 403, "{out}");
+    assert!(out.contains("reload.token"), "{out}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // every address, a token: only the right bearer passes
+    let token = "0123456789abcdef-secret";
+    let (addr, stop) = admin_endpoint("0.0.0.0:0", Some(token));
+    let local = SocketAddr::from(([127, 0, 0, 1], addr.port()));
+    assert_eq!(post(local, "").0, 401);
+    assert_eq!(
+        post(local, "Authorization: Bearer 0123456789abcdef-secreT\r\n").0,
+        401
+    );
+    assert_eq!(
+        post(
+            local,
+            "Authorization: Basic MDEyMzQ1Njc4OWFiY2RlZi1zZWNyZXQ=\r\n"
+        )
+        .0,
+        401
+    );
+    let (code, out) = post(local, &format!("Authorization: Bearer {token}\r\n"));
+    assert_eq!(code, 200, "{out}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // a registry that cannot be reloaded says so
+    let (addr, stop) = endpoint();
+    let (code, out) = post(addr, "");
+    assert_eq!(code, 409, "{out}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+}
 
 #[test]
 fn the_schema_registry_client_speaks_https_with_a_private_ca_and_basic_auth() {

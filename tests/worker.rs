@@ -15,9 +15,10 @@ use brokers::{mock_only, Broker};
 
 use ml_worker::events::WireFormat;
 use ml_worker::loadgen::{load_samples, Load, Reader, Samples, Traffic};
-use ml_worker::registry::{Registry, RegistryOptions};
+use ml_worker::registry::RegistryBuilder;
 use ml_worker::worker::config::{parse_worker_config, Overrides, WorkerConfig};
 use ml_worker::worker::metrics::Metrics;
+use ml_worker::worker::reload::{Models, Trigger};
 use ml_worker::worker::{Started, Summary};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -168,9 +169,16 @@ struct Running {
     stop: Arc<AtomicBool>,
     handle: JoinHandle<Summary>,
     started: Started,
+    /// Its registry, reloadable from `cfg.registry`.
+    models: Arc<Models>,
 }
 
 fn start(cfg: Arc<WorkerConfig>) -> Running {
+    start_with(cfg, RegistryBuilder::new())
+}
+
+/// A worker whose registry `builder` opens (and reloads) from `cfg.registry`.
+fn start_with(cfg: Arc<WorkerConfig>, builder: RegistryBuilder) -> Running {
     // ML_WORKER_LOG=info cargo test -- --nocapture shows the worker's logs
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -179,16 +187,16 @@ fn start(cfg: Arc<WorkerConfig>) -> Running {
         )
         .with_test_writer()
         .try_init();
-    let registry = Arc::new(
-        Registry::open(&cfg.registry, None, RegistryOptions::default()).expect("registry"),
-    );
+    let registry = Arc::new(builder.clone().open(&cfg.registry).expect("registry"));
     let stop = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(Metrics::default());
+    let models = Models::reloadable(registry, cfg.registry.clone(), builder, metrics.clone());
     let (tx, rx) = std::sync::mpsc::channel();
     let s = stop.clone();
     let brokers = cfg.brokers.clone();
+    let m = models.clone();
     let handle = std::thread::spawn(move || {
-        ml_worker::worker::run(cfg, &brokers, registry, metrics, s, |st| {
+        ml_worker::worker::run(cfg, &brokers, m, metrics, s, |st| {
             let _ = tx.send(st);
         })
         .expect("worker run")
@@ -200,6 +208,7 @@ fn start(cfg: Arc<WorkerConfig>) -> Running {
         stop,
         handle,
         started,
+        models,
     }
 }
 
@@ -213,7 +222,11 @@ impl Running {
 fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -2029,4 +2042,342 @@ fn records_in_every_compression_codec_are_read() {
             .map_or(0, |m| m[2..].parse::<usize>().unwrap() / 50)]
     );
     w.stop();
+}
+
+/// config/models.yaml copied to `dir/models.yaml` (model paths made
+/// absolute) and `edit`ed, written the way deploy tools do: a new file
+/// renamed over the old one.
+fn registry_copy(dir: &std::path::Path, edit: impl Fn(String) -> String) -> PathBuf {
+    let text = std::fs::read_to_string(root().join("config/models.yaml"))
+        .unwrap()
+        .replace(
+            "path: \"../models/",
+            &format!("path: \"{}/models/", root().display()),
+        );
+    let file = dir.join("models.yaml");
+    let tmp = dir.join(".models.yaml.tmp");
+    std::fs::write(&tmp, edit(text)).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    file
+}
+
+/// `text` with `version: VERSION` set on `model`'s entry.
+fn with_version(text: String, model: &str, version: &str) -> String {
+    let entry = format!("- name: \"{model}\"\n");
+    assert!(text.contains(&entry), "no entry {model}");
+    text.replace(&entry, &format!("{entry}    version: \"{version}\"\n"))
+}
+
+/// A worker config of `s` reading the registry at `file`.
+fn config_with_registry(s: &Setup, extra: &str, file: &std::path::Path) -> Arc<WorkerConfig> {
+    let yaml = s.yaml("avro-raw", extra).replace(
+        &root().join("config/models.yaml").display().to_string(),
+        &file.display().to_string(),
+    );
+    s.config_from(&yaml)
+}
+
+/// Per input partition, the versions of `model`'s predictions in input
+/// order must only move forward through `order` (no output of an older
+/// version after one of a newer). Returns how many predictions each
+/// version made.
+fn versions_in_order(seen: &ml_worker::loadgen::Seen, model: &str, order: &[&str]) -> Vec<usize> {
+    let mut by_partition: std::collections::BTreeMap<i32, Vec<(i64, usize)>> = Default::default();
+    let mut counts = vec![0; order.len()];
+    for (p, o, m, v) in &seen.sources {
+        if m != model {
+            continue;
+        }
+        let i = order
+            .iter()
+            .position(|x| x == v)
+            .unwrap_or_else(|| panic!("{model} served by version {v}, which was never loaded"));
+        counts[i] += 1;
+        by_partition.entry(*p).or_default().push((*o, i));
+    }
+    for (p, mut outs) in by_partition {
+        outs.sort();
+        for w in outs.windows(2) {
+            assert!(
+                w[0].1 <= w[1].1,
+                "partition {p}: offset {} served by {} after offset {} by {}",
+                w[1].0,
+                order[w[1].1],
+                w[0].0,
+                order[w[0].1]
+            );
+        }
+    }
+    counts
+}
+
+#[test]
+fn a_reload_under_load_swaps_versions_in_order_keeps_serving_after_a_failed_one_and_loses_nothing()
+{
+    let s = Setup::new(4);
+    let file = registry_copy(s.dir.path(), |t| with_version(t, "diabetes_lgbm", "v1"));
+    let cfg = config_with_registry(&s, "reload: {watch: false}", &file);
+    let audit = Arc::new(ml_worker::audit::AuditStore::open(&cfg.audit_db, "reload-test").unwrap());
+    let w = start_with(cfg, RegistryBuilder::new().audit(Some(audit.clone())));
+    let n = 9000;
+    let producer = produce_in_background(&s, "r", 0, n, 3000.0);
+    let reload = |version: &str| {
+        registry_copy(s.dir.path(), |t| with_version(t, "diabetes_lgbm", version));
+        w.models.reload(Trigger::Call)
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    let done = reload("v2").expect("reload to v2");
+    assert!(done.swapped, "{done:?}");
+    assert_eq!(done.changes.len(), 1, "{done:?}");
+    assert_eq!(done.changes[0].model, "diabetes_lgbm");
+    assert_eq!(done.changes[0].old.as_deref(), Some("v1"));
+    assert_eq!(done.changes[0].new.as_deref(), Some("v2"));
+    std::thread::sleep(Duration::from_millis(700));
+    // a wrong pin: refused, v2 keeps serving
+    registry_copy(s.dir.path(), |t| {
+        with_version(t, "diabetes_lgbm", "bad").replace(
+            "223a28d33d8d32d6516dba1e2c93ed481dd9bd5ba5a700e03f8c028185ee0ae7",
+            &"0".repeat(64),
+        )
+    });
+    let refused = w
+        .models
+        .reload(Trigger::Call)
+        .expect_err("a wrong pin is refused");
+    assert!(
+        refused.to_string().contains("checksum mismatch"),
+        "{refused}"
+    );
+    // broken YAML: refused the same way
+    std::fs::write(&file, "models: [ {name: ").unwrap();
+    let refused = w
+        .models
+        .reload(Trigger::Call)
+        .expect_err("broken YAML is refused");
+    assert!(refused.to_string().contains("YAML"), "{refused}");
+    std::thread::sleep(Duration::from_millis(500));
+    let done = reload("v3").expect("reload to v3");
+    assert!(done.swapped && done.changes.len() == 1, "{done:?}");
+    assert_eq!(done.changes[0].old.as_deref(), Some("v2"), "{done:?}");
+    producer.join().unwrap();
+
+    let mut reader = s.reader(WireFormat::AvroRaw);
+    reader.read(Duration::from_secs(60), |seen| seen.by_id.len() as u64 >= n);
+    let missing = missing_ids(&reader.seen, "r", n);
+    assert!(
+        missing.is_empty(),
+        "{} lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert_eq!(
+        reader.seen.dead_letters.len(),
+        0,
+        "{:?}",
+        &reader.seen.dead_letters[..1]
+    );
+    let counts = versions_in_order(&reader.seen, "diabetes_lgbm", &["v1", "v2", "v3"]);
+    eprintln!("diabetes_lgbm predictions by version v1/v2/v3: {counts:?}");
+    assert!(
+        counts.iter().all(|c| *c > 0),
+        "every version served some: {counts:?}"
+    );
+    // the other models were taken over, not reloaded: one version each
+    for (_, _, m, v) in &reader.seen.sources {
+        if m != "diabetes_lgbm" {
+            assert_eq!(v.len(), 12, "{m} keeps its checksum version: {v}");
+        }
+    }
+    let page = http_get(w.started.metrics_address, "/metrics").1;
+    assert_eq!(
+        metric(&page, "ml_worker_reloads_total{result=\"ok\"}"),
+        Some(2.0),
+        "{page}"
+    );
+    assert_eq!(
+        metric(&page, "ml_worker_reloads_total{result=\"failed\"}"),
+        Some(2.0)
+    );
+    assert!(
+        page.contains("ml_worker_model_info{model=\"diabetes_lgbm\",version=\"v3\""),
+        "{page}"
+    );
+    assert!(
+        !page.contains("version=\"v2\""),
+        "the old version's series is gone"
+    );
+    let summary = w.stop();
+    assert!(summary.clean, "{summary:?}");
+    assert_eq!(s.committed_total(4), s.features_end_total(4));
+    // audited: two swaps (old and new version) and two refusals
+    let rows = audit.rows(None, Some(1000)).unwrap();
+    let reloads: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.event == "reload")
+        .map(|r| r.detail.as_str())
+        .collect();
+    assert_eq!(reloads.len(), 4, "{reloads:#?}");
+    assert!(
+        reloads.iter().any(|d| d.contains("version v1 -> v2")),
+        "{reloads:#?}"
+    );
+    assert!(
+        reloads.iter().any(|d| d.contains("version v2 -> v3")),
+        "{reloads:#?}"
+    );
+    assert_eq!(
+        reloads
+            .iter()
+            .filter(|d| d.contains("reload refused"))
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn file_changes_and_post_admin_reload_swap_the_registry_and_a_removed_model_stops_serving() {
+    let s = Setup::new(2);
+    let file = registry_copy(s.dir.path(), |t| t);
+    let cfg = config_with_registry(&s, "reload: {debounce_ms: 100}", &file);
+    let w = start(cfg);
+    let addr = w.started.metrics_address;
+    let wait_page = |what: &str, cond: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let page = http_get(addr, "/metrics").1;
+            if cond(&page) {
+                return page;
+            }
+            assert!(Instant::now() < deadline, "{what}: {page}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // 1. the file watch: a new models.yaml renamed into place
+    registry_copy(s.dir.path(), |t| with_version(t, "diabetes_lgbm", "w2"));
+    wait_page("the watched change is reloaded", &|p| {
+        p.contains("ml_worker_model_info{model=\"diabetes_lgbm\",version=\"w2\"")
+    });
+    // 2. POST /admin/reload with nothing changed
+    let (code, body) = http_post(addr, "/admin/reload", None);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"result\":\"unchanged\""), "{body}");
+    assert_eq!(http_get(addr, "/admin/reload").0, 405);
+    // 3. a removed model: its events become dead letters (unknown model)
+    let w_registry = std::fs::read_to_string(&file).unwrap();
+    let start_at = w_registry.find("  - name: \"breast_cancer_xgb\"").unwrap();
+    let end_at = start_at + w_registry[start_at..].find("\n\n").unwrap() + 2;
+    std::fs::write(
+        s.dir.path().join(".edit"),
+        format!("{}{}", &w_registry[..start_at], &w_registry[end_at..]),
+    )
+    .unwrap();
+    std::fs::rename(s.dir.path().join(".edit"), &file).unwrap();
+    let page = wait_page("the removal is reloaded", &|p| {
+        !p.contains("ml_worker_model_info{model=\"breast_cancer_xgb\"")
+    });
+    assert!(
+        page.contains("ml_worker_reloads_total{result=\"ok\"} 2"),
+        "{page}"
+    );
+    // 4. a broken file: 422 over HTTP, the models loaded before serve on
+    std::fs::write(
+        s.dir.path().join(".edit"),
+        w_registry.replace(
+            "kind: \"lightgbm\"",
+            "kind: \"lightgbm\"\n    features: oops",
+        ),
+    )
+    .unwrap();
+    std::fs::rename(s.dir.path().join(".edit"), &file).unwrap();
+    let (code, body) = http_post(addr, "/admin/reload", None);
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("features"), "{body}");
+    let n = 400;
+    let load = Load::new(&s.brokers()).unwrap();
+    load.events(
+        &s.traffic(WireFormat::AvroRaw, "x"),
+        0,
+        n,
+        None,
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    load.flush(Duration::from_secs(10)).unwrap();
+    let mut reader = s.reader(WireFormat::AvroRaw);
+    reader.read(Duration::from_secs(30), |seen| {
+        seen.by_id.len() + seen.dead_letters.len() >= n as usize
+    });
+    let xgb_events = (0..n)
+        .filter(|i| load_samples_model(&s, *i) == "breast_cancer_xgb")
+        .count();
+    assert!(xgb_events > 0);
+    assert_eq!(reader.seen.dead_letters.len(), xgb_events);
+    assert!(
+        reader.seen.dead_letters.iter().all(|d| d
+            .headers
+            .get("error.reason")
+            .is_some_and(|r| r.contains("unknown model 'breast_cancer_xgb'"))),
+        "{:?}",
+        reader.seen.dead_letters.first()
+    );
+    assert_eq!(reader.seen.by_id.len(), n as usize - xgb_events);
+    for p in reader.seen.by_id.values() {
+        if p.model == "diabetes_lgbm" {
+            assert_eq!(p.model_version, "w2");
+        }
+    }
+    // refused over HTTP, and by the watch when it saw the file (unless the
+    // POST's reload had already read it)
+    let page = http_get(addr, "/metrics").1;
+    let failed = metric(&page, "ml_worker_reloads_total{result=\"failed\"}").unwrap_or(0.0);
+    assert!((1.0..=2.0).contains(&failed), "{page}");
+    assert!(w.stop().clean);
+}
+
+/// Which model the `i`-th event of the sample stream names.
+fn load_samples_model(s: &Setup, i: u64) -> String {
+    let (si, _) = ml_worker::loadgen::event_row(&s.samples, i);
+    s.samples[si].model.clone()
+}
+
+#[test]
+fn post_admin_reload_wants_the_bearer_token_when_one_is_set() {
+    let s = Setup::new(1);
+    let file = registry_copy(s.dir.path(), |t| t);
+    let token = "a-token-of-some-length-0123";
+    let cfg = config_with_registry(
+        &s,
+        &format!("reload: {{watch: false, token: \"{token}\"}}"),
+        &file,
+    );
+    let w = start(cfg);
+    let addr = w.started.metrics_address;
+    let (code, body) = http_post(addr, "/admin/reload", None);
+    assert_eq!(code, 401, "{body}");
+    let (code, _) = http_post(addr, "/admin/reload", Some("a-token-of-some-length-0124"));
+    assert_eq!(code, 401);
+    let (code, body) = http_post(addr, "/admin/reload", Some(token));
+    assert_eq!(code, 200, "{body}");
+    assert!(w.stop().clean);
+}
+
+/// POST `path` (optionally with a bearer token): the status and the body.
+fn http_post(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|b| b.1.to_string())
+        .unwrap_or_default();
+    (code, body)
 }

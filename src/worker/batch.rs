@@ -81,6 +81,9 @@ pub struct Route {
     serving: OnceLock<Result<Arc<Serving>, String>>,
     /// The registry answers for it without waiting (seen once, kept).
     settled: std::sync::atomic::AtomicBool,
+    /// The registry it was made from: a batch cut for it is served by that
+    /// registry's models even after a reload swapped in another.
+    registry: Arc<Registry>,
 }
 
 /// The model that serves a route, once known.
@@ -180,7 +183,7 @@ impl Serving {
 }
 
 impl Route {
-    fn new(name: &str, registry: &Registry, cfg: &WorkerConfig) -> Result<Route, String> {
+    fn new(name: &str, registry: &Arc<Registry>, cfg: &WorkerConfig) -> Result<Route, String> {
         let spec = registry
             .spec(name)
             .ok_or_else(|| format!("unknown model '{name}'"))?;
@@ -196,6 +199,7 @@ impl Route {
             limits: cfg.limits_for(name),
             serving: OnceLock::new(),
             settled: std::sync::atomic::AtomicBool::new(false),
+            registry: registry.clone(),
         };
         match registry.readiness(name) {
             Readiness::Settled => {
@@ -242,12 +246,12 @@ impl Route {
     /// Whether the registry can answer for this route without waiting for
     /// a load (the consume thread holds a partition's records back until
     /// then, see [`Batcher`]).
-    pub fn settled(&self, registry: &Registry) -> bool {
+    pub fn settled(&self) -> bool {
         use std::sync::atomic::Ordering;
         if self.settled.load(Ordering::Relaxed) {
             return true;
         }
-        let now = matches!(registry.readiness(&self.name), Readiness::Settled);
+        let now = matches!(self.registry.readiness(&self.name), Readiness::Settled);
         if now {
             self.settled.store(true, Ordering::Relaxed);
         }
@@ -256,17 +260,22 @@ impl Route {
 
     /// Who serves this route, resolved once (this may wait for a lazy
     /// load, at most until its deadline: call it off the consume thread).
-    pub fn serving(&self, registry: &Registry) -> Result<Arc<Serving>, String> {
+    pub fn serving(&self) -> Result<Arc<Serving>, String> {
         self.serving
             .get_or_init(|| {
                 Serving::resolve(
                     &self.name,
                     Some(&self.features),
                     Some(self.missing),
-                    registry,
+                    &self.registry,
                 )
             })
             .clone()
+    }
+
+    /// Whether this route was made from `registry`.
+    fn of(&self, registry: &Arc<Registry>) -> bool {
+        Arc::ptr_eq(&self.registry, registry)
     }
 
     pub fn n_features(&self) -> usize {
@@ -727,7 +736,8 @@ impl Batcher {
                     codec.knows_feature_writer(*id)
                         || lookups.as_ref().is_none_or(|l| l.ready(*id, now))
                 }
-                Wait::Model(route) => route.settled(registry),
+                // a reload replaced the registry: read again, routed anew
+                Wait::Model(route) => !route.of(registry) || route.settled(),
             };
             if over {
                 out.push(Hold {
@@ -1030,7 +1040,7 @@ impl Batcher {
     /// started, if it was not).
     fn wait_for_load(&self, route: &Result<Arc<Route>, String>) -> Result<(), Wait> {
         match route {
-            Ok(r) if !r.settled(&self.registry) => {
+            Ok(r) if !r.settled() => {
                 self.registry.start_loading(&r.name);
                 Err(Wait::Model(r.clone()))
             }
@@ -1117,6 +1127,21 @@ impl Batcher {
 
     /// Chunks that are full or past their deadline (all, with `all`), each
     /// shard's in input order.
+    /// Serves the records read from now on with `registry` (a reload):
+    /// every open chunk closes first, so what was read before is handed out
+    /// (by the next [`Batcher::take`]) ahead of anything routed anew, and
+    /// is served by the models it was routed to.
+    pub fn swap_registry(&mut self, registry: Arc<Registry>) {
+        for slot in &mut self.open {
+            if let Some(c) = slot.take() {
+                self.ready.push(c);
+            }
+        }
+        self.registry = registry;
+        self.routes.clear();
+        self.last_route = None;
+    }
+
     pub fn take(&mut self, now: Instant, all: bool) -> Vec<Chunk> {
         let mut out = std::mem::take(&mut self.ready);
         for c in &out {

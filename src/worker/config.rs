@@ -161,6 +161,88 @@ struct Raw {
     metrics: RawMetrics,
     #[serde(default)]
     logging: RawLogging,
+    #[serde(default)]
+    reload: RawReload,
+}
+
+/// Hot reload of `models.yaml` and the model files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReload {
+    /// Reload when `models.yaml` or a model file changes.
+    #[serde(default = "default_true")]
+    watch: bool,
+    /// Quiet time after the last change before a watched reload.
+    #[serde(default = "default_debounce")]
+    debounce_ms: u64,
+    /// Bearer token for `POST /admin/reload`.
+    #[serde(default)]
+    token: Option<String>,
+    /// Environment variable holding that token.
+    #[serde(default = "default_token_env")]
+    token_env: String,
+}
+
+impl Default for RawReload {
+    fn default() -> Self {
+        RawReload {
+            watch: true,
+            debounce_ms: default_debounce(),
+            token: None,
+            token_env: default_token_env(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_debounce() -> u64 {
+    500
+}
+fn default_token_env() -> String {
+    "ML_WORKER_ADMIN_TOKEN".into()
+}
+
+/// Shortest admin token accepted.
+const MIN_TOKEN_CHARS: usize = 16;
+
+/// Validates `reload:` (the token from the config or its environment
+/// variable; the file's wins).
+fn reload(
+    r: RawReload,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<crate::worker::reload::ReloadConfig, ConfigError> {
+    if !(10..=60_000).contains(&r.debounce_ms) {
+        return Err(err(
+            "reload.debounce_ms",
+            format!("{} is not within 10..=60000", r.debounce_ms),
+        ));
+    }
+    let (token, field) = match r.token {
+        Some(t) => (Some(t), "reload.token".to_string()),
+        None => (
+            std::env::var(&r.token_env).ok().filter(|t| !t.is_empty()),
+            format!("reload.token_env ({})", r.token_env),
+        ),
+    };
+    if let Some(t) = &token {
+        if t.chars().count() < MIN_TOKEN_CHARS
+            || t.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(err(
+                &field,
+                format!(
+                    "the admin token must be at least {MIN_TOKEN_CHARS} characters, without spaces or control characters"
+                ),
+            ));
+        }
+    }
+    Ok(crate::worker::reload::ReloadConfig {
+        watch: r.watch,
+        debounce: Duration::from_millis(r.debounce_ms),
+        token,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -463,6 +545,7 @@ pub struct WorkerConfig {
     pub audit_db: PathBuf,
     pub metrics_address: SocketAddr,
     pub log_json: bool,
+    pub reload: crate::worker::reload::ReloadConfig,
 }
 
 impl WorkerConfig {
@@ -797,6 +880,7 @@ fn validate(
     if raw.audit_db.trim().is_empty() {
         return Err(err("audit_db", "must not be empty".into()));
     }
+    let reload = reload(raw.reload, &err)?;
     Ok(WorkerConfig {
         brokers: raw.kafka.brokers,
         group_id: raw.kafka.group_id,
@@ -828,5 +912,6 @@ fn validate(
         audit_db: base.join(raw.audit_db),
         metrics_address,
         log_json: raw.logging.json,
+        reload,
     })
 }

@@ -65,6 +65,13 @@ pub(super) fn turn(
     let now = Instant::now();
     let (chunks, holds) = {
         let mut b = shared.batcher.lock().unwrap_or_else(|p| p.into_inner());
+        if shared.models.has_next() {
+            if let Some(next) = shared.models.take_next() {
+                // between two records: what was read so far is served by
+                // the old registry, everything after by the new one
+                b.swap_registry(next);
+            }
+        }
         (b.take(now, false), b.take_holds())
     };
     shared.dispatch(consumer, chunks, shared.senders.len());

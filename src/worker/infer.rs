@@ -10,7 +10,6 @@ use std::time::Instant;
 
 use crate::deadline::{Executor, Overrun};
 use crate::model::{Batch, Prediction};
-use crate::registry::Registry;
 use crate::worker::batch::{Chunk, ChunkPool, Group, Kind, Record, Serving, Stage};
 use crate::worker::metrics::{Histogram, Metrics};
 use crate::worker::produce::Publisher;
@@ -40,12 +39,7 @@ impl Outcome {
 
 /// Runs one group's rows through the model that serves them, under its
 /// inference deadline; an unhealthy model is not called.
-pub(super) fn infer(
-    g: &mut Group,
-    executor: &mut Executor,
-    registry: &Registry,
-    metrics: &Metrics,
-) -> Outcome {
+pub(super) fn infer(g: &mut Group, executor: &mut Executor, metrics: &Metrics) -> Outcome {
     let mut outcome = Outcome {
         result: Err((Stage::Inference, "no rows".into())),
         serving: None,
@@ -55,7 +49,7 @@ pub(super) fn infer(
     if g.n_rows == 0 {
         return outcome;
     }
-    let serving = match g.route.serving(registry) {
+    let serving = match g.route.serving() {
         Ok(s) => s,
         Err(e) => {
             outcome.result = Err((Stage::Route, e));

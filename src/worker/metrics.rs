@@ -1,4 +1,5 @@
-//! Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoint.
+//! Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoint,
+//! with `POST /admin/reload` beside them.
 //!
 //! Hot paths count into local tallies and merge them here once per batch, so
 //! the locks below are taken a few times per batch, not per event.
@@ -141,6 +142,16 @@ const METRICS: &[(&str, &str, &str)] = &[
         "ml_worker_audit_head",
         "gauge",
         "Id of the newest audit row, labelled with its mac: the chain head for `ml-worker audit verify --head ID:MAC`.",
+    ),
+    (
+        "ml_worker_reloads_total",
+        "counter",
+        "Registry reloads (SIGHUP, file change, POST /admin/reload), by result: ok (swapped), unchanged, failed (the models loaded before keep serving).",
+    ),
+    (
+        "ml_worker_model_info",
+        "gauge",
+        "1 for every model the worker serves, by model, version and sha256 (changes with each reload).",
     ),
     (
         "ml_worker_model_unhealthy",
@@ -302,6 +313,14 @@ impl Metrics {
             .or_insert_with(|| why.to_string());
     }
 
+    /// Forgets a model's unhealthy mark (a reload brought a new version).
+    pub fn clear_unhealthy(&self, model: &str) {
+        self.unhealthy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(model);
+    }
+
     /// Why a model is unhealthy, if it is.
     pub fn unhealthy(&self, model: &str) -> Option<String> {
         let u = self.unhealthy.lock().unwrap_or_else(|p| p.into_inner());
@@ -447,6 +466,7 @@ pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 pub fn serve(
     address: SocketAddr,
     metrics: Arc<Metrics>,
+    admin: Admin,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<SocketAddr> {
     let listener = std::net::TcpListener::bind(address)?;
@@ -455,17 +475,37 @@ pub fn serve(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let admin = Arc::new(admin);
     std::thread::Builder::new()
         .name("metrics".into())
-        .spawn(move || runtime.block_on(accept_loop(listener, metrics, stop)))?;
+        .spawn(move || runtime.block_on(accept_loop(listener, metrics, admin, stop)))?;
     Ok(bound)
 }
+
+/// `POST /admin/reload`: where reloads are asked for, and who may ask.
+#[derive(Default)]
+pub struct Admin {
+    /// The reload thread's requests; None: this registry cannot be reloaded.
+    pub reload: Option<std::sync::mpsc::Sender<crate::worker::reload::Request>>,
+    /// Required as `Authorization: Bearer TOKEN` when set. Unset, only a
+    /// listener bound to a loopback address answers.
+    pub token: Option<String>,
+}
+
+/// How long `POST /admin/reload` waits for the reload before answering
+/// 202 (it goes on; the logs and `ml_worker_reloads_total` tell the end).
+pub const RELOAD_ANSWER_WAIT: Duration = Duration::from_secs(20);
 
 async fn accept_loop(
     listener: std::net::TcpListener,
     metrics: Arc<Metrics>,
+    admin: Arc<Admin>,
     stop: Arc<AtomicBool>,
 ) {
+    let loopback = listener
+        .local_addr()
+        .map(|a| a.ip().is_loopback())
+        .unwrap_or(false);
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -496,12 +536,20 @@ async fn accept_loop(
                     continue;
                 };
                 let metrics = metrics.clone();
+                let admin = admin.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
                     let _client = client;
                     let service = hyper::service::service_fn(move |req| {
-                        let response = respond(&req, &metrics);
-                        async move { Ok::<_, std::convert::Infallible>(response) }
+                        let (metrics, admin) = (metrics.clone(), admin.clone());
+                        async move {
+                            let response = if req.uri().path() == "/admin/reload" {
+                                admin_reload(&req, &admin, loopback).await
+                            } else {
+                                respond(&req, &metrics)
+                            };
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
                     });
                     let connection = hyper::server::conn::http1::Builder::new()
                         .timer(hyper_util::rt::TokioTimer::new())
@@ -559,6 +607,128 @@ impl Drop for ClientSlot {
 }
 
 type Body = http_body_util::Full<hyper::body::Bytes>;
+
+fn reply(status: hyper::StatusCode, ctype: &'static str, body: String) -> hyper::Response<Body> {
+    let mut response = hyper::Response::new(Body::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(ctype),
+    );
+    response
+}
+
+/// Equal, in time that depends on the lengths only.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `POST /admin/reload`: checks who asks, runs a reload on the reload
+/// thread and answers with what it did (JSON).
+async fn admin_reload<B>(
+    req: &hyper::Request<B>,
+    admin: &Admin,
+    loopback: bool,
+) -> hyper::Response<Body> {
+    use hyper::{header, Method, StatusCode};
+    let json = "application/json";
+    let error = |status, message: &str| {
+        reply(
+            status,
+            json,
+            serde_json::json!({"result": "refused", "error": message}).to_string() + "\n",
+        )
+    };
+    if req.method() != Method::POST {
+        let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "POST only");
+        r.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+        return r;
+    }
+    match &admin.token {
+        Some(token) => {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            if !same_secret(given.as_bytes(), token.as_bytes()) {
+                let mut r = error(
+                    StatusCode::UNAUTHORIZED,
+                    "needs Authorization: Bearer <reload.token>",
+                );
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
+                return r;
+            }
+        }
+        None if !loopback => {
+            return error(
+                StatusCode::FORBIDDEN,
+                "this listener is not on a loopback address: set reload.token (or the ML_WORKER_ADMIN_TOKEN environment variable) to reload over it",
+            )
+        }
+        None => {}
+    }
+    let Some(requests) = &admin.reload else {
+        return error(
+            StatusCode::CONFLICT,
+            "this worker's registry was not opened from a file; it cannot be reloaded",
+        );
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let asked = requests.send(crate::worker::reload::Request {
+        trigger: crate::worker::reload::Trigger::Http,
+        reply: Some(tx),
+    });
+    if asked.is_err() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the reload thread has stopped",
+        );
+    }
+    let answer = tokio::task::spawn_blocking(move || rx.recv_timeout(RELOAD_ANSWER_WAIT)).await;
+    match answer {
+        Ok(Ok(Ok(done))) => reply(
+            StatusCode::OK,
+            json,
+            serde_json::json!({
+                "result": if done.changes.is_empty() { "unchanged" } else { "reloaded" },
+                "swapped": done.swapped,
+                "took_ms": done.took.as_millis() as u64,
+                "changes": done.changes.iter().map(|c| serde_json::json!({
+                    "model": c.model, "old_version": c.old, "new_version": c.new, "what": c.what,
+                })).collect::<Vec<_>>(),
+            })
+            .to_string()
+                + "\n",
+        ),
+        Ok(Ok(Err(e))) => reply(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json,
+            serde_json::json!({
+                "result": "failed",
+                "error": e,
+                "serving": "the models loaded before keep serving",
+            })
+            .to_string()
+                + "\n",
+        ),
+        _ => reply(
+            StatusCode::ACCEPTED,
+            json,
+            serde_json::json!({
+                "result": "running",
+                "error": "the reload has not finished yet; see the logs and ml_worker_reloads_total",
+            })
+            .to_string()
+                + "\n",
+        ),
+    }
+}
 
 fn respond<B>(req: &hyper::Request<B>, metrics: &Metrics) -> hyper::Response<Body> {
     use hyper::{Method, StatusCode};

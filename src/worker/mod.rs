@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod offsets;
 mod produce;
 mod rebalance;
+pub mod reload;
 pub mod resets;
 pub mod run;
 pub mod schema_registry;

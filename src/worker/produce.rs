@@ -15,7 +15,6 @@ use rdkafka::{ClientContext, Message};
 
 use crate::deadline::Executor;
 use crate::events::{Codec, PredictionEvent, Side, SignalEvent};
-use crate::registry::Registry;
 use crate::worker::batch::{Chunk, Group, Kind, Stage};
 use crate::worker::infer::{infer, refuse_failed_rows, Outcome, Queued};
 use crate::worker::metrics::{Histogram, Metrics};
@@ -276,8 +275,6 @@ pub struct Publisher {
     dead_letters: String,
     tracker: Arc<Mutex<OffsetTracker>>,
     metrics: Arc<Metrics>,
-    /// Who serves each model name (lazy routes are resolved here).
-    registry: Arc<Registry>,
     /// Set when the shutdown deadline passed: stop waiting for queue space.
     pub abort: Arc<AtomicBool>,
 }
@@ -290,7 +287,6 @@ impl Publisher {
         dead_letters: String,
         tracker: Arc<Mutex<OffsetTracker>>,
         metrics: Arc<Metrics>,
-        registry: Arc<Registry>,
     ) -> Result<Publisher, KafkaError> {
         let ctx = DeliveryContext {
             tracker: tracker.clone(),
@@ -308,7 +304,6 @@ impl Publisher {
             dead_letters,
             tracker,
             metrics,
-            registry,
             abort: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -434,7 +429,7 @@ impl Publisher {
         let outcomes: Vec<Outcome> = chunk
             .groups
             .iter_mut()
-            .map(|g| infer(g, executor, &self.registry, &self.metrics))
+            .map(|g| infer(g, executor, &self.metrics))
             .collect();
         // 2. rows that failed become dead letters
         refuse_failed_rows(&mut chunk.records, &outcomes);

@@ -22,7 +22,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::events::{Codec, SchemaIds, WireFormat};
-use crate::registry::Registry;
 use crate::worker::batch::Batcher;
 use crate::worker::clients::client_configs;
 use crate::worker::config::WorkerConfig;
@@ -34,6 +33,7 @@ use crate::worker::metrics::Metrics;
 use crate::worker::offsets::{OffsetTracker, Slots};
 use crate::worker::produce::Publisher;
 use crate::worker::rebalance::WorkerContext;
+use crate::worker::reload::{Models, Reloader};
 use crate::worker::schema_registry::SchemaRegistry;
 use crate::worker::shared::Shared;
 
@@ -73,22 +73,35 @@ pub struct Started {
 
 /// Runs the worker until `stop` is set, then drains and commits.
 /// `on_start` is told the metrics address once everything is up.
+/// `models` serves the registry (reloaded in place when it came from a
+/// file: on SIGHUP (see [`crate::worker::reload::SIGHUPS`]), a file change,
+/// `POST /admin/reload`).
 pub fn run(
     cfg: Arc<WorkerConfig>,
     brokers: &str,
-    registry: Arc<Registry>,
+    models: Arc<Models>,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
     on_start: impl FnOnce(Started),
 ) -> Result<Summary, WorkerError> {
-    // start: metrics endpoint, codecs, producer, inference shards, consumer
+    // start: reloads, metrics endpoint, codecs, producer, inference shards, consumer
+    let reloader = Reloader::start(models.clone(), &cfg.reload)
+        .map_err(|e| WorkerError::Thread(e.to_string()))?;
     let http_stop = Arc::new(AtomicBool::new(false));
-    let metrics_address =
-        crate::worker::metrics::serve(cfg.metrics_address, metrics.clone(), http_stop.clone())
-            .map_err(|source| WorkerError::Metrics {
-                address: cfg.metrics_address,
-                source,
-            })?;
+    let admin = crate::worker::metrics::Admin {
+        reload: models.file().map(|_| reloader.requests()),
+        token: cfg.reload.token.clone(),
+    };
+    let metrics_address = crate::worker::metrics::serve(
+        cfg.metrics_address,
+        metrics.clone(),
+        admin,
+        http_stop.clone(),
+    )
+    .map_err(|source| WorkerError::Metrics {
+        address: cfg.metrics_address,
+        source,
+    })?;
     let _stop_http = StopOnDrop(http_stop);
     metrics.models_loaded.store(true, Ordering::Relaxed);
     let codecs = Codecs::new(&cfg)?;
@@ -101,7 +114,6 @@ pub fn run(
         cfg.dead_letters.clone(),
         tracker.clone(),
         metrics.clone(),
-        registry.clone(),
     )?);
     let thread_error = |e: std::io::Error| WorkerError::Thread(e.to_string());
     let (shards, senders) =
@@ -109,7 +121,7 @@ pub fn run(
     let batcher = Batcher::new(
         codecs.input,
         codecs.registry,
-        registry,
+        models.current(),
         cfg.clone(),
         senders.len(),
         metrics.clone(),
@@ -131,6 +143,7 @@ pub fn run(
         resets: Mutex::new(Vec::new()),
         fetch: OnceLock::new(),
         committed: Mutex::new(Default::default()),
+        models,
     });
     let consumer: BaseConsumer<WorkerContext> =
         consumer_cfg.create_with_context(WorkerContext {

@@ -45,6 +45,8 @@ pub(super) struct Shared {
     pub(super) fetch: OnceLock<Weak<FetchQueue>>,
     /// Offsets the broker has taken, by partition (for the lag gauge).
     pub(super) committed: Mutex<HashMap<(String, i32), i64>>,
+    /// The registry served, and the next one a reload made.
+    pub(super) models: Arc<crate::worker::reload::Models>,
 }
 
 impl Shared {
