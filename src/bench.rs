@@ -44,6 +44,7 @@ use crate::model::onnx;
 use crate::registry::{Registry, RegistryOptions};
 use crate::worker::config::WorkerConfig;
 use crate::worker::metrics::Metrics;
+use crate::worker::reload::{Models, Trigger};
 
 /// Events the producer may run ahead of the pipeline (the embedded broker
 /// truncates a partition's log beyond a few tens of thousands of records).
@@ -590,7 +591,7 @@ impl BenchWorker {
         cluster: &Cluster,
         name: &str,
         topics: &WorkerTopics,
-        registry: Arc<Registry>,
+        models: impl FnOnce(Arc<Metrics>) -> Arc<Models>,
     ) -> Result<BenchWorker> {
         let mut wcfg = cfg.clone();
         wcfg.brokers = cluster.brokers.clone();
@@ -612,7 +613,7 @@ impl BenchWorker {
         let thread = {
             let (b, m, s) = (wcfg.brokers.clone(), metrics.clone(), stop.clone());
             let c = Arc::new(wcfg);
-            let models = crate::worker::reload::Models::fixed(registry, metrics.clone());
+            let models = models(metrics.clone());
             std::thread::Builder::new()
                 .name("consumer".into())
                 .spawn(move || crate::worker::run(c, &b, models, m, s, |_| {}))?
@@ -699,7 +700,9 @@ fn throughput(
 
     // the worker
     let topics = WorkerTopics::create(cluster, "bench", 8)?;
-    let w = BenchWorker::start(cfg, cluster, "bench", &topics, registry)?;
+    let w = BenchWorker::start(cfg, cluster, "bench", &topics, |m| {
+        Models::fixed(registry, m)
+    })?;
     let metrics = w.metrics.clone();
     let worker_traffic = Traffic {
         topic: &topics.features,
@@ -943,13 +946,11 @@ impl Latency<'_> {
                     thread,
                 }
             }
-            Ok(topics) => Running::Worker(BenchWorker::start(
-                self.cfg,
-                cluster,
-                &name,
-                topics,
-                self.registry.clone(),
-            )?),
+            Ok(topics) => {
+                Running::Worker(BenchWorker::start(self.cfg, cluster, &name, topics, |m| {
+                    Models::fixed(self.registry.clone(), m)
+                })?)
+            }
         };
         let all_in = |s: &Seen| s.untimed >= backlog && s.latencies_ms.len() as u64 >= n;
         let stop_offering = AtomicBool::new(false);
@@ -1342,6 +1343,8 @@ pub struct SoakWindow {
     pub p999_ms: f64,
     /// Resident memory of this process (the worker runs in it), MiB.
     pub rss_mib: f64,
+    /// Reloads that swapped the registry in the window.
+    pub reloads: u64,
 }
 
 /// `ml-worker bench --soak DURATION`: what a steady offered rate did over time.
@@ -1356,6 +1359,11 @@ pub struct SoakReport {
     pub received: u64,
     pub dead_letters: u64,
     pub windows: Vec<SoakWindow>,
+    /// `--reload-every`: reloads done (each loads the model anew), failed.
+    pub reloads: u64,
+    pub reloads_failed: u64,
+    /// The slowest reload (read, verify, load, warm up, swap), ms.
+    pub reload_max_ms: f64,
 }
 
 /// How often a soak reports.
@@ -1377,15 +1385,29 @@ fn rss_mib() -> f64 {
 /// topics, in this process, and prints throughput, latency percentiles
 /// (event time to prediction read downstream) and RSS every 10 s, so a
 /// leak or a latency creep shows. Every offered event must come out.
+///
+/// `reload_every`: a copy of `models.yaml` gives the model a new version
+/// that often and the registry is reloaded (a real load of the model file,
+/// verified and warmed up, then the swap), so what reloads cost in
+/// latency and whether they leak shows in the same windows.
 pub fn soak(
     cfg: &WorkerConfig,
     opts: &BenchOptions,
     duration: Duration,
+    reload_every: Option<Duration>,
     kinds: crate::registry::RegistryBuilder,
     mut line: impl FnMut(&SoakWindow),
 ) -> Result<SoakReport> {
     let samples = model_samples(opts)?;
-    let registry = Arc::new(kinds.open(&cfg.registry)?);
+    // reloads read a copy of the registry whose model version changes
+    let copy = match reload_every {
+        Some(_) => Some(RegistryCopy::new(&cfg.registry, &opts.model)?),
+        None => None,
+    };
+    let registry_file = copy
+        .as_ref()
+        .map_or(cfg.registry.clone(), |c| c.file.clone());
+    let registry = Arc::new(kinds.clone().open(&registry_file)?);
     if registry.spec(&opts.model).is_none() {
         bail!(
             "model '{}' is not in {}",
@@ -1404,7 +1426,19 @@ pub fn soak(
     )?;
     reader.light = true;
     reader.timed_prefix = Some(format!("{TIMED}-"));
-    let worker = BenchWorker::start(cfg, &cluster, "soak", &topics, registry)?;
+    let models_slot = Mutex::new(None);
+    let worker = BenchWorker::start(cfg, &cluster, "soak", &topics, |m| {
+        let models = Models::reloadable(registry, registry_file.clone(), kinds, m);
+        *models_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(models.clone());
+        models
+    })?;
+    let models = models_slot
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .ok_or_else(|| anyhow!("the worker did not take its registry"))?;
+    let reloads = AtomicU64::new(0);
+    let reloads_failed = AtomicU64::new(0);
+    let reload_max_us = AtomicU64::new(0);
     let load =
         Load::with_linger(&cluster.brokers, PRODUCER_LINGER_MS)?.spread_over(LATENCY_PARTITIONS);
     let n = (opts.rate * duration.as_secs_f64()).round().max(1.0) as u64;
@@ -1423,9 +1457,39 @@ pub fn soak(
             load.events(&traffic, 0, n, Some(opts.rate), &stop)?;
             load.flush(Duration::from_secs(60))
         });
+        if let (Some(every), Some(copy)) = (reload_every, &copy) {
+            let (stop, models, reloads) = (&stop, &models, &reloads);
+            let (failed, max_us) = (&reloads_failed, &reload_max_us);
+            scope.spawn(move || {
+                let mut next = Instant::now() + every;
+                let mut version = 0u64;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < started + duration {
+                    if Instant::now() < next {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                    next += every;
+                    version += 1;
+                    let done = copy
+                        .with_version(&format!("soak-{version}"))
+                        .map_err(|e| crate::registry::ReloadError::Other(e.to_string()))
+                        .and_then(|()| models.reload(Trigger::Call));
+                    match done {
+                        Ok(d) if d.swapped => {
+                            reloads.fetch_add(1, Ordering::Relaxed);
+                            max_us.fetch_max(d.took.as_micros() as u64, Ordering::Relaxed);
+                        }
+                        Ok(_) | Err(_) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
+        }
         // after the offer, a minute for the last events to come out
         let deadline = started + duration + Duration::from_secs(60);
         let mut window_start = Instant::now();
+        let mut reloads_seen = 0;
         loop {
             let end = (window_start + SOAK_WINDOW).min(deadline);
             let before = received;
@@ -1442,7 +1506,9 @@ pub fn soak(
                     p99_ms: quantile(lat, 0.99),
                     p999_ms: quantile(lat, 0.999),
                     rss_mib: rss_mib(),
+                    reloads: reloads.load(Ordering::Relaxed) - reloads_seen,
                 };
+                reloads_seen += w.reloads;
                 line(&w);
                 windows.push(w);
             }
@@ -1475,7 +1541,17 @@ pub fn soak(
         received,
         dead_letters: seen.dead_letters.len() as u64,
         windows,
+        reloads: reloads.load(Ordering::Relaxed),
+        reloads_failed: reloads_failed.load(Ordering::Relaxed),
+        reload_max_ms: reload_max_us.load(Ordering::Relaxed) as f64 / 1000.0,
     };
+    if report.reloads_failed > 0 {
+        bail!(
+            "soak: {} of {} reloads failed or did not swap",
+            report.reloads_failed,
+            report.reloads + report.reloads_failed
+        );
+    }
     if report.received != n || report.dead_letters != 0 {
         bail!(
             "soak: {} of {n} offered events came out, {} dead letters",
@@ -1490,8 +1566,8 @@ impl std::fmt::Display for SoakWindow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:>7.1} s  {:>9.0} events/s  p50 {:>6.1} ms  p99 {:>6.1} ms  p999 {:>6.1} ms  RSS {:>7.1} MiB",
-            self.at_s, self.events_per_s, self.p50_ms, self.p99_ms, self.p999_ms, self.rss_mib
+            "{:>7.1} s  {:>9.0} events/s  p50 {:>6.1} ms  p99 {:>6.1} ms  p999 {:>6.1} ms  RSS {:>7.1} MiB  reloads {}",
+            self.at_s, self.events_per_s, self.p50_ms, self.p99_ms, self.p999_ms, self.rss_mib, self.reloads
         )
     }
 }
@@ -1513,6 +1589,86 @@ impl std::fmt::Display for SoakReport {
                 (b.rss_mib / a.rss_mib.max(1e-9) - 1.0) * 100.0
             )?;
         }
+        if self.reloads + self.reloads_failed > 0 {
+            writeln!(
+                f,
+                "reloads: {} swapped, {} failed, the slowest {:.1} ms",
+                self.reloads, self.reloads_failed, self.reload_max_ms
+            )?;
+        }
         Ok(())
+    }
+}
+
+/// A copy of `models.yaml` in a folder of its own (model paths made
+/// absolute) whose entry for one model gets a new `version:` on demand.
+struct RegistryCopy {
+    dir: PathBuf,
+    file: PathBuf,
+    yaml: serde_norway::Value,
+    model: String,
+}
+
+impl RegistryCopy {
+    fn new(original: &std::path::Path, model: &str) -> Result<RegistryCopy> {
+        let text = std::fs::read_to_string(original)
+            .with_context(|| format!("reading {}", original.display()))?;
+        let mut yaml: serde_norway::Value = serde_norway::from_str(&text)
+            .with_context(|| format!("parsing {}", original.display()))?;
+        let base = original
+            .parent()
+            .map(std::path::absolute)
+            .transpose()?
+            .unwrap_or_default();
+        let models = yaml
+            .get_mut("models")
+            .and_then(|m| m.as_sequence_mut())
+            .ok_or_else(|| anyhow!("{}: no models list", original.display()))?;
+        for m in models {
+            if let Some(path) = m.get("path").and_then(|p| p.as_str()).map(str::to_string) {
+                m["path"] = base.join(path).display().to_string().into();
+            }
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir =
+            std::env::temp_dir().join(format!("ml-worker-soak-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("models.yaml");
+        let copy = RegistryCopy {
+            dir,
+            file,
+            yaml,
+            model: model.to_string(),
+        };
+        copy.write(&copy.yaml)?;
+        Ok(copy)
+    }
+
+    fn with_version(&self, version: &str) -> Result<()> {
+        let mut yaml = self.yaml.clone();
+        if let Some(models) = yaml.get_mut("models").and_then(|m| m.as_sequence_mut()) {
+            for m in models {
+                if m.get("name").and_then(|n| n.as_str()) == Some(self.model.as_str()) {
+                    m["version"] = version.into();
+                }
+            }
+        }
+        self.write(&yaml)
+    }
+
+    /// Written whole, then renamed over the old file.
+    fn write(&self, yaml: &serde_norway::Value) -> Result<()> {
+        let tmp = self.file.with_extension("yaml.tmp");
+        std::fs::write(&tmp, serde_norway::to_string(yaml)?)?;
+        std::fs::rename(&tmp, &self.file)?;
+        Ok(())
+    }
+}
+
+impl Drop for RegistryCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

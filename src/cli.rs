@@ -127,6 +127,10 @@ enum Command {
         /// every 10 s.
         #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
         soak: Option<std::time::Duration>,
+        /// With --soak: give the model a new version and reload the
+        /// registry this often (e.g. 1s), to see what reloads cost.
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION", requires = "soak")]
+        reload_every: Option<std::time::Duration>,
     },
     /// Run an embedded Kafka broker (librdkafka's mock cluster) until stopped.
     Broker {
@@ -482,6 +486,7 @@ fn run(cli: Cli, kinds: &RegistryBuilder) -> Result<u8> {
             samples,
             json,
             soak,
+            reload_every,
         } => {
             let ok = rate > 0.0 && rate.is_finite() && latency_secs > 0.0 && latency_secs <= 3600.0;
             if !ok {
@@ -507,6 +512,7 @@ fn run(cli: Cli, kinds: &RegistryBuilder) -> Result<u8> {
                     &cfg,
                     &opts,
                     duration,
+                    reload_every,
                     kinds(RegistryOptions::default()),
                     |w| {
                         if !json {

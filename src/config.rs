@@ -75,6 +75,14 @@ struct RawModel {
     /// Another model's name that serves requests when this one cannot.
     #[serde(default)]
     fallback: Option<String>,
+    /// Another model that scores the same events; its predictions go to
+    /// the shadow topic only (never signals).
+    #[serde(default)]
+    shadow: Option<String>,
+    /// Another model that serves a stable share of the symbols instead of
+    /// this one, its signals real.
+    #[serde(default)]
+    canary: Option<Canary>,
     /// Free text.
     #[serde(default)]
     description: Option<String>,
@@ -148,8 +156,20 @@ fn short(s: &str) -> String {
 /// The fields of a `models:` entry, for the unknown-field error.
 const ENTRY_FIELDS: &str =
     "name, path, kind, features, target, task_type, version, sha256, lazy, optional, \
-     fallback, description, signal, missing, load_timeout_ms, inference_timeout_ms, and the kind's \
-     options block under its name";
+     fallback, shadow, canary, description, signal, missing, load_timeout_ms, inference_timeout_ms, \
+     and the kind's options block under its name";
+
+/// `canary:`: another model serves `percent` of the symbols (chosen by a
+/// hash of the model's name and the symbol: a symbol stays with one model
+/// while the setting holds, across restarts and replicas).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Canary {
+    /// The model that serves the canary's symbols.
+    pub model: String,
+    /// Share of symbols, 0 to 100 (hundredths of a point are kept).
+    pub percent: f64,
+}
 
 /// What one model may cost: file size and time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -203,6 +223,10 @@ pub struct ModelSpec {
     /// A wrong pin does not stop `ml-worker run` (see [`RawModel`]).
     pub optional: bool,
     pub fallback: Option<String>,
+    /// Scores the same events; predictions to the shadow topic only.
+    pub shadow: Option<String>,
+    /// Serves a stable share of the symbols.
+    pub canary: Option<Canary>,
     pub description: Option<String>,
     /// The kind's options block, as its loader parsed it.
     pub options: KindOptions,
@@ -480,6 +504,8 @@ fn validate(
             lazy: m.lazy,
             optional: m.optional,
             fallback: m.fallback,
+            shadow: m.shadow,
+            canary: m.canary,
             description: m.description,
             options,
             signal: m.signal,
@@ -488,7 +514,55 @@ fn validate(
         });
     }
     check_fallbacks(&specs, file)?;
+    check_routes(&specs, file)?;
     Ok(specs)
+}
+
+/// A shadow or canary names another registered model of the same task,
+/// and a canary's share is a percentage.
+fn check_routes(specs: &[ModelSpec], file: &Path) -> Result<(), ConfigError> {
+    let by_name: HashMap<&str, &ModelSpec> = specs.iter().map(|s| (s.name.as_str(), s)).collect();
+    for s in specs {
+        let targets = [
+            ("shadow", s.shadow.as_deref()),
+            ("canary", s.canary.as_ref().map(|c| c.model.as_str())),
+        ];
+        for (field, target) in targets {
+            let Some(other) = target else { continue };
+            let err = |message: String| ConfigError::Field {
+                file: file.to_path_buf(),
+                model: s.name.clone(),
+                field: field.into(),
+                message,
+            };
+            let Some(o) = by_name.get(other) else {
+                return Err(err(format!(
+                    "'{}' is not a registered model",
+                    crate::text::escape(&short(other))
+                )));
+            };
+            if other == s.name {
+                return Err(err("names the model itself".into()));
+            }
+            if o.task_type != s.task_type {
+                return Err(err(format!(
+                    "'{other}' is a {} model, this one is {}",
+                    o.task_type, s.task_type
+                )));
+            }
+        }
+        if let Some(c) = &s.canary {
+            if !(c.percent.is_finite() && (0.0..=100.0).contains(&c.percent)) {
+                return Err(ConfigError::Field {
+                    file: file.to_path_buf(),
+                    model: s.name.clone(),
+                    field: "canary.percent".into(),
+                    message: format!("{} is not within 0 to 100", c.percent),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The validated `limits:` block (defaults where absent).

@@ -57,10 +57,45 @@ pub struct PredictionEvent {
     pub probabilities: Option<Vec<f64>>,
     pub fallback: bool,
     pub inference_latency_us: i64,
-    /// When a fallback served it, the model that produced it (`model`
-    /// names the one the event asked for).
+    /// When a fallback, a canary or a shadow served it, the model that
+    /// produced it (`model` names the one the event asked for).
     #[serde(default)]
     pub served_by: Option<String>,
+    /// Which route of the model asked for produced it.
+    #[serde(default)]
+    pub route: OutputRoute,
+}
+
+/// Which route of a model an output came from (`route` in the outputs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputRoute {
+    /// The model asked for (or its fallback).
+    #[default]
+    Primary,
+    /// The model's canary, for this symbol.
+    Canary,
+    /// The model's shadow (its predictions go to the shadow topic only).
+    Shadow,
+}
+
+impl OutputRoute {
+    /// Index in the Avro enum's symbols.
+    fn index(self) -> i64 {
+        match self {
+            OutputRoute::Primary => 0,
+            OutputRoute::Canary => 1,
+            OutputRoute::Shadow => 2,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputRoute::Primary => "primary",
+            OutputRoute::Canary => "canary",
+            OutputRoute::Shadow => "shadow",
+        }
+    }
 }
 
 /// Direction of a trading signal.
@@ -94,6 +129,9 @@ pub struct SignalEvent {
     pub side: Side,
     pub strength: f64,
     pub prediction: f64,
+    /// `canary` when the model's canary served this symbol.
+    #[serde(default)]
+    pub route: OutputRoute,
 }
 
 /// How a topic's messages are encoded.
@@ -326,6 +364,7 @@ fn read_prediction_datum(bytes: &[u8]) -> Result<PredictionEvent, DecodeError> {
         },
         inference_latency_us: c.long("inference_latency_us")?,
         served_by: None,
+        route: OutputRoute::Primary,
     };
     // written before `served_by` existed: the datum ends here
     if c.pos == c.b.len() {
@@ -337,6 +376,14 @@ fn read_prediction_datum(bytes: &[u8]) -> Result<PredictionEvent, DecodeError> {
             1 => Some(c.string("served_by")?),
             u => return Err(c.err(&format!("'served_by': union branch {u}"))),
         },
+        ..e
+    };
+    // written before `route` existed
+    if c.pos == c.b.len() {
+        return Ok(e);
+    }
+    let e = PredictionEvent {
+        route: read_route(&mut c)?,
         ..e
     };
     c.done()?;
@@ -360,9 +407,27 @@ fn read_signal_datum(bytes: &[u8]) -> Result<SignalEvent, DecodeError> {
         },
         strength: c.double("strength")?,
         prediction: c.double("prediction")?,
+        route: OutputRoute::Primary,
+    };
+    // written before `route` existed: the datum ends here
+    if c.pos == c.b.len() {
+        return Ok(e);
+    }
+    let e = SignalEvent {
+        route: read_route(&mut c)?,
+        ..e
     };
     c.done()?;
     Ok(e)
+}
+
+fn read_route(c: &mut Cursor<'_>) -> Result<OutputRoute, DecodeError> {
+    match c.long("route")? {
+        0 => Ok(OutputRoute::Primary),
+        1 => Ok(OutputRoute::Canary),
+        2 => Ok(OutputRoute::Shadow),
+        r => Err(c.err(&format!("'route': enum index {r}"))),
+    }
 }
 
 fn put_long(out: &mut Vec<u8>, v: i64) {
@@ -430,6 +495,7 @@ pub fn write_prediction_datum(e: &PredictionEvent, out: &mut Vec<u8>) {
             put_str(out, m);
         }
     }
+    put_long(out, e.route.index());
 }
 
 /// Writes a SignalEvent datum with the shipped schema.
@@ -442,6 +508,7 @@ pub fn write_signal_datum(e: &SignalEvent, out: &mut Vec<u8>) {
     put_long(out, e.side.index());
     put_double(out, e.strength);
     put_double(out, e.prediction);
+    put_long(out, e.route.index());
 }
 
 /// JSON form of a feature event: features may be numbers or null (missing).

@@ -325,6 +325,8 @@ pub struct Seen {
     pub signals: u64,
     pub sides: BTreeMap<String, u64>,
     pub signal_ids: HashSet<String>,
+    /// Each signal's route, by event id.
+    pub signal_routes: HashMap<String, crate::events::OutputRoute>,
     pub dead_letters: Vec<DeadLetter>,
     /// Feature events read (a topic of feature events, e.g. a pass-through's
     /// copies: [`Reader::feature_events`]).
@@ -588,6 +590,7 @@ impl Reader {
                         };
                         *s.sides.entry(side.to_string()).or_insert(0) += 1;
                         if !self.light {
+                            s.signal_routes.insert(e.event_id.clone(), e.route);
                             s.signal_ids.insert(e.event_id);
                         }
                     }

@@ -394,6 +394,38 @@ pub enum ReloadError {
     Other(String),
 }
 
+/// The routing and serving settings that differ, in words (for the
+/// reload's audit row): shadow, canary, fallback, signal rule, lazy,
+/// optional, description.
+fn settings_changed(a: &ModelSpec, b: &ModelSpec) -> String {
+    fn opt<T: std::fmt::Debug>(v: &Option<T>) -> String {
+        v.as_ref().map_or("none".into(), |v| format!("{v:?}"))
+    }
+    let canary = |s: &ModelSpec| {
+        s.canary
+            .as_ref()
+            .map_or("none".into(), |c| format!("{} {}%", c.model, c.percent))
+    };
+    let mut out = Vec::new();
+    let mut diff = |what: &str, x: String, y: String| {
+        if x != y {
+            out.push(format!("{what}: {x} -> {y}"));
+        }
+    };
+    diff("shadow", opt(&a.shadow), opt(&b.shadow));
+    diff("canary", canary(a), canary(b));
+    diff("fallback", opt(&a.fallback), opt(&b.fallback));
+    diff("signal", opt(&a.signal), opt(&b.signal));
+    diff("lazy", a.lazy.to_string(), b.lazy.to_string());
+    diff("optional", a.optional.to_string(), b.optional.to_string());
+    diff("description", opt(&a.description), opt(&b.description));
+    if out.is_empty() {
+        "settings changed".into()
+    } else {
+        out.join(", ")
+    }
+}
+
 /// Whether two entries make the same loaded model (fields that only route
 /// or describe, such as the signal rule or a fallback, may differ).
 fn same_model(a: &ModelSpec, b: &ModelSpec) -> bool {
@@ -401,6 +433,8 @@ fn same_model(a: &ModelSpec, b: &ModelSpec) -> bool {
         signal: None,
         description: None,
         fallback: None,
+        shadow: None,
+        canary: None,
         lazy: false,
         optional: false,
         ..s.clone()
@@ -470,7 +504,7 @@ impl Registry {
                     if before == spec {
                         continue;
                     }
-                    "settings changed, same model".to_string()
+                    format!("same model; {}", settings_changed(before, spec))
                 }
                 Some(_) => match self.loaded(name) {
                     Some(m) => format!("loaded sha256 {}", m.info().sha256),

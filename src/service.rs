@@ -24,7 +24,11 @@ pub fn embedded_topics(cfg: &WorkerConfig) -> Vec<TopicSpec> {
             partitions: 8,
         })
         .collect();
-    for t in [&cfg.predictions.topic, &cfg.signals.topic] {
+    for t in [
+        &cfg.predictions.topic,
+        &cfg.signals.topic,
+        &cfg.shadow.topic,
+    ] {
         topics.push(TopicSpec {
             name: t.clone(),
             partitions: 8,

@@ -101,6 +101,7 @@ fn prediction_and_signal_datums_read_with_apache_avro() {
         fallback: true,
         inference_latency_us: 1234,
         served_by: Some("other".into()),
+        route: Default::default(),
     };
     let mut out = Vec::new();
     write_prediction_datum(&p, &mut out);
@@ -117,15 +118,18 @@ fn prediction_and_signal_datums_read_with_apache_avro() {
     write_prediction_datum(
         &PredictionEvent {
             served_by: None,
+            route: Default::default(),
             ..p.clone()
         },
         &mut old,
     );
+    old.pop(); // route
     old.pop(); // the null branch of served_by
     assert_eq!(
         codec.decode_prediction(&old).unwrap(),
         PredictionEvent {
             served_by: None,
+            route: Default::default(),
             ..p.clone()
         }
     );
@@ -144,6 +148,7 @@ fn prediction_and_signal_datums_read_with_apache_avro() {
     write_prediction_datum(
         &PredictionEvent {
             probabilities: None,
+            route: Default::default(),
             ..p
         },
         &mut out,
@@ -163,12 +168,26 @@ fn prediction_and_signal_datums_read_with_apache_avro() {
         side: Side::Sell,
         strength: 0.5,
         prediction: -2.0,
+        route: Default::default(),
     };
     let mut out = Vec::new();
     write_signal_datum(&sig, &mut out);
     let v = read_with(&schema(SIGNAL_EVENT_SCHEMA), None, &out);
     assert_eq!(field(&v, "side"), &Value::Enum(1, "SELL".into()));
     assert_eq!(field(&v, "prediction"), &Value::Double(-2.0));
+    assert_eq!(field(&v, "route"), &Value::Enum(0, "primary".into()));
+    let canary = SignalEvent {
+        route: ml_worker::events::OutputRoute::Canary,
+        ..sig.clone()
+    };
+    let mut out = Vec::new();
+    write_signal_datum(&canary, &mut out);
+    let v = read_with(&schema(SIGNAL_EVENT_SCHEMA), None, &out);
+    assert_eq!(field(&v, "route"), &Value::Enum(1, "canary".into()));
+    assert_eq!(codec.decode_signal(&out).unwrap(), canary);
+    // a signal written before `route` existed reads as primary
+    out.pop();
+    assert_eq!(codec.decode_signal(&out).unwrap(), sig);
 }
 
 #[test]
@@ -189,6 +208,7 @@ fn old_readers_read_outputs_of_an_evolved_schema() {
         fallback: false,
         inference_latency_us: 9,
         served_by: None,
+        route: Default::default(),
     };
     let mut out = Vec::new();
     write_prediction_datum(&p, &mut out);
@@ -254,6 +274,7 @@ fn confluent_frames_use_the_fast_path_or_a_registered_evolved_writer() {
             side: Side::Buy,
             strength: 1.0,
             prediction: 1.0,
+            route: Default::default(),
         },
         &mut out,
     );
@@ -292,6 +313,7 @@ fn json_events_read_null_as_missing_and_write_nan_as_null() {
             fallback: false,
             inference_latency_us: 3,
             served_by: None,
+            route: Default::default(),
         },
         &mut out,
     );
@@ -389,6 +411,7 @@ fn shipped_schemas_parse_and_name_the_contract_fields() {
                 "fallback",
                 "inference_latency_us",
                 "served_by",
+                "route",
             ],
         ),
         (
@@ -402,6 +425,7 @@ fn shipped_schemas_parse_and_name_the_contract_fields() {
                 "side",
                 "strength",
                 "prediction",
+                "route",
             ],
         ),
     ] {

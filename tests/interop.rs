@@ -140,6 +140,7 @@ fn fastavro_reads_our_prediction_and_signal_datums() {
         fallback: true,
         inference_latency_us: 42,
         served_by: None,
+        route: Default::default(),
     };
     let mut a = Vec::new();
     write_prediction_datum(&p, &mut a);
@@ -148,6 +149,7 @@ fn fastavro_reads_our_prediction_and_signal_datums() {
         &PredictionEvent {
             probabilities: None,
             fallback: false,
+            route: Default::default(),
             ..p.clone()
         },
         &mut b,
@@ -165,6 +167,7 @@ fn fastavro_reads_our_prediction_and_signal_datums() {
         side: Side::Hold,
         strength: 0.0,
         prediction: 1.5,
+        route: Default::default(),
     };
     let mut d = Vec::new();
     write_signal_datum(&s, &mut d);

@@ -527,3 +527,86 @@ fn a_user_model_that_cannot_answer_is_refused_at_load() {
         assert!(e.contains("probe row of zeros") && e.contains(want), "{e}");
     }
 }
+
+#[test]
+fn a_reopened_registry_takes_unchanged_models_over_reloads_changed_ones_and_names_every_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = Arc::new(AuditStore::open(&dir.path().join("a.db"), "w").unwrap());
+    let file = dir.path().join("models.yaml");
+    let entry = |name: &str, path: &str, extra: &str| {
+        format!(
+            "  - name: {name}\n    path: {}/{path}\n    kind: lightgbm\n    features: {DIABETES}\n    target: y\n    task_type: regression\n{extra}",
+            fixtures().display()
+        )
+    };
+    let write = |entries: &[String]| {
+        std::fs::write(&file, format!("models:\n{}", entries.concat())).unwrap();
+    };
+    write(&[
+        entry("a", "lgb_regression.txt", ""),
+        entry("b", "lgb_poisson.txt", ""),
+        entry("gone", "lgb_poisson.txt", "    version: g1\n"),
+    ]);
+    let builder = ml_worker::registry::RegistryBuilder::new().audit(Some(audit.clone()));
+    let first = builder.clone().open(&file).unwrap();
+    let a_before = first.loaded("a").unwrap();
+    let rows_before = audit.rows(None, None).unwrap().len();
+    // a: a canary added (same model); b: a new version; gone: removed; c: added
+    write(&[
+        entry(
+            "a",
+            "lgb_regression.txt",
+            "    canary: {model: b, percent: 5}\n",
+        ),
+        entry("b", "lgb_poisson.txt", "    version: b2\n"),
+        entry("c", "lgb_regression.txt", ""),
+    ]);
+    let (second, changes) = builder.clone().reopen(&file, &first).unwrap();
+    let what: Vec<String> = changes.iter().map(|c| c.to_string()).collect();
+    assert_eq!(changes.len(), 4, "{what:#?}");
+    assert!(
+        Arc::ptr_eq(&a_before, &second.loaded("a").unwrap()),
+        "a is taken over, not loaded again"
+    );
+    assert!(
+        what[0].starts_with("a: same model; canary: none -> b 5%"),
+        "{what:#?}"
+    );
+    assert_eq!(changes[1].new.as_deref(), Some("b2"));
+    assert_eq!(changes[2].model, "c");
+    assert_eq!(changes[2].what, "added");
+    assert_eq!(changes[3].model, "gone");
+    assert_eq!(changes[3].what, "removed");
+    assert_eq!(changes[3].old.as_deref(), Some("g1"));
+    // only b and c were loaded (verify + load each); a was not
+    let new_rows = audit.rows(None, None).unwrap().len() - rows_before;
+    assert_eq!(new_rows, 4);
+    // nothing changed: no changes
+    let (_, none) = builder.clone().reopen(&file, &second).unwrap();
+    assert!(none.is_empty(), "{none:?}");
+    // a broken model file refuses the whole reload
+    let broken = dir.path().join("broken.txt");
+    std::fs::write(&broken, "tree\nnot a model").unwrap();
+    std::fs::write(
+        &file,
+        format!(
+            "models:\n  - name: a\n    path: {}\n    kind: lightgbm\n    features: {DIABETES}\n    target: y\n    task_type: regression\n",
+            broken.display()
+        ),
+    )
+    .unwrap();
+    let err = builder
+        .clone()
+        .reopen(&file, &second)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("model 'a'"), "{err}");
+    // unless that model is optional
+    std::fs::write(
+        &file,
+        std::fs::read_to_string(&file).unwrap() + "    optional: true\n",
+    )
+    .unwrap();
+    let (third, _) = builder.reopen(&file, &second).unwrap();
+    assert!(third.loaded("a").is_none());
+}

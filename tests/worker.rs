@@ -2381,3 +2381,173 @@ fn http_post(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> (u1
         .unwrap_or_default();
     (code, body)
 }
+
+/// `text` (a registry) with `extra` entries appended and `fields` added to
+/// `model`'s entry.
+fn with_fields(text: String, model: &str, fields: &str) -> String {
+    let entry = format!("- name: \"{model}\"\n");
+    assert!(text.contains(&entry), "no entry {model}");
+    text.replace(&entry, &format!("{entry}    {fields}\n"))
+}
+
+/// A second entry for `model`'s file, named `name`, with `version`.
+fn twin(text: &str, model: &str, name: &str, version: &str) -> String {
+    let at = text.find(&format!("  - name: \"{model}\"\n")).unwrap();
+    let end = at + text[at..].find("\n\n").unwrap_or(text.len() - at);
+    let entry = text[at..end]
+        .replace(
+            &format!("name: \"{model}\""),
+            &format!("name: \"{name}\"\n    version: \"{version}\""),
+        )
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("sha256:") && !l.trim_start().starts_with("lazy:"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    format!("{text}\n{entry}\n")
+}
+
+/// Sends `n` events of the sample stream with symbols `S0`..`S{symbols-1}`
+/// (more symbols than the samples' 8, for a canary split).
+fn send_with_symbols(s: &Setup, prefix: &str, n: u64, symbols: u64) {
+    let load = Load::new(&s.brokers()).unwrap();
+    let mut buf = Vec::new();
+    for i in 0..n {
+        let mut e = ml_worker::loadgen::event(&s.samples, prefix, i, ml_worker::loadgen::now_ms());
+        e.symbol = format!("S{}", i % symbols);
+        ml_worker::loadgen::encode_feature(WireFormat::AvroRaw, &e, &mut buf);
+        load.send(&s.features, Some(e.symbol.as_bytes()), &buf)
+            .unwrap();
+    }
+    load.flush(Duration::from_secs(30)).unwrap();
+}
+
+#[test]
+fn shadow_predictions_go_only_to_the_shadow_topic_and_a_canary_serves_a_stable_share_of_symbols() {
+    use ml_worker::events::OutputRoute;
+    use ml_worker::worker::batch::canary_bucket;
+    let s = Setup::new(2);
+    let shadow_topic = format!("{}.shadow", s.predictions);
+    s.broker.create_topic(&shadow_topic, 2);
+    let file = registry_copy(s.dir.path(), |t| {
+        let t = twin(&t, "diabetes_lgbm", "diabetes_lgbm_next", "next");
+        let t = twin(&t, "breast_cancer_xgb", "breast_cancer_xgb_next", "next");
+        let t = with_fields(t, "diabetes_lgbm", "shadow: \"diabetes_lgbm_next\"");
+        with_fields(
+            t,
+            "breast_cancer_xgb",
+            "canary: {model: \"breast_cancer_xgb_next\", percent: 40}",
+        )
+    });
+    let cfg = config_with_registry(&s, "reload: {watch: false}", &file);
+    let symbols = 40;
+    let n = 800;
+    let mut routes_by_symbol: std::collections::HashMap<String, OutputRoute> = Default::default();
+    // twice, with a restart between: the split must not move
+    for run in ["c1", "c2"] {
+        let w = start(cfg.clone());
+        send_with_symbols(&s, run, n, symbols);
+        let mut reader = s.reader(WireFormat::AvroRaw);
+        let done = |seen: &ml_worker::loadgen::Seen| {
+            (0..n).all(|i| seen.by_id.contains_key(&format!("{run}-{i}")))
+        };
+        reader.read(Duration::from_secs(30), done);
+        let mine: Vec<_> = (0..n)
+            .map(|i| reader.seen.by_id[&format!("{run}-{i}")].clone())
+            .collect();
+        assert_eq!(reader.seen.dead_letters.len(), 0);
+        for p in &mine {
+            assert_ne!(
+                p.route,
+                OutputRoute::Shadow,
+                "a shadow output on the prediction topic: {p:?}"
+            );
+            match p.model.as_str() {
+                "breast_cancer_xgb" => {
+                    let canary = canary_bucket("breast_cancer_xgb", p.symbol.as_bytes()) < 4000;
+                    let want = if canary {
+                        OutputRoute::Canary
+                    } else {
+                        OutputRoute::Primary
+                    };
+                    assert_eq!(p.route, want, "{p:?}");
+                    if canary {
+                        assert_eq!(p.served_by.as_deref(), Some("breast_cancer_xgb_next"));
+                        assert_eq!(p.model_version, "next");
+                    } else {
+                        assert_eq!(p.served_by, None);
+                    }
+                    let before = routes_by_symbol.insert(p.symbol.clone(), p.route);
+                    assert!(
+                        before.is_none_or(|r| r == p.route),
+                        "{} moved: {p:?}",
+                        p.symbol
+                    );
+                }
+                _ => assert_eq!(p.route, OutputRoute::Primary, "{p:?}"),
+            }
+        }
+        // canary signals are real signals, named as such
+        let canary_signals = mine
+            .iter()
+            .filter(|p| p.route == OutputRoute::Canary)
+            .filter(|p| reader.seen.signal_routes.get(&p.event_id) == Some(&OutputRoute::Canary))
+            .count();
+        assert!(canary_signals > 0, "no canary signal");
+        assert!(reader
+            .seen
+            .signal_routes
+            .values()
+            .all(|r| *r != OutputRoute::Shadow));
+        // the shadow topic: one shadow prediction per diabetes event, none else
+        let mut shadow = ml_worker::loadgen::Reader::new(
+            &s.brokers(),
+            (&shadow_topic, WireFormat::AvroRaw),
+            (&s.signals, WireFormat::AvroRaw),
+            &s.dead_letters,
+        )
+        .unwrap();
+        let diabetes: Vec<&str> = mine
+            .iter()
+            .filter(|p| p.model == "diabetes_lgbm")
+            .map(|p| p.event_id.as_str())
+            .collect();
+        shadow.read(Duration::from_secs(30), |seen| {
+            diabetes.iter().all(|id| seen.by_id.contains_key(*id))
+        });
+        for id in &diabetes {
+            let sp = &shadow.seen.by_id[*id];
+            assert_eq!(sp.route, OutputRoute::Shadow);
+            assert_eq!(sp.model, "diabetes_lgbm");
+            assert_eq!(sp.served_by.as_deref(), Some("diabetes_lgbm_next"));
+            assert_eq!(sp.model_version, "next");
+            // the same file: the same prediction as the primary's
+            let primary = mine.iter().find(|p| p.event_id == *id).unwrap();
+            assert_eq!(sp.prediction.to_bits(), primary.prediction.to_bits());
+        }
+        assert!(shadow
+            .seen
+            .by_id
+            .values()
+            .filter(|p| p.event_id.starts_with(run))
+            .all(|p| p.model == "diabetes_lgbm"));
+        let page = http_get(w.started.metrics_address, "/metrics").1;
+        assert!(
+            page.contains(
+                "ml_worker_route_predictions_total{model=\"breast_cancer_xgb\",route=\"canary\"}"
+            ),
+            "{page}"
+        );
+        assert!(page.contains(
+            "ml_worker_route_predictions_total{model=\"diabetes_lgbm\",route=\"shadow\"}"
+        ));
+        assert!(w.stop().clean);
+    }
+    let canary = routes_by_symbol
+        .values()
+        .filter(|r| **r == OutputRoute::Canary)
+        .count();
+    assert!(
+        canary > 0 && canary < routes_by_symbol.len(),
+        "{routes_by_symbol:?}"
+    );
+}

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use rdkafka::message::OwnedHeaders;
 
 use crate::config::MissingPolicy;
-use crate::events::{Codec, DecodeError, FeatureEvent, FeatureScan};
+use crate::events::{Codec, DecodeError, FeatureEvent, FeatureScan, OutputRoute};
 use crate::model::ServedModel;
 use crate::registry::{Readiness, Registry};
 use crate::signal::SignalRule;
@@ -69,8 +69,18 @@ impl Stage {
 /// background and the route is resolved by the inference thread that gets
 /// its first batch ([`Route::serving`]), within the load deadline.
 pub struct Route {
-    /// The name events ask for.
+    /// The model this route's rows go to: the name events ask for, or a
+    /// canary's or shadow's model.
     pub name: String,
+    /// The name the events asked for (the outputs' `model`).
+    pub asked: String,
+    /// What its outputs are: the model's own, its canary's, its shadow's.
+    pub role: OutputRoute,
+    /// A share of symbols served by another model instead (its route, and
+    /// the share in hundredths of a percent).
+    canary: Option<(Arc<Route>, u32)>,
+    /// Another model scoring the same rows for the shadow topic.
+    pub shadow: Option<Arc<Route>>,
     /// The rows' columns: the serving model's features (the asked-for
     /// model's while it loads).
     features: Vec<String>,
@@ -182,13 +192,70 @@ impl Serving {
     }
 }
 
+/// Where a symbol falls in a model's canary split: 0..10,000, from a hash
+/// of the model's name and the symbol (FNV-1a, 64 bits, then the
+/// SplitMix64 finaliser), so it is the same on every replica and across
+/// restarts. The symbol goes to the canary when this is below the share
+/// in hundredths of a percent (`percent` × 100).
+pub fn canary_bucket(model: &str, symbol: &[u8]) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in model.as_bytes().iter().chain([0u8].iter()).chain(symbol) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    (h % 10_000) as u32
+}
+
 impl Route {
+    /// The route of a registered name: its model (or fallback), with its
+    /// canary and shadow routes when it has them.
     fn new(name: &str, registry: &Arc<Registry>, cfg: &WorkerConfig) -> Result<Route, String> {
+        let mut route = Self::serving_as(name, name, OutputRoute::Primary, registry, cfg)?;
+        let spec = registry
+            .spec(name)
+            .ok_or_else(|| format!("unknown model '{name}'"))?;
+        if let Some(c) = &spec.canary {
+            let r = Self::serving_as(&c.model, name, OutputRoute::Canary, registry, cfg)
+                .map_err(|e| format!("canary of '{name}': {e}"))?;
+            route.canary = Some((Arc::new(r), (c.percent * 100.0).round() as u32));
+        }
+        if let Some(s) = &spec.shadow {
+            let r = Self::serving_as(s, name, OutputRoute::Shadow, registry, cfg)
+                .map_err(|e| format!("shadow of '{name}': {e}"))?;
+            route.shadow = Some(Arc::new(r));
+        }
+        // settled only when every model it may need is
+        let others = route.canary.iter().map(|c| &c.0).chain(&route.shadow);
+        if !others.into_iter().all(|r| r.settled()) {
+            route
+                .settled
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(route)
+    }
+
+    /// The route to model `name` for events that asked for `asked`.
+    fn serving_as(
+        name: &str,
+        asked: &str,
+        role: OutputRoute,
+        registry: &Arc<Registry>,
+        cfg: &WorkerConfig,
+    ) -> Result<Route, String> {
         let spec = registry
             .spec(name)
             .ok_or_else(|| format!("unknown model '{name}'"))?;
         let make = |features: &[String], missing| Route {
             name: name.to_string(),
+            asked: asked.to_string(),
+            role,
+            canary: None,
+            shadow: None,
             features: features.to_vec(),
             index: features
                 .iter()
@@ -251,7 +318,9 @@ impl Route {
         if self.settled.load(Ordering::Relaxed) {
             return true;
         }
-        let now = matches!(self.registry.readiness(&self.name), Readiness::Settled);
+        let others = self.canary.iter().map(|c| &c.0).chain(&self.shadow);
+        let now = matches!(self.registry.readiness(&self.name), Readiness::Settled)
+            && others.into_iter().all(|r| r.settled());
         if now {
             self.settled.store(true, Ordering::Relaxed);
         }
@@ -271,6 +340,23 @@ impl Route {
                 )
             })
             .clone()
+    }
+
+    /// Starts loading every model this route may need.
+    fn start_loading(&self) {
+        self.registry.start_loading(&self.name);
+        for r in self.canary.iter().map(|c| &c.0).chain(&self.shadow) {
+            r.start_loading();
+        }
+    }
+
+    /// The route that serves `symbol`: the canary's for its share of
+    /// symbols, else this one.
+    fn for_symbol(self: &Arc<Self>, symbol: &[u8]) -> Arc<Route> {
+        match &self.canary {
+            Some((canary, share)) if canary_bucket(&self.asked, symbol) < *share => canary.clone(),
+            _ => self.clone(),
+        }
     }
 
     /// Whether this route was made from `registry`.
@@ -352,6 +438,8 @@ pub enum Kind {
         event_id: Range<usize>,
         symbol: Range<usize>,
         event_time: i64,
+        /// The shadow's group and row, when the route has a shadow.
+        shadow: Option<(u32, u32)>,
     },
     /// Refused: goes to the dead-letter topic.
     Dead { stage: Stage, reason: String },
@@ -977,8 +1065,18 @@ impl Batcher {
                         let arena = std::mem::take(&mut chunk.arena);
                         let bytes = &arena[payload.clone()];
                         let features = scan.features.iter().map(|(r, v)| (&bytes[r.clone()], *v));
-                        let kind = place(chunk, route, features, now, event_id, symbol, event_time);
+                        let (kind, skipped) = place_routed(
+                            chunk,
+                            route,
+                            &arena[symbol.clone()],
+                            features,
+                            now,
+                            event_id,
+                            symbol,
+                            event_time,
+                        );
                         chunk.arena = arena;
+                        self.shadow_skipped(skipped);
                         kind
                     }
                 }
@@ -1025,7 +1123,18 @@ impl Batcher {
                                 let event_id = chunk.push_bytes(e.event_id.as_bytes());
                                 let symbol = chunk.push_bytes(e.symbol.as_bytes());
                                 let features = e.features.iter().map(|(k, v)| (k.as_bytes(), *v));
-                                place(chunk, route, features, now, event_id, symbol, e.event_time)
+                                let (kind, skipped) = place_routed(
+                                    chunk,
+                                    route,
+                                    e.symbol.as_bytes(),
+                                    features,
+                                    now,
+                                    event_id,
+                                    symbol,
+                                    e.event_time,
+                                );
+                                self.shadow_skipped(skipped);
+                                kind
                             }
                         }
                     }
@@ -1036,12 +1145,24 @@ impl Batcher {
         Ok(kind)
     }
 
+    /// Counts (and logs at debug) a row a shadow could not take.
+    fn shadow_skipped(&self, why: Option<String>) {
+        if let Some(why) = why {
+            tracing::debug!(reason = %why, "shadow skipped this event");
+            self.metrics.add(
+                "ml_worker_shadow_failures_total",
+                &[("stage", "validate")],
+                1,
+            );
+        }
+    }
+
     /// Whether a routed record must wait for its model's load (which is
     /// started, if it was not).
     fn wait_for_load(&self, route: &Result<Arc<Route>, String>) -> Result<(), Wait> {
         match route {
             Ok(r) if !r.settled() => {
-                self.registry.start_loading(&r.name);
+                r.start_loading();
                 Err(Wait::Model(r.clone()))
             }
             _ => Ok(()),
@@ -1232,13 +1353,93 @@ fn place<'a>(
         event_id,
         symbol,
         event_time,
+        shadow: None,
     }
+}
+
+/// Places an event's row in the route that serves its symbol (the
+/// canary's for its share), and in the shadow's group too when the route
+/// has one. Returns the record's kind and, when the shadow could not take
+/// the row, why (the event is served all the same).
+#[allow(clippy::too_many_arguments)]
+fn place_routed<'a>(
+    chunk: &mut Chunk,
+    route: Arc<Route>,
+    symbol_bytes: &[u8],
+    features: impl Iterator<Item = (&'a [u8], f64)> + Clone,
+    now: Instant,
+    event_id: Range<usize>,
+    symbol: Range<usize>,
+    event_time: i64,
+) -> (Kind, Option<String>) {
+    let chosen = route.for_symbol(symbol_bytes);
+    let mut kind = place(
+        chunk,
+        chosen,
+        features.clone(),
+        now,
+        event_id.clone(),
+        symbol.clone(),
+        event_time,
+    );
+    let mut skipped = None;
+    if let (Kind::Event { shadow, .. }, Some(sr)) = (&mut kind, &route.shadow) {
+        match place(
+            chunk,
+            sr.clone(),
+            features,
+            now,
+            event_id,
+            symbol,
+            event_time,
+        ) {
+            Kind::Event { group, row, .. } => *shadow = Some((group, row)),
+            Kind::Dead { reason, .. } => skipped = Some(reason),
+        }
+    }
+    (kind, skipped)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_canary_takes_its_share_of_10000_symbols_within_2_points_stably() {
+        for percent in [1.0, 5.0, 10.0, 25.0, 50.0, 90.0] {
+            for model in ["diabetes_lgbm", "m"] {
+                let share = (percent * 100.0) as u32;
+                let symbols: Vec<String> = (0..10_000).map(|i| format!("SYM{i}")).collect();
+                let canary = symbols
+                    .iter()
+                    .filter(|s| canary_bucket(model, s.as_bytes()) < share)
+                    .count();
+                let got = canary as f64 / 100.0;
+                assert!(
+                    (got - percent).abs() <= 2.0,
+                    "{model}: {percent}% asked, {got}% of symbols"
+                );
+            }
+        }
+        // a pure function of the model and the symbol: the same on every
+        // replica and after a restart (values pinned: a change of the hash
+        // would move symbols between models)
+        assert_eq!(
+            canary_bucket("diabetes_lgbm", b"AAPL"),
+            canary_bucket("diabetes_lgbm", b"AAPL")
+        );
+        let pinned: Vec<u32> = ["AAPL", "MSFT", "SYM0"]
+            .iter()
+            .map(|s| canary_bucket("diabetes_lgbm", s.as_bytes()))
+            .collect();
+        assert_eq!(pinned, PINNED_BUCKETS.to_vec(), "{pinned:?}");
+        // 0 and 100 percent: none and all
+        assert!((0..1000).all(|i| canary_bucket("m", format!("{i}").as_bytes()) < 10_000));
+    }
+
+    /// `canary_bucket("diabetes_lgbm", …)` of AAPL, MSFT, SYM0.
+    const PINNED_BUCKETS: [u32; 3] = [8517, 8002, 8852];
 
     #[test]
     fn schema_misses_expire_and_stay_bounded() {

@@ -299,6 +299,10 @@ struct RawOutputs {
     predictions: RawOutput,
     signals: RawOutput,
     dead_letters: RawDeadLetters,
+    /// Shadow models' predictions (default: the prediction topic's name
+    /// with `.shadow`, in its format).
+    #[serde(default)]
+    shadow: Option<RawOutput>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -531,6 +535,8 @@ pub struct WorkerConfig {
     pub predictions: Output,
     pub signals: Output,
     pub dead_letters: String,
+    /// Shadow models' predictions.
+    pub shadow: Output,
     pub schema_registry: Option<SchemaRegistryConfig>,
     pub batching: BatchLimits,
     pub per_model: BTreeMap<String, BatchLimits>,
@@ -673,7 +679,7 @@ pub fn parse_worker_config(
 }
 
 fn validate(
-    raw: Raw,
+    mut raw: Raw,
     file: &Path,
     base: &Path,
     registry: PathBuf,
@@ -730,6 +736,10 @@ fn validate(
     if raw.input.topics.is_empty() {
         return Err(err("input.topics", "must list at least one topic".into()));
     }
+    let shadow = raw.outputs.shadow.take().unwrap_or_else(|| RawOutput {
+        topic: format!("{}.shadow", raw.outputs.predictions.topic),
+        format: raw.outputs.predictions.format,
+    });
     let topics: Vec<(&str, &str)> = raw
         .input
         .topics
@@ -745,6 +755,7 @@ fn validate(
                 "outputs.dead_letters.topic",
                 raw.outputs.dead_letters.topic.as_str(),
             ),
+            ("outputs.shadow.topic", shadow.topic.as_str()),
         ])
         .collect();
     for (field, t) in &topics {
@@ -766,8 +777,15 @@ fn validate(
             }
         }
     }
+    if [&raw.outputs.predictions.topic, &raw.outputs.signals.topic].contains(&&shadow.topic) {
+        return Err(err(
+            "outputs.shadow.topic",
+            "must differ from the prediction and signal topics (shadow predictions are not real ones)".into(),
+        ));
+    }
     if raw.outputs.dead_letters.topic == raw.outputs.predictions.topic
         || raw.outputs.dead_letters.topic == raw.outputs.signals.topic
+        || raw.outputs.dead_letters.topic == shadow.topic
     {
         return Err(err(
             "outputs.dead_letters.topic",
@@ -778,6 +796,7 @@ fn validate(
         raw.input.format,
         raw.outputs.predictions.format,
         raw.outputs.signals.format,
+        shadow.format,
     ]
     .contains(&WireFormat::Avro);
     let schema_registry = match raw.schema_registry {
@@ -899,6 +918,10 @@ fn validate(
             format: raw.outputs.signals.format,
         },
         dead_letters: raw.outputs.dead_letters.topic,
+        shadow: Output {
+            topic: shadow.topic,
+            format: shadow.format,
+        },
         schema_registry,
         batching,
         per_model,

@@ -117,7 +117,33 @@ pub(super) fn infer(g: &mut Group, executor: &mut Executor, metrics: &Metrics) -
 
 /// Decides every record's outputs: the rows inference refused (the whole
 /// group, a row on its own, or a non-finite value) become dead letters.
-pub(super) fn refuse_failed_rows(records: &mut [Record], outcomes: &[Outcome]) {
+/// A shadow row that failed is dropped (the event is served all the
+/// same); returns how many were.
+pub(super) fn refuse_failed_rows(records: &mut [Record], outcomes: &[Outcome]) -> u64 {
+    let mut shadow_failed = 0;
+    for rec in records.iter_mut() {
+        if let Kind::Event {
+            shadow: shadow @ Some(_),
+            ..
+        } = &mut rec.kind
+        {
+            let (g, r) = shadow
+                .map(|(g, r)| (g as usize, r as usize))
+                .expect("matched");
+            let o = &outcomes[g];
+            let ok = match &o.result {
+                Err(_) => false,
+                Ok(p) => {
+                    !o.row_errors.iter().any(|(i, _)| *i as usize == r)
+                        && p.row_problem(r).is_none()
+                }
+            };
+            if !ok {
+                *shadow = None;
+                shadow_failed += 1;
+            }
+        }
+    }
     for rec in records {
         if let Kind::Event { group, row, .. } = &rec.kind {
             let (g, r) = (*group as usize, *row as usize);
@@ -143,6 +169,7 @@ pub(super) fn refuse_failed_rows(records: &mut [Record], outcomes: &[Outcome]) {
             }
         }
     }
+    shadow_failed
 }
 
 /// Records handed to inference shards and not yet through them: counted

@@ -59,6 +59,16 @@ const METRICS: &[(&str, &str, &str)] = &[
         "Predictions served by a fallback model, by model asked for.",
     ),
     (
+        "ml_worker_route_predictions_total",
+        "counter",
+        "Predictions by the model asked for and route: primary (the model or its fallback), canary (its canary's share of symbols), shadow (to the shadow topic).",
+    ),
+    (
+        "ml_worker_shadow_failures_total",
+        "counter",
+        "Events a shadow model could not score (by stage: validate, inference); the event itself is served.",
+    ),
+    (
         "ml_worker_signals_total",
         "counter",
         "Signals published, by model and side.",

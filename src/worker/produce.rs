@@ -14,7 +14,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::{ClientContext, Message};
 
 use crate::deadline::Executor;
-use crate::events::{Codec, PredictionEvent, Side, SignalEvent};
+use crate::events::{Codec, OutputRoute, PredictionEvent, Side, SignalEvent};
 use crate::worker::batch::{Chunk, Group, Kind, Stage};
 use crate::worker::infer::{infer, refuse_failed_rows, Outcome, Queued};
 use crate::worker::metrics::{Histogram, Metrics};
@@ -50,10 +50,11 @@ impl GroupOut {
                 )
             })
             .unwrap_or_default();
+        let role = g.route.role;
         GroupOut {
             prediction: PredictionEvent {
                 event_id: String::new(),
-                model: g.route.name.clone(),
+                model: g.route.asked.clone(),
                 model_version: version.clone(),
                 model_sha256: sha256,
                 symbol: String::new(),
@@ -62,21 +63,25 @@ impl GroupOut {
                 probabilities: None,
                 fallback: o.serving.as_ref().is_some_and(|s| s.fallback),
                 inference_latency_us: 0,
+                // another model than the one asked for: a fallback, the
+                // canary, the shadow
                 served_by: o
                     .serving
                     .as_ref()
-                    .filter(|s| s.fallback)
+                    .filter(|s| s.fallback || role != OutputRoute::Primary)
                     .map(|s| s.model.info().name.clone()),
+                route: role,
             },
             signal: SignalEvent {
                 event_id: String::new(),
                 symbol: String::new(),
-                model: g.route.name.clone(),
+                model: g.route.asked.clone(),
                 model_version: version,
                 event_time: 0,
                 side: Side::Hold,
                 strength: 0.0,
                 prediction: 0.0,
+                route: role,
             },
             predictions: 0,
             signals: 0,
@@ -272,6 +277,8 @@ pub struct Publisher {
     pub producer: ThreadedProducer<DeliveryContext>,
     predictions: (String, Codec),
     signals: (String, Codec),
+    /// Shadow models' predictions.
+    shadow: (String, Codec),
     dead_letters: String,
     tracker: Arc<Mutex<OffsetTracker>>,
     metrics: Arc<Metrics>,
@@ -284,6 +291,7 @@ impl Publisher {
         config: &rdkafka::ClientConfig,
         predictions: (String, Codec),
         signals: (String, Codec),
+        shadow: (String, Codec),
         dead_letters: String,
         tracker: Arc<Mutex<OffsetTracker>>,
         metrics: Arc<Metrics>,
@@ -301,6 +309,7 @@ impl Publisher {
             producer: config.create_with_context(ctx)?,
             predictions,
             signals,
+            shadow,
             dead_letters,
             tracker,
             metrics,
@@ -431,8 +440,14 @@ impl Publisher {
             .iter_mut()
             .map(|g| infer(g, executor, &self.metrics))
             .collect();
-        // 2. rows that failed become dead letters
-        refuse_failed_rows(&mut chunk.records, &outcomes);
+        // 2. rows that failed become dead letters (a failed shadow row
+        // is only counted)
+        let shadow_failed = refuse_failed_rows(&mut chunk.records, &outcomes);
+        self.metrics.add(
+            "ml_worker_shadow_failures_total",
+            &[("stage", "inference")],
+            shadow_failed,
+        );
         // 3. every output is tracked before it can be acknowledged
         self.track(&chunk, &outcomes);
         queued
@@ -452,8 +467,9 @@ impl Publisher {
         let mut t = self.tracker.lock().unwrap_or_else(|p| p.into_inner());
         for rec in &chunk.records {
             let outputs = match &rec.kind {
-                Kind::Event { group, .. } => {
+                Kind::Event { group, shadow, .. } => {
                     1 + outcomes[*group as usize].signal().is_some() as u32
+                        + shadow.is_some() as u32
                 }
                 Kind::Dead { .. } => 1,
             };
@@ -487,6 +503,7 @@ impl Publisher {
                     event_id,
                     symbol,
                     event_time,
+                    shadow,
                 } => {
                     let g = *group as usize;
                     let Ok(p) = &outcomes[g].result else {
@@ -564,6 +581,48 @@ impl Publisher {
                             self.ack_unsent(rec.slot, rec.offset);
                         }
                     }
+                    if let (Some(_), Some(_)) = (&*shadow, &failed) {
+                        // tracked, not sent: the input becomes a dead letter
+                        self.ack_unsent(rec.slot, rec.offset);
+                    }
+                    if let (Some((sg, sr)), None) = (*shadow, &failed) {
+                        let (sg, sr) = (sg as usize, sr as usize);
+                        let Ok(sp) = &outcomes[sg].result else {
+                            unreachable!("failed shadow rows were dropped")
+                        };
+                        let se = &mut outs[sg].prediction;
+                        se.event_id.clear();
+                        se.event_id.push_str(chunk.str(event_id));
+                        se.symbol.clear();
+                        se.symbol.push_str(chunk.str(symbol));
+                        se.event_time = *event_time;
+                        se.prediction = sp.values.row(sr)[0];
+                        se.probabilities = sp.probabilities.as_ref().map(|pr| pr.row(sr).to_vec());
+                        se.inference_latency_us = outcomes[sg].latency_us;
+                        buf.clear();
+                        self.shadow.1.encode_prediction(se, &mut buf);
+                        let headers = source_headers(
+                            &rec.topic,
+                            rec.partition,
+                            rec.offset,
+                            &se.model_version,
+                            "shadow",
+                        );
+                        match self.send(
+                            &self.shadow.0,
+                            Some(se.symbol.as_bytes()),
+                            &buf,
+                            Some(headers),
+                            opaque,
+                        ) {
+                            Ok(()) => outs[sg].predictions += 1,
+                            Err(e) => {
+                                // a shadow output is not worth a dead letter
+                                tracing::warn!(error = %e, "a shadow prediction could not be queued");
+                                self.ack_unsent(rec.slot, rec.offset);
+                            }
+                        }
+                    }
                     if let Some(e) = failed {
                         // swap the failed output for a dead letter of the input
                         self.tracker
@@ -599,11 +658,20 @@ impl Publisher {
             e2e,
         } = tally;
         for ((g, out), o) in chunk.groups.iter().zip(outs).zip(outcomes) {
-            let model = g.route.name.as_str();
+            let model = g.route.asked.as_str();
             let m = &self.metrics;
+            let topic = match g.route.role {
+                OutputRoute::Shadow => &self.shadow.0,
+                _ => &self.predictions.0,
+            };
             m.add(
                 "ml_worker_events_out_total",
-                &[("topic", &self.predictions.0), ("model", model)],
+                &[("topic", topic), ("model", model)],
+                out.predictions,
+            );
+            m.add(
+                "ml_worker_route_predictions_total",
+                &[("model", model), ("route", g.route.role.as_str())],
                 out.predictions,
             );
             m.add(

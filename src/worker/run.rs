@@ -111,6 +111,7 @@ pub fn run(
         &producer_cfg,
         codecs.predictions,
         codecs.signals,
+        codecs.shadow,
         cfg.dead_letters.clone(),
         tracker.clone(),
         metrics.clone(),
@@ -199,6 +200,7 @@ struct Codecs {
     input: Codec,
     predictions: (String, Codec),
     signals: (String, Codec),
+    shadow: (String, Codec),
 }
 
 impl Codecs {
@@ -220,10 +222,12 @@ impl Codecs {
         };
         let predictions = output(cfg.predictions.format, &cfg.predictions.topic, false)?;
         let signals = output(cfg.signals.format, &cfg.signals.topic, true)?;
+        let shadow = output(cfg.shadow.format, &cfg.shadow.topic, false)?;
         Ok(Codecs {
             input: Codec::new(cfg.input_format, SchemaIds::default()),
             predictions,
             signals,
+            shadow,
             registry,
         })
     }
