@@ -233,6 +233,12 @@ impl ProducerContext for DeliveryContext {
 /// output again gives it the same id, so a consumer can drop the duplicate
 /// (the README's downstream recipe). 32 hex digits (128 bits of SHA-256).
 pub fn output_id(topic: &str, partition: i32, offset: i64, version: &str, what: &str) -> String {
+    String::from_utf8_lossy(&output_id_hex(topic, partition, offset, version, what)).into_owned()
+}
+
+/// [`output_id`] as 32 hex digits on the stack (no allocation: it is made
+/// for every output).
+fn output_id_hex(topic: &str, partition: i32, offset: i64, version: &str, what: &str) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(topic.as_bytes());
@@ -242,7 +248,42 @@ pub fn output_id(topic: &str, partition: i32, offset: i64, version: &str, what: 
     h.update(version.as_bytes());
     h.update([0]);
     h.update(what.as_bytes());
-    hex::encode(&h.finalize()[..16])
+    let digest = h.finalize();
+    let mut out = [0u8; 32];
+    hex::encode_to_slice(&digest[..16], &mut out).expect("32 hex digits for 16 bytes");
+    out
+}
+
+/// A decimal integer on the stack.
+struct Decimal {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl Decimal {
+    fn new(v: i64) -> Decimal {
+        let mut buf = [0u8; 20];
+        let mut at = buf.len();
+        let negative = v < 0;
+        let mut n = v.unsigned_abs();
+        loop {
+            at -= 1;
+            buf[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        if negative {
+            at -= 1;
+            buf[at] = b'-';
+        }
+        Decimal { buf, start: at }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
 }
 
 /// Where an output came from and its id, as headers (`source.topic`,
@@ -254,18 +295,19 @@ fn source_headers(
     version: &str,
     what: &str,
 ) -> OwnedHeaders {
-    let (p, o) = (partition.to_string(), offset.to_string());
+    let (p, o) = (Decimal::new(partition.into()), Decimal::new(offset));
+    let id = output_id_hex(topic, partition, offset, version, what);
     OwnedHeaders::new_with_capacity(4)
-        .insert(header("source.topic", topic))
-        .insert(header("source.partition", &p))
-        .insert(header("source.offset", &o))
-        .insert(header(
-            "output.id",
-            &output_id(topic, partition, offset, version, what),
-        ))
+        .insert(header("source.topic", topic.as_bytes()))
+        .insert(header("source.partition", p.bytes()))
+        .insert(header("source.offset", o.bytes()))
+        .insert(header("output.id", &id[..]))
 }
 
-fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
+fn header<'a, V: rdkafka::message::ToBytes + ?Sized>(
+    key: &'a str,
+    value: &'a V,
+) -> Header<'a, &'a V> {
     Header {
         key,
         value: Some(value),
@@ -739,7 +781,7 @@ impl Publisher {
             h = h
                 .insert(header("error.stage", stage.as_str()))
                 .insert(header("error.reason", reason))
-                .insert(header("source.topic", &rec.topic))
+                .insert(header("source.topic", &*rec.topic))
                 .insert(header("source.partition", &partition))
                 .insert(header("source.offset", &offset))
                 .insert(header(
@@ -815,5 +857,51 @@ fn side_name(s: crate::events::Side) -> &'static str {
         crate::events::Side::Buy => "BUY",
         crate::events::Side::Sell => "SELL",
         crate::events::Side::Hold => "HOLD",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_values_are_the_decimal_coordinates_and_the_hex_id() {
+        for v in [
+            0i64,
+            7,
+            -1,
+            10,
+            1234567890123,
+            i64::MAX,
+            i64::MIN,
+            i32::MIN as i64,
+        ] {
+            assert_eq!(Decimal::new(v).bytes(), v.to_string().as_bytes());
+        }
+        let id = output_id("t", 3, 42, "v1", "prediction");
+        assert_eq!(id.len(), 32);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(id.as_bytes(), output_id_hex("t", 3, 42, "v1", "prediction"));
+        assert_ne!(id, output_id("t", 3, 42, "v1", "signal"));
+        let h = source_headers("t", 3, 42, "v1", "prediction");
+        use rdkafka::message::Headers;
+        let got: Vec<(String, String)> = h
+            .iter()
+            .map(|x| {
+                (
+                    x.key.to_string(),
+                    String::from_utf8_lossy(x.value.unwrap()).into_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("source.topic".into(), "t".into()),
+                ("source.partition".into(), "3".into()),
+                ("source.offset".into(), "42".into()),
+                ("output.id".into(), id),
+            ]
+        );
     }
 }
