@@ -2551,3 +2551,54 @@ fn shadow_predictions_go_only_to_the_shadow_topic_and_a_canary_serves_a_stable_s
         "{routes_by_symbol:?}"
     );
 }
+
+#[test]
+fn a_kubernetes_configmap_update_a_swapped_data_link_is_reloaded() {
+    // what the kubelet does with a mounted ConfigMap: the files are links
+    // through `..data`, which is swapped atomically to a new folder
+    let s = Setup::new(1);
+    let mount = s.dir.path().join("mount");
+    std::fs::create_dir(&mount).unwrap();
+    let revision = |name: &str, version: &str| {
+        let dir = mount.join(name);
+        std::fs::create_dir(&dir).unwrap();
+        registry_copy(&dir, |t| with_version(t, "diabetes_lgbm", version));
+    };
+    revision("..2026_12_01_one", "cm-1");
+    std::os::unix::fs::symlink("..2026_12_01_one", mount.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/models.yaml", mount.join("models.yaml")).unwrap();
+    let cfg = config_with_registry(&s, "reload: {debounce_ms: 100}", &mount.join("models.yaml"));
+    let w = start(cfg);
+    let addr = w.started.metrics_address;
+    assert!(http_get(addr, "/metrics").1.contains("version=\"cm-1\""));
+    revision("..2026_12_02_two", "cm-2");
+    std::os::unix::fs::symlink("..2026_12_02_two", mount.join("..data_tmp")).unwrap();
+    std::fs::rename(mount.join("..data_tmp"), mount.join("..data")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let page = http_get(addr, "/metrics").1;
+        if page.contains("ml_worker_model_info{model=\"diabetes_lgbm\",version=\"cm-2\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ConfigMap update was not reloaded: {page}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // events in the folder that change no watched file reload nothing
+    std::fs::write(mount.join("unrelated.txt"), "x").unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    let page = http_get(addr, "/metrics").1;
+    assert_eq!(
+        metric(&page, "ml_worker_reloads_total{result=\"ok\"}"),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(
+        metric(&page, "ml_worker_reloads_total{result=\"unchanged\"}"),
+        None,
+        "{page}"
+    );
+    assert!(w.stop().clean);
+}

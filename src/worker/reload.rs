@@ -427,8 +427,12 @@ fn reload_loop(
     } else {
         None
     };
-    let mut last_change: Option<Instant> = None;
+    // (first change, last change) since the last watched reload
+    let mut changes: Option<(Instant, Instant)> = None;
+    // the most a stream of changes delays a watched reload
+    let longest = (debounce * 10).max(Duration::from_secs(5));
     let mut served_signals = SIGHUPS.load(Ordering::Relaxed);
+    let mut seen = Fingerprint::of(&models.watched_files());
     while !stop.load(Ordering::Relaxed) {
         let request = match requests.recv_timeout(Duration::from_millis(50)) {
             Ok(r) => Some(r),
@@ -437,7 +441,8 @@ fn reload_loop(
         };
         if changed.swap(false, Ordering::Relaxed) {
             // debounced: the reload waits for `debounce` without changes
-            last_change = Some(Instant::now());
+            let now = Instant::now();
+            changes = Some((changes.map_or(now, |c| c.0), now));
         }
         let mut run = request.map(|r| (r.trigger, r.reply));
         let hups = SIGHUPS.load(Ordering::Relaxed);
@@ -445,43 +450,74 @@ fn reload_loop(
             served_signals = hups;
             run = Some((Trigger::Signal, None));
         }
-        if run.is_none() && last_change.is_some_and(|t| t.elapsed() >= debounce) {
-            last_change = None;
-            run = Some((Trigger::Watch, None));
+        let due = changes
+            .is_some_and(|(first, last)| last.elapsed() >= debounce || first.elapsed() >= longest);
+        if run.is_none() && due {
+            changes = None;
+            // an event in a watched folder: a reload only when a watched
+            // file (followed through links, e.g. a Kubernetes ConfigMap's
+            // `..data` swap) is not what it was
+            if Fingerprint::of(&models.watched_files()) != seen {
+                run = Some((Trigger::Watch, None));
+            }
         }
         let Some((trigger, reply)) = run else {
             continue;
         };
+        let before = Fingerprint::of(&models.watched_files());
         let result = models.reload(trigger).map_err(|e| e.to_string());
         if let Some(reply) = reply {
             let _ = reply.send(result);
         }
+        // what this reload read (a change during it is seen next time)
+        seen = before.extended(&models.watched_files());
         if let Some(w) = &mut watcher {
             w.refresh(&models);
         }
     }
 }
 
+/// What the watched files are now, each followed through links: device,
+/// inode, size and modification time (None: cannot be read).
+#[derive(Debug, PartialEq, Eq)]
+struct Fingerprint(std::collections::BTreeMap<PathBuf, Option<(u64, u64, u64, i64, i64)>>);
+
+impl Fingerprint {
+    fn of(files: &BTreeSet<PathBuf>) -> Fingerprint {
+        Fingerprint(files.iter().map(|f| (f.clone(), Self::file(f))).collect())
+    }
+
+    fn file(f: &Path) -> Option<(u64, u64, u64, i64, i64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(f).ok()?;
+        Some((m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+    }
+
+    /// These fingerprints for the files they have, fresh ones for the
+    /// others of `files`; only `files`.
+    fn extended(mut self, files: &BTreeSet<PathBuf>) -> Fingerprint {
+        self.0.retain(|f, _| files.contains(f));
+        for f in files {
+            self.0.entry(f.clone()).or_insert_with(|| Self::file(f));
+        }
+        self
+    }
+}
+
 /// The file watcher: the folders of `models.yaml` and of every model file
-/// (editors and deploy tools replace files by renaming, so folders are
-/// watched and events filtered by path).
+/// (editors and deploy tools replace files by renaming, and a Kubernetes
+/// ConfigMap swaps a `..data` link beside them, so folders are watched; an
+/// event there sets `changed`, and [`Fingerprint`] says whether a watched
+/// file really changed).
 struct Watch {
     watcher: notify::RecommendedWatcher,
-    files: Arc<Mutex<BTreeSet<PathBuf>>>,
     folders: BTreeSet<PathBuf>,
 }
 
 impl Watch {
     fn start(models: &Models, changed: Arc<AtomicBool>) -> Option<Watch> {
-        let files = Arc::new(Mutex::new(BTreeSet::new()));
-        let seen = files.clone();
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            let Ok(event) = res else { return };
-            if !relevant(&event.kind) {
-                return;
-            }
-            let files = seen.lock().unwrap_or_else(|p| p.into_inner());
-            if event.paths.iter().any(|p| files.contains(p)) {
+            if res.is_ok_and(|event| relevant(&event.kind)) {
                 changed.store(true, Ordering::Relaxed);
             }
         });
@@ -494,7 +530,6 @@ impl Watch {
         };
         let mut w = Watch {
             watcher,
-            files,
             folders: BTreeSet::new(),
         };
         w.refresh(models);
@@ -518,7 +553,6 @@ impl Watch {
             }
         }
         self.folders = folders;
-        *self.files.lock().unwrap_or_else(|p| p.into_inner()) = files;
     }
 }
 
