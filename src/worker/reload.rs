@@ -480,14 +480,17 @@ fn reload_loop(
 /// What the watched files are now, each followed through links: device,
 /// inode, size and modification time (None: cannot be read).
 #[derive(Debug, PartialEq, Eq)]
-struct Fingerprint(std::collections::BTreeMap<PathBuf, Option<(u64, u64, u64, i64, i64)>>);
+struct Fingerprint(std::collections::BTreeMap<PathBuf, Option<FileStat>>);
+
+/// Device, inode, size, modification time (s, ns).
+type FileStat = (u64, u64, u64, i64, i64);
 
 impl Fingerprint {
     fn of(files: &BTreeSet<PathBuf>) -> Fingerprint {
         Fingerprint(files.iter().map(|f| (f.clone(), Self::file(f))).collect())
     }
 
-    fn file(f: &Path) -> Option<(u64, u64, u64, i64, i64)> {
+    fn file(f: &Path) -> Option<FileStat> {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(f).ok()?;
         Some((m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
