@@ -2121,8 +2121,15 @@ fn a_reload_under_load_swaps_versions_in_order_keeps_serving_after_a_failed_one_
     let w = start_with(cfg, RegistryBuilder::new().audit(Some(audit.clone())));
     let n = 9000;
     let producer = produce_in_background(&s, "r", 0, n, 3000.0);
+    // every registry swapped out must be freed, with the models only it held
+    let old = std::sync::Mutex::new(Vec::new());
     let reload = |version: &str| {
         registry_copy(s.dir.path(), |t| with_version(t, "diabetes_lgbm", version));
+        let before = w.models.current();
+        let model = before.loaded("diabetes_lgbm").unwrap();
+        old.lock()
+            .unwrap()
+            .push((Arc::downgrade(&before), Arc::downgrade(&model)));
         w.models.reload(Trigger::Call)
     };
     std::thread::sleep(Duration::from_millis(700));
@@ -2206,6 +2213,13 @@ fn a_reload_under_load_swaps_versions_in_order_keeps_serving_after_a_failed_one_
         !page.contains("version=\"v2\""),
         "the old version's series is gone"
     );
+    for (registry, model) in old.lock().unwrap().iter() {
+        assert!(
+            registry.upgrade().is_none(),
+            "a swapped-out registry is still held"
+        );
+        assert!(model.upgrade().is_none(), "a replaced model is still held");
+    }
     let summary = w.stop();
     assert!(summary.clean, "{summary:?}");
     assert_eq!(s.committed_total(4), s.features_end_total(4));
