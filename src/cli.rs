@@ -132,6 +132,56 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION", requires = "soak")]
         reload_every: Option<std::time::Duration>,
     },
+    /// Send synthetic feature events for the registered models to the input
+    /// topic of a config (its wire format and cluster), at a steady rate.
+    Produce {
+        #[arg(long, default_value = "config/worker.yaml")]
+        config: PathBuf,
+        /// Override `kafka.brokers` (needed when the config says `embedded`).
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Events per second.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// How long to send (e.g. 30s, 10m).
+        #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+        duration: Option<std::time::Duration>,
+        /// How many events to send (with --duration: whichever comes first).
+        #[arg(long)]
+        events: Option<u64>,
+        /// Only this registered model's events (default: every model in turn).
+        #[arg(long)]
+        model: Option<String>,
+        /// Sample rows per model (`<model>.csv`); others get random values.
+        #[arg(long, value_name = "DIR")]
+        samples: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead letters back to the input topic they came from (after a
+    /// fix), with their original key, value and headers.
+    ReplayDlq {
+        #[arg(long, default_value = "config/worker.yaml")]
+        config: PathBuf,
+        /// Override `kafka.brokers` (needed when the config says `embedded`).
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Only dead letters refused at this stage: decode, route, validate, inference, publish.
+        #[arg(long)]
+        stage: Option<String>,
+        /// Only dead letters written since then: an RFC 3339 time
+        /// (2026-12-03T08:00:00Z) or a duration ago (2h). Default: those not
+        /// replayed before by this config's group.
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// Say what would be sent; send nothing, remember nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run an embedded Kafka broker (librdkafka's mock cluster) until stopped.
     Broker {
         /// Topics to create, `name:partitions,...`.
@@ -535,6 +585,64 @@ fn run(cli: Cli, kinds: &RegistryBuilder) -> Result<u8> {
             }
             Ok(0)
         }
+        Command::Produce {
+            config,
+            brokers,
+            rate,
+            duration,
+            events,
+            model,
+            samples,
+            json,
+        } => {
+            let cfg = load_worker_config(&config, &Overrides::default())?;
+            let brokers = cluster_of(&cfg, brokers)?;
+            if let Some(dir) = &samples {
+                crate::ops::check_samples(dir)?;
+            }
+            let specs = crate::config::load_registry_file_with(
+                &cfg.registry,
+                &kinds(RegistryOptions::default()).loaders(),
+            )?;
+            let opts = crate::ops::ProduceOptions {
+                rate,
+                duration,
+                events,
+                model,
+                samples,
+            };
+            let done = crate::ops::produce(&cfg, &brokers, &specs, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string(&done)?);
+            } else {
+                print!("{done}");
+            }
+            Ok(0)
+        }
+        Command::ReplayDlq {
+            config,
+            brokers,
+            stage,
+            since,
+            dry_run,
+            json,
+        } => {
+            let cfg = load_worker_config(&config, &Overrides::default())?;
+            let brokers = cluster_of(&cfg, brokers)?;
+            let since = since.as_deref().map(parse_since).transpose()?;
+            let opts = crate::ops::ReplayOptions {
+                stage,
+                since,
+                dry_run,
+            };
+            let done = crate::ops::replay_dead_letters(&cfg, &brokers, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string(&done)?);
+            } else {
+                print!("{done}");
+            }
+            Ok(0)
+        }
         Command::Broker {
             topics,
             brokers,
@@ -558,6 +666,32 @@ fn run(cli: Cli, kinds: &RegistryBuilder) -> Result<u8> {
             &audit_db_of(db, config.as_deref())?,
             anchor,
             head.as_deref(),
+        ),
+    }
+}
+
+/// The cluster an operator command talks to: `--brokers`, else the
+/// config's (`embedded` lives inside a worker process: not reachable).
+fn cluster_of(
+    cfg: &crate::worker::config::WorkerConfig,
+    brokers: Option<String>,
+) -> Result<String> {
+    let b = brokers.unwrap_or_else(|| cfg.brokers.clone());
+    if b == "embedded" {
+        bail!("the config's kafka.brokers is 'embedded' (a broker inside a worker process); give --brokers host:port");
+    }
+    Ok(b)
+}
+
+/// `--since`: an RFC 3339 time, or a duration ago.
+fn parse_since(s: &str) -> Result<std::time::SystemTime> {
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Ok(t);
+    }
+    match humantime::parse_duration(s) {
+        Ok(d) => Ok(std::time::SystemTime::now() - d),
+        Err(_) => bail!(
+            "--since '{s}': neither an RFC 3339 time (2026-12-03T08:00:00Z) nor a duration (2h)"
         ),
     }
 }

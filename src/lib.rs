@@ -57,6 +57,7 @@ pub mod events;
 pub mod input;
 pub mod loadgen;
 pub mod model;
+pub mod ops;
 pub mod registry;
 pub mod service;
 pub mod signal;
