@@ -464,10 +464,14 @@ fn reload_loop(
         let Some((trigger, reply)) = run else {
             continue;
         };
+        // requests queued meanwhile are answered by this same reload (a
+        // flood of POSTs costs one reload at a time, not one each)
+        let mut replies: Vec<_> = reply.into_iter().collect();
+        replies.extend(requests.try_iter().filter_map(|r| r.reply));
         let before = Fingerprint::of(&models.watched_files());
         let result = models.reload(trigger).map_err(|e| e.to_string());
-        if let Some(reply) = reply {
-            let _ = reply.send(result);
+        for reply in replies {
+            let _ = reply.send(result.clone());
         }
         // what this reload read (a change during it is seen next time)
         seen = before.extended(&models.watched_files());
