@@ -20,6 +20,7 @@ use crate::worker::offsets::{OffsetTracker, Slots};
 use crate::worker::produce::Publisher;
 use crate::worker::rebalance::WorkerContext;
 use crate::worker::resets;
+use crate::worker::transaction::Txn;
 
 /// State shared by the loop and the rebalance callbacks (which run inside
 /// `poll`, on the loop's thread).
@@ -45,6 +46,8 @@ pub(super) struct Shared {
     pub(super) fetch: OnceLock<Weak<FetchQueue>>,
     /// Offsets the broker has taken, by partition (for the lag gauge).
     pub(super) committed: Mutex<HashMap<(String, i32), i64>>,
+    /// The transactions of `exactly-once` (`None` otherwise).
+    pub(super) txn: Option<Arc<Txn>>,
 }
 
 impl Shared {
@@ -72,6 +75,9 @@ impl Shared {
                 continue;
             }
             let shard = chunk.records[0].slot as usize % shards;
+            if let Some(txn) = &self.txn {
+                txn.dispatched(chunk.records.len());
+            }
             self.queued.add(&chunk);
             if let Err(e) = self.senders[shard].send(chunk) {
                 // the shard is gone (only at exit): these inputs stay uncommitted
