@@ -2782,7 +2782,20 @@ mod exactly_once {
                 })
                 .unwrap_or(0)
         };
-        let mut results: HashMap<&str, Vec<(f64, f64, u64)>> = HashMap::new();
+        // CPU seconds of this process (the worker's threads, while it runs
+        // alone): less sensitive than rates to other load on the machine
+        let cpu = || -> f64 {
+            let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .unwrap()
+                .1
+                .split_whitespace()
+                .collect();
+            // utime and stime, in clock ticks (100 per second on Linux)
+            (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / 100.0
+        };
+        let mut results: HashMap<&str, Vec<(f64, f64, f64)>> = HashMap::new();
         for round in 0..rounds {
             for mode in ["at-least-once", "exactly-once"] {
                 let s = Setup::new(8);
@@ -2825,6 +2838,7 @@ mod exactly_once {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 let t0 = Instant::now();
+                let cpu0 = cpu();
                 let mut acked_at = None;
                 loop {
                     if acked_at.is_none() && w.metrics.acked.load(Ordering::Relaxed) >= 2 * n {
@@ -2837,21 +2851,23 @@ mod exactly_once {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 let committed = n as f64 / t0.elapsed().as_secs_f64();
+                let cpu_us = (cpu() - cpu0) * 1e6 / n as f64;
                 let acked = n as f64 / acked_at.unwrap_or(t0.elapsed()).as_secs_f64();
                 let txns = w.counter("ml_worker_transactions_committed_total");
                 w.stop().expect("worker");
                 eprintln!(
                     "round {}: {mode}: {committed:.0} events/s to the last commit, \
-                     {acked:.0} events/s to the last acknowledgement, {txns} transactions",
+                     {acked:.0} events/s to the last acknowledgement, {cpu_us:.1} us CPU per \
+                     event, {txns} transactions",
                     round + 1
                 );
                 results
                     .entry(mode)
                     .or_default()
-                    .push((committed, acked, txns));
+                    .push((committed, acked, cpu_us));
             }
         }
-        let median = |mode: &str, f: fn(&(f64, f64, u64)) -> f64| {
+        let median = |mode: &str, f: fn(&(f64, f64, f64)) -> f64| {
             let mut v: Vec<f64> = results[mode].iter().map(f).collect();
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
@@ -2864,12 +2880,18 @@ mod exactly_once {
             median("at-least-once", |r| r.1),
             median("exactly-once", |r| r.1),
         );
+        let (alo_cpu, eos_cpu) = (
+            median("at-least-once", |r| r.2),
+            median("exactly-once", |r| r.2),
+        );
         eprintln!(
             "throughput, {n} events x {rounds} rounds, commit_interval_ms {commit_ms}: \
              at-least-once {alo:.0}/s, exactly-once {eos:.0}/s, ratio {:.2} \
-             (to the last acknowledgement: {alo_acked:.0}/s vs {eos_acked:.0}/s, {:.2})",
+             (to the last acknowledgement: {alo_acked:.0}/s vs {eos_acked:.0}/s, {:.2}); \
+             CPU per event {alo_cpu:.1} vs {eos_cpu:.1} us, ratio {:.2}",
             eos / alo,
-            eos_acked / alo_acked
+            eos_acked / alo_acked,
+            eos_cpu / alo_cpu
         );
     }
 }
