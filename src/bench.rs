@@ -252,8 +252,10 @@ impl PassThrough {
     /// as the input (the bench's 8 symbols hash onto 6 partitions; see
     /// `Load::spread_over`).
     fn floor(cfg: &WorkerConfig, brokers: &str, group: &str) -> PassThrough {
-        let (mut consumer, producer) = crate::worker::client_configs(cfg, brokers);
+        let (mut consumer, mut producer) = crate::worker::client_configs(cfg, brokers);
         consumer.set("group.id", group);
+        // the copies are not sent in transactions (exactly-once configs)
+        producer.remove("transactional.id");
         PassThrough {
             consumer,
             producer,

@@ -113,3 +113,58 @@ fn the_group_protocol_is_kip_848_by_default_and_classic_takes_session_settings()
     assert_eq!(c.group_protocol, GroupProtocol::Classic);
     assert_eq!(c.librdkafka["session.timeout.ms"], "30000");
 }
+
+#[test]
+fn exactly_once_takes_a_transactional_id_and_configures_both_clients_for_transactions() {
+    let shipped = std::fs::read_to_string(root().join("config/worker.yaml")).unwrap();
+    let parse = |text: &str| {
+        ml_worker::worker::config::parse_worker_config(
+            text,
+            Path::new("w.yaml"),
+            &Overrides::default(),
+        )
+        .unwrap()
+    };
+    let mode = "mode: \"at-least-once\"";
+    assert!(shipped.contains(mode));
+    // at-least-once: no transactions, outputs retried until delivered
+    let c = parse(&shipped);
+    let (consumer, producer) = ml_worker::worker::client_configs(&c, "b:9092");
+    assert_eq!(producer.get("transactional.id"), None);
+    assert_eq!(producer.get("message.timeout.ms"), Some("0"));
+    assert_eq!(consumer.get("isolation.level"), None);
+    // exactly-once with the defaults: GROUP-HOST-PID, 100,000 events
+    let c = parse(&shipped.replace(mode, "mode: \"exactly-once\""));
+    assert_eq!(c.mode, DeliveryMode::ExactlyOnce);
+    assert_eq!(c.transactional_id, None);
+    assert_eq!(c.transaction_max_events, 100_000);
+    let id = format!("ml-worker-{}", ml_worker::audit::default_worker_id());
+    assert_eq!(c.transactional_id(), id);
+    let (consumer, producer) = ml_worker::worker::client_configs(&c, "b:9092");
+    assert_eq!(producer.get("transactional.id"), Some(id.as_str()));
+    assert_eq!(producer.get("enable.idempotence"), Some("true"));
+    assert_eq!(
+        producer.get("message.timeout.ms"),
+        None,
+        "librdkafka's default: the transaction timeout"
+    );
+    assert_eq!(consumer.get("isolation.level"), Some("read_committed"));
+    assert_eq!(consumer.get("enable.auto.commit"), Some("false"));
+    // set explicitly, with pass-through settings that keep the guarantee
+    let c = parse(
+        &shipped
+            .replace(
+                mode,
+                "mode: \"exactly-once\"\n  transactional_id: \"scorer-0\"\n  transaction_max_events: 5000",
+            )
+            .replace(
+                "librdkafka: {}",
+                "librdkafka: {\"isolation.level\": \"read_committed\", \"transaction.timeout.ms\": \"30000\", \"message.timeout.ms\": \"20000\"}",
+            ),
+    );
+    assert_eq!(c.transactional_id(), "scorer-0");
+    assert_eq!(c.transaction_max_events, 5000);
+    let (_, producer) = ml_worker::worker::client_configs(&c, "b:9092");
+    assert_eq!(producer.get("transactional.id"), Some("scorer-0"));
+    assert_eq!(producer.get("message.timeout.ms"), Some("20000"));
+}

@@ -1,11 +1,12 @@
 //! librdkafka settings of the worker's consumer and producer: what the
-//! worker manages (commits, group protocol, idempotence, partitioner), then
-//! the user's `kafka.librdkafka` pass-through.
+//! worker manages (commits, group protocol, idempotence, partitioner,
+//! transactions under `exactly-once`), then the user's `kafka.librdkafka`
+//! pass-through.
 
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::ClientConfig;
 
-use crate::worker::config::{GroupProtocol, WorkerConfig};
+use crate::worker::config::{DeliveryMode, GroupProtocol, WorkerConfig};
 
 /// librdkafka settings of the worker's two clients.
 pub fn client_configs(cfg: &WorkerConfig, brokers: &str) -> (ClientConfig, ClientConfig) {
@@ -50,6 +51,15 @@ pub fn client_configs(cfg: &WorkerConfig, brokers: &str) -> (ClientConfig, Clien
             "queue.buffering.max.messages",
             (cfg.max_in_flight * 3 + 10_000).min(10_000_000).to_string(),
         );
+    if cfg.mode == DeliveryMode::ExactlyOnce {
+        // exactly-once: input from committed transactions only; outputs in
+        // transactions, each of which must fail within the transaction
+        // timeout (librdkafka's default message timeout then), never hang
+        consumer.set("isolation.level", "read_committed");
+        producer
+            .set("transactional.id", cfg.transactional_id())
+            .remove("message.timeout.ms");
+    }
     for (k, v) in &cfg.librdkafka {
         consumer.set(k, v);
         producer.set(k, v);

@@ -58,7 +58,8 @@ impl Shared {
     }
     /// commit (if any) succeeded.
     pub(super) fn commit(&self, consumer: &BaseConsumer<WorkerContext>, mode: CommitMode) -> bool {
-        if self.mode == DeliveryMode::AtMostOnce {
+        // at-most-once commits before serving; exactly-once in transactions
+        if self.mode != DeliveryMode::AtLeastOnce {
             return true;
         }
         let moved = self

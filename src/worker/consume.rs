@@ -82,7 +82,17 @@ pub(super) fn turn(
         clock.last_tick = now;
         housekeeping(consumer, shared, publisher, cfg);
     }
-    if now.duration_since(clock.last_commit) >= cfg.commit_interval {
+    if shared.txn.is_some() {
+        // exactly-once: the open transaction ends here (committed when due,
+        // aborted when it failed)
+        if shared.transact(
+            consumer,
+            now.duration_since(clock.last_commit) >= cfg.commit_interval,
+        ) {
+            clock.last_commit = Instant::now();
+            shared.report_commit_lag(consumer);
+        }
+    } else if now.duration_since(clock.last_commit) >= cfg.commit_interval {
         clock.last_commit = now;
         shared.commit(consumer, CommitMode::Async);
         shared.report_commit_lag(consumer);

@@ -48,17 +48,26 @@ pub(super) fn drain(
         .unwrap_or_else(|p| p.into_inner())
         .take(Instant::now(), true);
     shared.dispatch(&consumer, chunks, shared.senders.len());
-    let drained = shared.wait_until(deadline, || {
-        publisher.send_retries();
-        let _ = consumer.poll(Duration::ZERO);
-        shared.in_flight() == 0 && publisher.retries_pending() == 0
-    });
+    let drained = if shared.txn.is_some() {
+        // exactly-once: the open transaction commits everything read, or
+        // is aborted (read again on restart)
+        shared.txn_finish(&consumer, deadline)
+    } else {
+        shared.wait_until(deadline, || {
+            publisher.send_retries();
+            let _ = consumer.poll(Duration::ZERO);
+            shared.in_flight() == 0 && publisher.retries_pending() == 0
+        })
+    };
     if !drained {
         publisher.abort.store(true, Ordering::Relaxed);
     }
     // the final commit, retried (e.g. while a rebalance completes) until the deadline
     let final_deadline = deadline.max(Instant::now() + Duration::from_secs(2));
-    while !shared.commit(&consumer, CommitMode::Sync) && Instant::now() < final_deadline {
+    while shared.txn.is_none()
+        && !shared.commit(&consumer, CommitMode::Sync)
+        && Instant::now() < final_deadline
+    {
         let _ = consumer.poll(Duration::from_millis(100));
     }
     let in_flight_at_exit = shared.in_flight();

@@ -79,6 +79,21 @@ const METRICS: &[(&str, &str, &str)] = &[
         "Offset commit requests (periodic, on revocation, at shutdown, at-most-once), by result: every attempt, a re-issued one again.",
     ),
     (
+        "ml_worker_transactions_committed_total",
+        "counter",
+        "Exactly-once: transactions committed (outputs and the input offsets they came from, together).",
+    ),
+    (
+        "ml_worker_transactions_aborted_total",
+        "counter",
+        "Exactly-once: transactions aborted, by reason; their input is read again from the last commit.",
+    ),
+    (
+        "ml_worker_transaction_commit_latency_seconds",
+        "histogram",
+        "Exactly-once: from holding the input back for a commit to the broker ending the transaction (outstanding outputs acknowledged, offsets sent, commit).",
+    ),
+    (
         "ml_worker_at_most_once_skipped_total",
         "counter",
         "At-most-once: events read but not served because their offsets could not be committed first.",

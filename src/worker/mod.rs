@@ -5,6 +5,8 @@
 //!   and validated in one pass; errors name the file and the dotted field.
 //! - [`fetch`]: assigned partitions' records read in batches from one queue.
 //! - [`offsets`]: which input offsets may be committed (at-least-once).
+//! - `transaction`: exactly-once, outputs and input offsets in one Kafka
+//!   transaction.
 
 pub mod batch;
 mod clients;
@@ -23,6 +25,7 @@ pub mod resets;
 pub mod run;
 pub mod schema_registry;
 mod shared;
+mod transaction;
 
 pub use clients::client_configs;
 pub use run::{run, Started, Summary, WorkerError};

@@ -2,8 +2,13 @@
 //! (prediction and signal keyed by symbol; dead letters with the original
 //! key, value and headers); failed deliveries are retried with backoff. Every output carries its input's slot and offset as delivery
 //! opaque; the broker's acknowledgement acks it in the [`OffsetTracker`].
+//! Under `exactly-once` the producer is transactional: a failed delivery is
+//! not retried but marks the open transaction for abort
+//! ([`super::transaction`]), and chunks are dropped unpublished until the
+//! transaction is aborted and the input rewound.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -112,6 +117,37 @@ pub struct DeliveryContext {
     /// more can be delivered; the worker stops and restarts from its commits.
     pub fatal: AtomicBool,
     dead_letters: String,
+    /// `transactional.id` is set (`exactly-once`).
+    transactional: bool,
+    /// Exactly-once: the open transaction failed (a delivery failed, or
+    /// the producer refused a record in its state) and must be aborted.
+    pub txn_abort: AtomicBool,
+    /// Exactly-once: inputs (`source.topic`, `.partition`, `.offset`) whose
+    /// prediction or signal the broker refused for good in an aborted
+    /// transaction: read again, they become dead letters instead of
+    /// aborting every transaction that carries them.
+    refused: Mutex<HashMap<(String, i32, i64), RDKafkaErrorCode>>,
+    /// `refused` is not empty.
+    any_refused: AtomicBool,
+}
+
+/// Most inputs remembered in [`DeliveryContext::refused`].
+const MAX_REFUSED: usize = 1024;
+
+/// The input an output came from, by its source headers.
+fn source_of(msg: &rdkafka::message::OwnedMessage) -> Option<(String, i32, i64)> {
+    use rdkafka::message::Headers;
+    let (mut topic, mut partition, mut offset) = (None, None, None);
+    for h in msg.headers()?.iter() {
+        let v = std::str::from_utf8(h.value?).ok()?;
+        match h.key {
+            "source.topic" => topic = Some(v.to_string()),
+            "source.partition" => partition = v.parse().ok(),
+            "source.offset" => offset = v.parse().ok(),
+            _ => {}
+        }
+    }
+    Some((topic?, partition?, offset?))
 }
 
 impl ClientContext for DeliveryContext {
@@ -167,6 +203,45 @@ impl ProducerContext for DeliveryContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
         let (slot, offset) = unpack(opaque);
+        if let (true, Err((err, msg))) = (self.transactional, result) {
+            // a transaction cannot deliver a record again: it is aborted and
+            // its input read again. Reports of a transaction aborted
+            // already (purged records) are of slots the rewind replaced:
+            // they no longer wait in the tracker and are ignored.
+            let current = self
+                .tracker
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pending(slot)
+                > 0;
+            if !current {
+                return;
+            }
+            let code = match err {
+                KafkaError::MessageProduction(c) => Some(*c),
+                _ => None,
+            };
+            if msg.topic() != self.dead_letters && code.is_some_and(permanent) {
+                if let (Some(source), Some(code)) = (source_of(&msg.detach()), code) {
+                    let mut r = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+                    if r.len() >= MAX_REFUSED {
+                        r.clear();
+                    }
+                    r.insert(source, code);
+                    self.any_refused.store(true, Ordering::Relaxed);
+                    self.metrics.add(
+                        "ml_worker_publish_failures_total",
+                        &[("error", &format!("{err}"))],
+                        1,
+                    );
+                }
+            }
+            if !self.txn_abort.swap(true, Ordering::SeqCst) {
+                tracing::warn!(topic = msg.topic(), error = %err, slot, offset,
+                    "delivery failed in the open transaction; it is aborted and its input read again");
+            }
+            return;
+        }
         match result {
             Ok(_) => {
                 self.metrics.acked.fetch_add(1, Ordering::Relaxed);
@@ -326,6 +401,8 @@ pub struct Publisher {
     metrics: Arc<Metrics>,
     /// Set when the shutdown deadline passed: stop waiting for queue space.
     pub abort: Arc<AtomicBool>,
+    /// Chunks in [`Publisher::process`] now.
+    busy: AtomicUsize,
 }
 
 impl Publisher {
@@ -346,6 +423,10 @@ impl Publisher {
             failing: AtomicBool::new(false),
             fatal: AtomicBool::new(false),
             dead_letters: dead_letters.clone(),
+            transactional: config.get("transactional.id").is_some(),
+            txn_abort: AtomicBool::new(false),
+            refused: Mutex::new(HashMap::new()),
+            any_refused: AtomicBool::new(false),
         };
         Ok(Publisher {
             producer: config.create_with_context(ctx)?,
@@ -356,6 +437,7 @@ impl Publisher {
             tracker,
             metrics,
             abort: Arc::new(AtomicBool::new(false)),
+            busy: AtomicUsize::new(0),
         })
     }
 
@@ -397,7 +479,16 @@ impl Publisher {
                     std::thread::sleep(d);
                     record = r;
                 }
-                Err((e, _)) => return Err(e),
+                Err((e, _)) => {
+                    let c = self.producer.context();
+                    if c.transactional
+                        && matches!(e, KafkaError::MessageProduction(RDKafkaErrorCode::State))
+                    {
+                        // the open transaction failed: abort it
+                        c.txn_abort.store(true, Ordering::SeqCst);
+                    }
+                    return Err(e);
+                }
             }
         }
     }
@@ -461,6 +552,47 @@ impl Publisher {
         self.producer.context().fatal.load(Ordering::Relaxed)
     }
 
+    /// Exactly-once: whether the open transaction must be aborted.
+    pub fn txn_abort(&self) -> bool {
+        self.producer.context().txn_abort.load(Ordering::SeqCst)
+    }
+
+    /// Exactly-once: marks the open transaction for abort (`true`), or
+    /// clears the mark once a new one began (`false`).
+    pub fn set_txn_abort(&self, abort: bool) {
+        self.producer
+            .context()
+            .txn_abort
+            .store(abort, Ordering::SeqCst);
+    }
+
+    /// Exactly-once: nothing produced now would be committed (the
+    /// transaction is to be aborted, or the producer failed for good).
+    fn discarding(&self) -> bool {
+        let c = self.producer.context();
+        c.transactional && (c.txn_abort.load(Ordering::SeqCst) || c.fatal.load(Ordering::Relaxed))
+    }
+
+    /// Chunks being scored or published now.
+    pub fn busy(&self) -> usize {
+        self.busy.load(Ordering::SeqCst)
+    }
+
+    /// Exactly-once: whether the broker refused an output of this input
+    /// for good in an aborted transaction (forgotten once asked).
+    fn refused(&self, topic: &str, partition: i32, offset: i64) -> Option<RDKafkaErrorCode> {
+        let c = self.producer.context();
+        if !c.any_refused.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut r = c.refused.lock().unwrap_or_else(|p| p.into_inner());
+        let code = r.remove(&(topic.to_string(), partition, offset));
+        if r.is_empty() {
+            c.any_refused.store(false, Ordering::Relaxed);
+        }
+        code
+    }
+
     /// Outputs waiting to be sent again.
     pub fn retries_pending(&self) -> usize {
         self.producer
@@ -474,8 +606,28 @@ impl Publisher {
     /// Scores a chunk and publishes its outputs in input order. Model code
     /// runs on `executor`, under the serving model's inference deadline.
     /// Returns the emptied chunk for reuse.
-    pub fn process(&self, mut chunk: Chunk, queued: &Queued, executor: &mut Executor) -> Chunk {
+    pub fn process(&self, chunk: Chunk, queued: &Queued, executor: &mut Executor) -> Chunk {
+        /// Counts a chunk in `busy` until it is done (or its shard panicked).
+        struct Busy<'a>(&'a AtomicUsize);
+        impl Drop for Busy<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        let _busy = Busy(&self.busy);
+        self.process_chunk(chunk, queued, executor)
+    }
+
+    fn process_chunk(&self, mut chunk: Chunk, queued: &Queued, executor: &mut Executor) -> Chunk {
         let arena_bytes = chunk.arena.len();
+        if self.discarding() {
+            // exactly-once: the transaction is being aborted and these
+            // records will be read again (nothing tracked, nothing sent)
+            queued.remove(&chunk);
+            chunk.recycle();
+            return chunk;
+        }
         // 1. inference, one call per model
         let outcomes: Vec<Outcome> = chunk
             .groups
@@ -537,6 +689,10 @@ impl Publisher {
         let mut buf = Vec::with_capacity(256);
         let mut records = std::mem::take(&mut chunk.records);
         for mut rec in records.drain(..) {
+            if self.discarding() {
+                // the transaction failed: the rest is read again after the abort
+                break;
+            }
             let opaque = pack(rec.slot, rec.offset);
             match &mut rec.kind {
                 Kind::Event {
@@ -572,13 +728,19 @@ impl Publisher {
                         &pe.model_version,
                         "prediction",
                     );
-                    if let Err(e) = self.send(
-                        &self.predictions.0,
-                        Some(pe.symbol.as_bytes()),
-                        &buf,
-                        Some(headers),
-                        opaque,
-                    ) {
+                    let sent = match self.refused(&rec.topic, rec.partition, rec.offset) {
+                        // exactly-once: the broker refused this event's output
+                        // for good in an aborted transaction; a dead letter now
+                        Some(code) => Err(KafkaError::MessageProduction(code)),
+                        None => self.send(
+                            &self.predictions.0,
+                            Some(pe.symbol.as_bytes()),
+                            &buf,
+                            Some(headers),
+                            opaque,
+                        ),
+                    };
+                    if let Err(e) = sent {
                         failed = Some(e);
                     } else {
                         out.predictions += 1;
@@ -666,6 +828,9 @@ impl Publisher {
                         }
                     }
                     if let Some(e) = failed {
+                        if self.discarding() {
+                            break;
+                        }
                         // swap the failed output for a dead letter of the input
                         self.tracker
                             .lock()

@@ -131,17 +131,23 @@ impl ConsumerContext for WorkerContext {
         } else {
             Instant::now() + s.drain_timeout
         };
-        let drained = s.wait_until(deadline, || {
-            s.publisher.send_retries();
-            s.queued.events.load(Ordering::Relaxed) == 0 && {
-                let t = s.tracker.lock().unwrap_or_else(|p| p.into_inner());
-                revoked
-                    .iter()
-                    .all(|(_, _, slot)| slot.is_none_or(|sl| t.pending(sl) == 0))
+        if s.txn.is_some() {
+            // exactly-once: the open transaction (which holds outputs of
+            // the revoked partitions) is committed or aborted before they go
+            s.txn_revoke(consumer, &revoked, deadline);
+        } else {
+            let drained = s.wait_until(deadline, || {
+                s.publisher.send_retries();
+                s.queued.events.load(Ordering::Relaxed) == 0 && {
+                    let t = s.tracker.lock().unwrap_or_else(|p| p.into_inner());
+                    revoked
+                        .iter()
+                        .all(|(_, _, slot)| slot.is_none_or(|sl| t.pending(sl) == 0))
+                }
+            });
+            if !drained {
+                tracing::warn!("revoked partitions still had unacknowledged outputs at the deadline; the new owner will process them again");
             }
-        });
-        if !drained {
-            tracing::warn!("revoked partitions still had unacknowledged outputs at the deadline; the new owner will process them again");
         }
         let mut commit = TopicPartitionList::new();
         {

@@ -12,7 +12,9 @@
 //!    order); model code runs under its deadline.
 //! 4. **produce** ([`produce`](super::produce)): predictions, signals and
 //!    dead letters in input order; each acknowledgement acks its input in
-//!    the offset tracker, and [`commit`](super::commit) commits what is safe.
+//!    the offset tracker, and [`commit`](super::commit) commits what is safe;
+//!    under `exactly-once`, outputs and offsets are committed together in
+//!    Kafka transactions ([`transaction`](super::transaction)).
 //! 5. **drain** ([`drain`](super::drain)): on stop, finish what was read,
 //!    commit, leave the group.
 
@@ -24,7 +26,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use crate::events::{Codec, SchemaIds, WireFormat};
 use crate::worker::batch::Batcher;
 use crate::worker::clients::client_configs;
-use crate::worker::config::WorkerConfig;
+use crate::worker::config::{DeliveryMode, WorkerConfig};
 use crate::worker::consume::{turn, Clock};
 use crate::worker::drain::drain;
 use crate::worker::fetch::FetchQueue;
@@ -36,6 +38,7 @@ use crate::worker::rebalance::WorkerContext;
 use crate::worker::reload::{Models, Reloader};
 use crate::worker::schema_registry::SchemaRegistry;
 use crate::worker::shared::Shared;
+use crate::worker::transaction::{self, Txn};
 
 /// Why the worker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +54,9 @@ pub enum WorkerError {
     },
     #[error("{0}")]
     Thread(String),
+    /// `exactly-once`: the transactional producer was fenced or failed.
+    #[error("exactly-once: {0}")]
+    Transaction(String),
 }
 
 /// What a run did, for logs and the demo summary.
@@ -116,6 +122,15 @@ pub fn run(
         tracker.clone(),
         metrics.clone(),
     )?);
+    // exactly-once: the transactional id registered, the first transaction begun
+    let txn = match cfg.mode {
+        DeliveryMode::ExactlyOnce => {
+            let txn = Arc::new(Txn::new(&cfg));
+            transaction::start(&txn, &publisher, &stop).map_err(WorkerError::Transaction)?;
+            Some(txn)
+        }
+        _ => None,
+    };
     let thread_error = |e: std::io::Error| WorkerError::Thread(e.to_string());
     let (shards, senders) =
         Shards::start(cfg.inference_threads, &publisher).map_err(thread_error)?;
@@ -145,6 +160,7 @@ pub fn run(
         fetch: OnceLock::new(),
         committed: Mutex::new(Default::default()),
         models,
+        txn: txn.clone(),
     });
     let consumer: BaseConsumer<WorkerContext> =
         consumer_cfg.create_with_context(WorkerContext {
@@ -185,6 +201,9 @@ pub fn run(
         clean: drained.clean,
     };
     tracing::info!(?summary, "worker stopped");
+    if let Some(why) = txn.and_then(|t| t.failure()) {
+        return Err(WorkerError::Transaction(why));
+    }
     if failure {
         return Err(WorkerError::Thread(
             "an inference thread failed or the producer hit a fatal error; uncommitted events are read again on restart".into(),

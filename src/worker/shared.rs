@@ -20,6 +20,7 @@ use crate::worker::offsets::{OffsetTracker, Slots};
 use crate::worker::produce::Publisher;
 use crate::worker::rebalance::WorkerContext;
 use crate::worker::resets;
+use crate::worker::transaction::Txn;
 
 /// State shared by the loop and the rebalance callbacks (which run inside
 /// `poll`, on the loop's thread).
@@ -47,6 +48,8 @@ pub(super) struct Shared {
     pub(super) committed: Mutex<HashMap<(String, i32), i64>>,
     /// The registry served, and the next one a reload made.
     pub(super) models: Arc<crate::worker::reload::Models>,
+    /// The transactions of `exactly-once` (`None` otherwise).
+    pub(super) txn: Option<Arc<Txn>>,
 }
 
 impl Shared {
@@ -74,6 +77,9 @@ impl Shared {
                 continue;
             }
             let shard = chunk.records[0].slot as usize % shards;
+            if let Some(txn) = &self.txn {
+                txn.dispatched(chunk.records.len());
+            }
             self.queued.add(&chunk);
             if let Err(e) = self.senders[shard].send(chunk) {
                 // the shard is gone (only at exit): these inputs stay uncommitted
