@@ -579,18 +579,30 @@ impl Publisher {
     }
 
     /// Exactly-once: whether the broker refused an output of this input
-    /// for good in an aborted transaction (forgotten once asked).
+    /// for good in an aborted transaction. Kept until a transaction commits
+    /// past the input ([`Publisher::forget_refused_below`]): the one that
+    /// carries its dead letter may be aborted too, and the input read again.
     fn refused(&self, topic: &str, partition: i32, offset: i64) -> Option<RDKafkaErrorCode> {
         let c = self.producer.context();
         if !c.any_refused.load(Ordering::Relaxed) {
             return None;
         }
+        let r = c.refused.lock().unwrap_or_else(|p| p.into_inner());
+        r.get(&(topic.to_string(), partition, offset)).copied()
+    }
+
+    /// Exactly-once: a transaction committed `partition` of `topic` up to
+    /// `offset`: the refused outputs of the inputs below it are done with.
+    pub(super) fn forget_refused_below(&self, topic: &str, partition: i32, offset: i64) {
+        let c = self.producer.context();
+        if !c.any_refused.load(Ordering::Relaxed) {
+            return;
+        }
         let mut r = c.refused.lock().unwrap_or_else(|p| p.into_inner());
-        let code = r.remove(&(topic.to_string(), partition, offset));
+        r.retain(|(t, p, o), _| !(t == topic && *p == partition && *o < offset));
         if r.is_empty() {
             c.any_refused.store(false, Ordering::Relaxed);
         }
-        code
     }
 
     /// Outputs waiting to be sent again.

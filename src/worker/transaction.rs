@@ -351,6 +351,9 @@ impl Shared {
             for e in offsets.elements() {
                 if let Offset::Offset(o) = e.offset() {
                     c.insert((e.topic().to_string(), e.partition()), o);
+                    // committed past them: their dead letters are in
+                    self.publisher
+                        .forget_refused_below(e.topic(), e.partition(), o);
                 }
             }
         }
