@@ -28,6 +28,7 @@ demo-offline: onnxruntime build
 ## The README's second command: everything CI runs. The build without
 ## libtorch (--no-default-features) is linted and its registry tests run too.
 test: setup lint
+	$(MAKE) validate-deploy
 	$(CARGO) build --examples
 	$(CARGO) test --all-targets
 	$(CARGO) test --no-default-features --test registry
@@ -39,6 +40,14 @@ test-kafka:
 	bash scripts/kafka-broker.sh run -- $(CARGO) test --test group --test worker
 
 setup: onnxruntime libtorch sqlite3 python-kafka
+
+## The deployment files (deploy/, docker-compose.yml) against their schemas
+## and tools: compose spec, Kubernetes and KEDA schemas, hadolint, promtool
+## (rules, alert unit tests); installs Debian's prometheus when missing,
+## which tests/prometheus.rs then runs.
+.PHONY: validate-deploy
+validate-deploy:
+	bash scripts/validate-deploy.sh
 
 # confluent-kafka + fastavro: third-party clients for the interoperability tests
 python-kafka:
