@@ -275,7 +275,12 @@ impl RegistryBuilder {
         let mut failures: Vec<RegistryError> = Vec::new();
         for name in &registry.order {
             let e = &registry.entries[name];
-            if e.spec.optional {
+            // an entry that failed before, unchanged, is no new failure (a
+            // missing file with a fallback keeps being served by the
+            // fallback, as at start-up); it must not block other changes
+            let failed_before = previous.failure(name).is_some()
+                && previous.spec(name).is_some_and(|s| s == &e.spec);
+            if e.spec.optional || failed_before {
                 continue;
             }
             if let LoadState::Failed(err) = &*e.slot.lock() {

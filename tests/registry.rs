@@ -610,3 +610,49 @@ fn a_reopened_registry_takes_unchanged_models_over_reloads_changed_ones_and_name
     let (third, _) = builder.reopen(&file, &second).unwrap();
     assert!(third.loaded("a").is_none());
 }
+
+#[test]
+fn a_reload_is_not_blocked_by_an_unchanged_entry_that_failed_before() {
+    // a missing file with a fallback: served by the fallback at start, and
+    // a reload that changes another model goes through (as at start-up)
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("models.yaml");
+    let entry = |name: &str, path: &str, extra: &str| {
+        format!(
+            "  - name: {name}\n    path: {path}\n    kind: lightgbm\n    features: {DIABETES}\n    target: y\n    task_type: regression\n{extra}"
+        )
+    };
+    let good = fixtures().join("lgb_regression.txt").display().to_string();
+    let gone = dir.path().join("not-there.txt").display().to_string();
+    let write = |version: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "models:\n{}{}",
+                entry("a", &good, &format!("    version: {version}\n")),
+                entry("b", &gone, "    fallback: a\n")
+            ),
+        )
+        .unwrap();
+    };
+    write("1");
+    let builder = ml_worker::registry::RegistryBuilder::new();
+    let first = builder.clone().open(&file).unwrap();
+    assert!(first.failure("b").is_some());
+    assert_eq!(first.get("b").unwrap().fallback_for.as_deref(), Some("b"));
+    write("2");
+    let (second, changes) = builder.clone().reopen(&file, &first).unwrap();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(second.get("b").unwrap().model.info().version, "2");
+    // but a model that loaded before and breaks now refuses the reload
+    std::fs::write(
+        &file,
+        format!(
+            "models:\n{}{}",
+            entry("a", &gone, "    version: 3\n"),
+            entry("b", &gone, "    fallback: a\n")
+        ),
+    )
+    .unwrap();
+    assert!(builder.reopen(&file, &second).is_err());
+}

@@ -2611,7 +2611,7 @@ fn a_kubernetes_configmap_update_a_swapped_data_link_is_reloaded() {
     );
     assert_eq!(
         metric(&page, "ml_worker_reloads_total{result=\"unchanged\"}"),
-        None,
+        Some(0.0),
         "{page}"
     );
     assert!(w.stop().clean);

@@ -272,6 +272,31 @@ impl Metrics {
             .or_insert(0) += n;
     }
 
+    /// Shows a counter's series at 0 before its first event (so
+    /// `rate()` and `increase()` see the first one).
+    pub fn zero(&self, name: &'static str, l: &[(&'static str, &str)]) {
+        declared(name);
+        self.counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((name, labels(l)))
+            .or_insert(0);
+    }
+
+    /// The series alerts watch, at 0 from the start: reloads by result,
+    /// commits by result, dead letters by stage.
+    pub fn zero_known_series(&self) {
+        for result in ["ok", "unchanged", "failed"] {
+            self.zero("ml_worker_reloads_total", &[("result", result)]);
+        }
+        for result in ["ok", "error"] {
+            self.zero("ml_worker_commits_total", &[("result", result)]);
+        }
+        for stage in crate::worker::batch::Stage::ALL {
+            self.zero("ml_worker_dead_letters_total", &[("stage", stage.as_str())]);
+        }
+    }
+
     /// Sum of a counter over all its label values.
     pub fn total(&self, name: &'static str) -> u64 {
         if name == "ml_worker_outputs_acked_total" {

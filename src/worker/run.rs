@@ -98,6 +98,7 @@ pub fn run(
         reload: models.file().map(|_| reloader.requests()),
         token: cfg.reload.token.clone(),
     };
+    metrics.zero_known_series();
     let metrics_address = crate::worker::metrics::serve(
         cfg.metrics_address,
         metrics.clone(),
