@@ -1465,7 +1465,8 @@ pub fn soak(
             scope.spawn(move || {
                 let mut next = Instant::now() + every;
                 let mut version = 0u64;
-                while !stop.load(Ordering::Relaxed) && Instant::now() < started + duration {
+                // one reload per `every` of the offer, the last at its end
+                while !stop.load(Ordering::Relaxed) && next <= started + duration {
                     if Instant::now() < next {
                         std::thread::sleep(Duration::from_millis(5));
                         continue;
