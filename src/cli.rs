@@ -689,7 +689,10 @@ fn parse_since(s: &str) -> Result<std::time::SystemTime> {
         return Ok(t);
     }
     match humantime::parse_duration(s) {
-        Ok(d) => Ok(std::time::SystemTime::now() - d),
+        Ok(d) => std::time::SystemTime::now()
+            .checked_sub(d)
+            .filter(|t| *t >= std::time::UNIX_EPOCH)
+            .ok_or_else(|| anyhow::anyhow!("--since '{s}' reaches before 1970")),
         Err(_) => bail!(
             "--since '{s}': neither an RFC 3339 time (2026-12-03T08:00:00Z) nor a duration (2h)"
         ),

@@ -289,6 +289,9 @@ pub fn read_config_file(file: &Path) -> Result<String, ConfigError> {
     let (bytes, _) =
         crate::checksum::read_and_hash(file, MAX_CONFIG_BYTES).map_err(|e| match e {
             crate::checksum::FileError::Io(e) | crate::checksum::FileError::Missing(e) => read(e),
+            crate::checksum::FileError::TooLarge { size, .. } => read(std::io::Error::other(format!(
+                "{size} bytes: a configuration file may hold at most {MAX_CONFIG_BYTES} bytes (16 MiB)"
+            ))),
             other => read(std::io::Error::other(other.to_string())),
         })?;
     String::from_utf8(bytes).map_err(|_| {
@@ -548,6 +551,27 @@ fn check_routes(specs: &[ModelSpec], file: &Path) -> Result<(), ConfigError> {
                 return Err(err(format!(
                     "'{other}' is a {} model, this one is {}",
                     o.task_type, s.task_type
+                )));
+            }
+            // a canary's outputs are real: it must find its features in
+            // events written for this model (a shadow may need more: what
+            // the events lack is missing, its outputs only compared)
+            let foreign: Vec<&str> = o
+                .features
+                .iter()
+                .filter(|f| !s.features.contains(f))
+                .map(String::as_str)
+                .collect();
+            if field == "canary" && !foreign.is_empty() {
+                return Err(err(format!(
+                    "'{other}' needs features this model's events need not carry: {} \
+                     (a canary's features must be among this model's)",
+                    foreign
+                        .iter()
+                        .take(5)
+                        .map(|f| crate::text::escape(f).into_owned())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
         }

@@ -206,8 +206,8 @@ fn encode(format: WireFormat, schema_id: u32, e: &FeatureEvent, out: &mut Vec<u8
 }
 
 /// Sends one record, waiting while the local queue is full.
-fn send(
-    producer: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+fn send<C: rdkafka::producer::ProducerContext<DeliveryOpaque = ()>>(
+    producer: &ThreadedProducer<C>,
     topic: &str,
     partition: Option<i32>,
     key: Option<&[u8]>,
@@ -366,8 +366,18 @@ pub fn replay_dead_letters(
             assign.add_partition_offset(topic, *p, Offset::Offset(from))?;
         }
     }
-    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
-        producer_cfg.create().context("creating the producer")?;
+    let producer: ThreadedProducer<Deliveries> = producer_cfg
+        .create_with_context(Deliveries::default())
+        .context("creating the producer")?;
+    let mut partitions_of: HashMap<String, i32> = HashMap::new();
+    for t in &cfg.input_topics {
+        let n = consumer
+            .fetch_metadata(Some(t), timeout)
+            .ok()
+            .and_then(|m| m.topics().first().map(|t| t.partitions().len() as i32))
+            .unwrap_or(0);
+        partitions_of.insert(t.clone(), n);
+    }
     let mut out = Replayed {
         dry_run: opts.dry_run,
         ..Replayed::default()
@@ -394,7 +404,7 @@ pub fn replay_dead_letters(
                 continue;
             }
             out.read += 1;
-            replay_one(&m, cfg, opts, &producer, &mut out)?;
+            replay_one(&m, cfg, &partitions_of, opts, &producer, &mut out)?;
             if m.offset() + 1 >= end {
                 ends.remove(&p);
             }
@@ -405,6 +415,21 @@ pub fn replay_dead_letters(
     producer
         .flush(Duration::from_secs(60))
         .context("not every replayed record was delivered within 60 s; nothing was committed")?;
+    let failed = producer
+        .context()
+        .failed
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if failed > 0 {
+        bail!(
+            "{failed} replayed records were not delivered ({}); nothing was committed: run it again",
+            producer
+                .context()
+                .first_error
+                .lock()
+                .map(|e| e.clone().unwrap_or_default())
+                .unwrap_or_default()
+        );
+    }
     if !opts.dry_run && done.count() > 0 {
         consumer.commit(&done, rdkafka::consumer::CommitMode::Sync)?;
     }
@@ -415,8 +440,9 @@ pub fn replay_dead_letters(
 fn replay_one(
     m: &rdkafka::message::BorrowedMessage<'_>,
     cfg: &WorkerConfig,
+    partitions_of: &HashMap<String, i32>,
     opts: &ReplayOptions,
-    producer: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+    producer: &ThreadedProducer<Deliveries>,
     out: &mut Replayed,
 ) -> Result<()> {
     let mut skip = |why: &str| *out.skipped.entry(why.to_string()).or_insert(0) += 1;
@@ -449,9 +475,13 @@ fn replay_one(
         skip("source.topic is not an input topic of this config");
         return Ok(());
     }
+    // the input partition it came from, when the topic still has it (else
+    // the key's partition)
+    let count = partitions_of.get(source).copied().unwrap_or(0);
     let partition = get
         .get("source.partition")
-        .and_then(|p| p.parse::<i32>().ok());
+        .and_then(|p| p.parse::<i32>().ok())
+        .filter(|p| (0..count).contains(p));
     let mut headers = OwnedHeaders::new();
     if let Some(h) = m.headers() {
         for x in h.iter().filter(|x| !worker_header(x.key)) {
@@ -523,4 +553,26 @@ pub fn check_samples(dir: &Path) -> Result<()> {
         bail!("--samples {}: not a folder", dir.display());
     }
     Ok(())
+}
+
+/// Counts replayed records the broker did not take.
+#[derive(Default)]
+struct Deliveries {
+    failed: std::sync::atomic::AtomicU64,
+    first_error: std::sync::Mutex<Option<String>>,
+}
+
+impl rdkafka::ClientContext for Deliveries {}
+
+impl rdkafka::producer::ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &rdkafka::producer::DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Ok(mut f) = self.first_error.lock() {
+                f.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
 }

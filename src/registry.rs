@@ -280,7 +280,9 @@ impl RegistryBuilder {
             // fallback, as at start-up); it must not block other changes
             let failed_before = previous.failure(name).is_some()
                 && previous.spec(name).is_some_and(|s| s == &e.spec);
-            if e.spec.optional || failed_before {
+            // a new entry with a fallback is served by it, as at start-up
+            let new_with_fallback = previous.spec(name).is_none() && e.spec.fallback.is_some();
+            if e.spec.optional || failed_before || new_with_fallback {
                 continue;
             }
             if let LoadState::Failed(err) = &*e.slot.lock() {
@@ -397,6 +399,8 @@ pub enum ReloadError {
     Refused(Vec<RegistryError>),
     #[error("{0}")]
     Other(String),
+    #[error("the worker is stopping; nothing was reloaded")]
+    Stopping,
 }
 
 /// The routing and serving settings that differ, in words (for the

@@ -679,8 +679,36 @@ fn replay_dlq_resubmits_dead_letters_after_a_fix_once_and_with_their_headers() {
     reader.read(Duration::from_secs(30), |seen| {
         seen.by_id.len() + seen.dead_letters.len() >= n as usize
     });
-    let dead = reader.seen.dead_letters.len();
-    assert_eq!(dead as u64, n / 4, "wine_mlp's quarter is refused");
+    let refused = reader.seen.dead_letters.len();
+    assert_eq!(refused as u64, n / 4, "wine_mlp's quarter is refused");
+    // and one written by hand whose source.partition the input lacks: it
+    // goes back by its key instead
+    let mut e = ml_worker::loadgen::event(&samples, "dlq", 3, ml_worker::loadgen::now_ms());
+    e.event_id = "dlq-hostile".into();
+    ml_worker::loadgen::encode_feature(WireFormat::AvroRaw, &e, &mut buf);
+    let mut h = rdkafka::message::OwnedHeaders::new();
+    for (k, v) in [
+        ("trace-id", "t-hostile"),
+        ("error.stage", "route"),
+        ("source.topic", s.features.as_str()),
+        ("source.partition", "99"),
+        ("source.offset", "0"),
+    ] {
+        h = h.insert(rdkafka::message::Header {
+            key: k,
+            value: Some(v),
+        });
+    }
+    producer
+        .send(
+            rdkafka::producer::BaseRecord::to(&s.dead_letters)
+                .key(e.symbol.as_bytes())
+                .payload(&buf)
+                .headers(h),
+        )
+        .unwrap();
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10)).unwrap();
+    let dead = refused + 1;
     // a dry run sends nothing and remembers nothing
     let dry = ml_worker(
         &s,
@@ -712,13 +740,14 @@ fn replay_dlq_resubmits_dead_letters_after_a_fix_once_and_with_their_headers() {
     );
     assert_eq!(replay["by_stage"]["route"].as_u64(), Some(dead as u64));
     reader.read(Duration::from_secs(30), |seen| {
-        seen.by_id.len() >= n as usize
+        seen.by_id.len() > n as usize
     });
     assert_eq!(
         reader.seen.by_id.len(),
-        n as usize,
-        "every event served after the replay"
+        n as usize + 1,
+        "every event served after the replay, the hand-written one too"
     );
+    assert!(reader.seen.by_id.contains_key("dlq-hostile"));
     // once: a second run finds nothing new; --since reads them again
     let again = ml_worker(&s, &["replay-dlq", "--stage", "route", "--json"]);
     let again: serde_json::Value = serde_json::from_str(&again).unwrap();

@@ -656,3 +656,55 @@ fn a_reload_is_not_blocked_by_an_unchanged_entry_that_failed_before() {
     .unwrap();
     assert!(builder.reopen(&file, &second).is_err());
 }
+
+#[test]
+fn a_canary_must_find_its_features_in_the_models_events_and_a_new_entry_with_a_fallback_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = fixtures().join("lgb_regression.txt").display().to_string();
+    let entry = |name: &str, path: &str, features: &str, extra: &str| {
+        format!(
+            "  - name: {name}\n    path: {path}\n    kind: lightgbm\n    features: {features}\n    target: y\n    task_type: regression\n{extra}"
+        )
+    };
+    let other = r#"["x0", "x1", "x2", "x3", "x4", "x5", "x6", "x7", "x8", "x9"]"#;
+    let yaml = format!(
+        "models:\n{}{}",
+        entry(
+            "a",
+            &good,
+            DIABETES,
+            "    canary: {model: odd, percent: 50}\n"
+        ),
+        entry("odd", &good, other, "")
+    );
+    let e = parse_registry(&yaml, Path::new("t.yaml"), &fixtures())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("canary") && e.contains("x0"), "{e}");
+    // a shadow may need more (what the events lack is missing)
+    let yaml = yaml.replace("canary: {model: odd, percent: 50}", "shadow: odd");
+    parse_registry(&yaml, Path::new("t.yaml"), &fixtures()).unwrap();
+    // a reload adding a model whose file is missing, with a fallback: served
+    // by the fallback, as at start-up
+    let file = dir.path().join("models.yaml");
+    std::fs::write(
+        &file,
+        format!("models:\n{}", entry("a", &good, DIABETES, "")),
+    )
+    .unwrap();
+    let builder = ml_worker::registry::RegistryBuilder::new();
+    let first = builder.clone().open(&file).unwrap();
+    let gone = dir.path().join("gone.txt").display().to_string();
+    std::fs::write(
+        &file,
+        format!(
+            "models:\n{}{}",
+            entry("a", &good, DIABETES, ""),
+            entry("b", &gone, DIABETES, "    fallback: a\n")
+        ),
+    )
+    .unwrap();
+    let (second, _) = builder.reopen(&file, &first).unwrap();
+    assert_eq!(second.get("b").unwrap().fallback_for.as_deref(), Some("b"));
+}

@@ -3484,3 +3484,62 @@ mod exactly_once {
         );
     }
 }
+
+#[test]
+fn a_registry_written_in_place_is_not_reloaded_half_written_and_a_stopping_worker_reloads_nothing()
+{
+    let s = Setup::new(1);
+    let file = registry_copy(s.dir.path(), |t| t);
+    let full = std::fs::read_to_string(&file).unwrap();
+    let cfg = config_with_registry(&s, "reload: {debounce_ms: 100}", &file);
+    let w = start(cfg);
+    let addr = w.started.metrics_address;
+    // in place, in two parts with a pause longer than the debounce: the
+    // first part alone is valid YAML without breast_cancer_xgb
+    let cut = full.find("  - name: \"breast_cancer_xgb\"").unwrap();
+    let changed = with_version(full.clone(), "diabetes_lgbm", "inplace");
+    let cut2 = changed.find("  - name: \"breast_cancer_xgb\"").unwrap();
+    assert!(cut2 > cut);
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&file)
+            .unwrap();
+        f.write_all(changed[..cut2].as_bytes()).unwrap();
+        f.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(800));
+        let page = http_get(addr, "/metrics").1;
+        assert_eq!(
+            metric(&page, "ml_worker_reloads_total{result=\"ok\"}"),
+            Some(0.0),
+            "reloaded while the file was open for writing: {page}"
+        );
+        f.write_all(changed[cut2..].as_bytes()).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let page = loop {
+        let page = http_get(addr, "/metrics").1;
+        if metric(&page, "ml_worker_reloads_total{result=\"ok\"}") == Some(1.0) {
+            break page;
+        }
+        assert!(Instant::now() < deadline, "never reloaded: {page}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        page.contains("ml_worker_model_info{model=\"breast_cancer_xgb\""),
+        "{page}"
+    );
+    assert!(page.contains("version=\"inplace\""), "{page}");
+    // stopping: a reload is refused at once, not waited for
+    let models = w.models.clone();
+    let summary = w.stop();
+    assert!(summary.clean);
+    let t = Instant::now();
+    let e = models
+        .reload(Trigger::Call)
+        .expect_err("refused while stopping");
+    assert!(e.to_string().contains("stopping"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(1));
+}

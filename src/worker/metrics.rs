@@ -701,7 +701,11 @@ async fn admin_reload<B>(
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
+                .and_then(|v| {
+                    // the scheme is case-insensitive (RFC 7235)
+                    let (scheme, token) = v.split_once(' ')?;
+                    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+                })
                 .unwrap_or("");
             if !same_secret(given.as_bytes(), token.as_bytes()) {
                 let mut r = error(
@@ -756,6 +760,7 @@ async fn admin_reload<B>(
             .to_string()
                 + "\n",
         ),
+        Ok(Ok(Err(e))) if e.starts_with("the worker is stopping") => error(StatusCode::SERVICE_UNAVAILABLE, &e),
         Ok(Ok(Err(e))) => reply(
             StatusCode::UNPROCESSABLE_ENTITY,
             json,

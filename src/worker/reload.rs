@@ -90,6 +90,8 @@ pub struct Models {
     metrics: Arc<Metrics>,
     /// Bumped by every swap.
     generation: AtomicU64,
+    /// The worker is stopping: no reload starts, none waits for a swap.
+    stopping: AtomicBool,
 }
 
 impl Models {
@@ -122,6 +124,7 @@ impl Models {
             busy: Mutex::new(()),
             metrics,
             generation: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -131,6 +134,14 @@ impl Models {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The worker stops: reloads are refused from now on, and one waiting
+    /// for its swap gives up (the consume thread takes none any more).
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        self.taken.notify_all();
     }
 
     /// The registry served last (at exit).
@@ -170,6 +181,9 @@ impl Models {
     /// audited.
     pub fn reload(&self, trigger: Trigger) -> Result<Reloaded, ReloadError> {
         let _one = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(ReloadError::Stopping);
+        }
         let started = Instant::now();
         let Some((file, builder)) = &self.source else {
             return Err(ReloadError::Other(
@@ -229,7 +243,7 @@ impl Models {
         let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
         while next.is_some() {
             let now = Instant::now();
-            if now >= deadline {
+            if now >= deadline || self.stopping.load(Ordering::SeqCst) {
                 return false;
             }
             next = self
@@ -422,8 +436,9 @@ fn reload_loop(
     stop: Arc<AtomicBool>,
 ) {
     let changed = Arc::new(AtomicBool::new(false));
+    let writing: Arc<Mutex<BTreeSet<PathBuf>>> = Arc::default();
     let mut watcher = if watch {
-        Watch::start(&models, changed.clone())
+        Watch::start(&models, changed.clone(), writing.clone())
     } else {
         None
     };
@@ -450,10 +465,19 @@ fn reload_loop(
             served_signals = hups;
             run = Some((Trigger::Signal, None));
         }
-        let due = changes
-            .is_some_and(|(first, last)| last.elapsed() >= debounce || first.elapsed() >= longest);
+        // a watched file written in place and not closed yet is not read
+        // half-written (an editor, a slow copy), up to OPEN_WRITE_WAIT
+        let open = !writing.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
+        let due = changes.is_some_and(|(first, last)| {
+            if open {
+                first.elapsed() >= OPEN_WRITE_WAIT
+            } else {
+                last.elapsed() >= debounce || first.elapsed() >= longest
+            }
+        });
         if run.is_none() && due {
             changes = None;
+            writing.lock().unwrap_or_else(|p| p.into_inner()).clear();
             // an event in a watched folder: a reload only when a watched
             // file (followed through links, e.g. a Kubernetes ConfigMap's
             // `..data` swap) is not what it was
@@ -521,11 +545,41 @@ struct Watch {
     folders: BTreeSet<PathBuf>,
 }
 
+/// The longest a watched reload waits for a watched file written in place
+/// to be closed.
+const OPEN_WRITE_WAIT: Duration = Duration::from_secs(60);
+
 impl Watch {
-    fn start(models: &Models, changed: Arc<AtomicBool>) -> Option<Watch> {
+    /// `writing`: watched files written in place and not closed since.
+    fn start(
+        models: &Models,
+        changed: Arc<AtomicBool>,
+        writing: Arc<Mutex<BTreeSet<PathBuf>>>,
+    ) -> Option<Watch> {
+        use notify::event::{AccessKind, AccessMode, DataChange, ModifyKind};
+        use notify::EventKind;
+        let watched = models.watched_files();
         let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok_and(|event| relevant(&event.kind)) {
-                changed.store(true, Ordering::Relaxed);
+            let Ok(event) = res else { return };
+            if !relevant(&event.kind) {
+                return;
+            }
+            changed.store(true, Ordering::Relaxed);
+            let mut w = writing.lock().unwrap_or_else(|p| p.into_inner());
+            for path in event.paths.iter().filter(|p| watched.contains(*p)) {
+                match event.kind {
+                    EventKind::Modify(ModifyKind::Data(DataChange::Any | DataChange::Content))
+                    | EventKind::Modify(ModifyKind::Any) => {
+                        w.insert(path.clone());
+                    }
+                    EventKind::Access(AccessKind::Close(AccessMode::Write))
+                    | EventKind::Create(_)
+                    | EventKind::Remove(_)
+                    | EventKind::Modify(ModifyKind::Name(_)) => {
+                        w.remove(path);
+                    }
+                    _ => {}
+                }
             }
         });
         let watcher = match watcher {

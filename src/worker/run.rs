@@ -191,7 +191,8 @@ pub fn run(
         turn(&consumer, &fetch, &shared, &publisher, &cfg, &mut clock);
     }
 
-    // drain
+    // drain (no reload starts or waits for a swap from now on)
+    shared.models.stop();
     let failure = shards.failed() || publisher.fatal();
     let drained = drain(consumer, fetch, shared, shards, &publisher, &cfg);
     let summary = Summary {
