@@ -364,10 +364,17 @@ fn sighup_reloads_the_registry_and_the_worker_serves_on() {
         );
     std::fs::write(&registry, &shipped).unwrap();
     let worker_yaml = s.dir.path().join("worker.yaml");
-    let cfg = std::fs::read_to_string(&worker_yaml).unwrap().replace(
-        &root().join("config/models.yaml").display().to_string(),
-        &registry.display().to_string(),
-    ) + "\nreload: {watch: false}\n";
+    let cfg = std::fs::read_to_string(&worker_yaml)
+        .unwrap()
+        .replace(
+            &root().join("config/models.yaml").display().to_string(),
+            &registry.display().to_string(),
+        )
+        .replace("  watch: true ", "  watch: false ");
+    assert!(
+        cfg.contains("watch: false"),
+        "the shipped config has reload.watch"
+    );
     std::fs::write(&worker_yaml, cfg).unwrap();
     let group = unique("group");
     let w = Worker::start(&s, &group);

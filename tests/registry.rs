@@ -678,8 +678,7 @@ fn a_canary_must_find_its_features_in_the_models_events_and_a_new_entry_with_a_f
         entry("odd", &good, other, "")
     );
     let e = parse_registry(&yaml, Path::new("t.yaml"), &fixtures())
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(e.contains("canary") && e.contains("x0"), "{e}");
     // a shadow may need more (what the events lack is missing)

@@ -3507,7 +3507,7 @@ fn a_registry_written_in_place_is_not_reloaded_half_written_and_a_stopping_worke
             .truncate(true)
             .open(&file)
             .unwrap();
-        f.write_all(changed[..cut2].as_bytes()).unwrap();
+        f.write_all(&changed.as_bytes()[..cut2]).unwrap();
         f.flush().unwrap();
         std::thread::sleep(Duration::from_millis(800));
         let page = http_get(addr, "/metrics").1;
@@ -3516,7 +3516,7 @@ fn a_registry_written_in_place_is_not_reloaded_half_written_and_a_stopping_worke
             Some(0.0),
             "reloaded while the file was open for writing: {page}"
         );
-        f.write_all(changed[cut2..].as_bytes()).unwrap();
+        f.write_all(&changed.as_bytes()[cut2..]).unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     let page = loop {
