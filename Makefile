@@ -4,6 +4,9 @@
 
 CARGO ?= cargo
 BIN := target/release/ml-worker
+## Cargo features of every build here: the torch kind (libtorch from
+## `make libtorch`); a plain `cargo build` leaves it out.
+FEATURES ?= --features torch
 
 ## The README's first command: the streaming worker end to end on the embedded
 ## broker and the shipped models (feature events in; predictions, signals and
@@ -26,18 +29,18 @@ demo-offline: onnxruntime build
 	$(BIN) audit verify
 
 ## The README's second command: everything CI runs. The build without
-## libtorch (--no-default-features) is linted and its registry tests run too.
+## libtorch (no features) is linted and its registry tests run too.
 test: setup lint
 	$(MAKE) validate-deploy
-	$(CARGO) build --examples
-	$(CARGO) test --all-targets
+	$(CARGO) build --examples $(FEATURES)
+	$(CARGO) test --all-targets $(FEATURES)
 	$(CARGO) test --no-default-features --test registry
 	$(MAKE) test-kafka
 
 ## The Kafka-facing tests again, against a real Apache Kafka (4.1,
 ## assembled from Maven Central, single-node KRaft on loopback).
 test-kafka:
-	bash scripts/kafka-broker.sh run -- $(CARGO) test --test group --test worker
+	bash scripts/kafka-broker.sh run -- $(CARGO) test $(FEATURES) --test group --test worker
 
 setup: onnxruntime libtorch sqlite3 python-kafka
 
@@ -68,11 +71,11 @@ sqlite3:
 
 lint: libtorch
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets $(FEATURES) -- -D warnings
 	$(CARGO) clippy --all-targets --no-default-features -- -D warnings
 
 build: libtorch
-	$(CARGO) build --release
+	$(CARGO) build --release $(FEATURES)
 
 ## Regenerate tests/fixtures and models/ with the reference libraries.
 fixtures:

@@ -15,7 +15,7 @@ out="$root/target/bench-models"
 mkdir -p "$out"
 cargo bench --bench tree_eval -- --noplot --output-format bencher 2>/dev/null | tee "$out/native.txt"
 .cache/venv/bin/python tools/bench_reference.py | tee "$out/python.jsonl"
-cargo bench --bench torch_mlp -- --noplot --output-format bencher 2>/dev/null | tee "$out/torch-native.txt"
+cargo bench --features torch --bench torch_mlp -- --noplot --output-format bencher 2>/dev/null | tee "$out/torch-native.txt"
 .cache/venv/bin/python tools/bench_torch.py | tee "$out/torch-python.jsonl"
 python3 - "$out" <<'PY'
 import json, re, sys, os
