@@ -401,10 +401,27 @@ impl Reloader {
         let (tx, rx) = channel();
         let stop = Arc::new(AtomicBool::new(false));
         let watch = cfg.watch && models.file().is_some();
+        // the watch and what the files look like are taken now, before the
+        // worker reports it started: a change right after is not missed
+        let changed = Arc::new(AtomicBool::new(false));
+        let writing: Arc<Mutex<BTreeSet<PathBuf>>> = Arc::default();
+        let watcher = if watch {
+            Watch::start(&models, changed.clone(), writing.clone())
+        } else {
+            None
+        };
+        let seen = Fingerprint::of(&models.watched_files());
+        let files = Watched {
+            watcher,
+            changed,
+            writing,
+            seen,
+            signals: SIGHUPS.load(Ordering::Relaxed),
+        };
         let (debounce, halt) = (cfg.debounce, stop.clone());
         let thread = std::thread::Builder::new()
             .name("reload".into())
-            .spawn(move || reload_loop(models, rx, watch, debounce, halt))?;
+            .spawn(move || reload_loop(models, rx, files, debounce, halt))?;
         Ok(Reloader {
             requests: tx,
             stop,
@@ -428,26 +445,37 @@ impl Drop for Reloader {
     }
 }
 
+/// The file watch as the reload thread gets it.
+struct Watched {
+    watcher: Option<Watch>,
+    /// An event in a watched folder since the last look.
+    changed: Arc<AtomicBool>,
+    /// Watched files written in place and not closed since.
+    writing: Arc<Mutex<BTreeSet<PathBuf>>>,
+    /// The watched files as the served registry read them.
+    seen: Fingerprint,
+    /// SIGHUPs counted before the worker started.
+    signals: u64,
+}
+
 fn reload_loop(
     models: Arc<Models>,
     requests: Receiver<Request>,
-    watch: bool,
+    files: Watched,
     debounce: Duration,
     stop: Arc<AtomicBool>,
 ) {
-    let changed = Arc::new(AtomicBool::new(false));
-    let writing: Arc<Mutex<BTreeSet<PathBuf>>> = Arc::default();
-    let mut watcher = if watch {
-        Watch::start(&models, changed.clone(), writing.clone())
-    } else {
-        None
-    };
+    let Watched {
+        mut watcher,
+        changed,
+        writing,
+        mut seen,
+        signals: mut served_signals,
+    } = files;
     // (first change, last change) since the last watched reload
     let mut changes: Option<(Instant, Instant)> = None;
     // the most a stream of changes delays a watched reload
     let longest = (debounce * 10).max(Duration::from_secs(5));
-    let mut served_signals = SIGHUPS.load(Ordering::Relaxed);
-    let mut seen = Fingerprint::of(&models.watched_files());
     while !stop.load(Ordering::Relaxed) {
         let request = match requests.recv_timeout(Duration::from_millis(50)) {
             Ok(r) => Some(r),
