@@ -145,6 +145,28 @@ pub fn encode_feature(format: WireFormat, e: &FeatureEvent, out: &mut Vec<u8>) {
     }
 }
 
+/// Hands `rec` to `producer`, waiting while its local queue is full.
+pub fn send_waiting<K, P, C>(
+    producer: &ThreadedProducer<C>,
+    mut rec: BaseRecord<'_, K, P, ()>,
+) -> Result<(), KafkaError>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+    C: rdkafka::producer::ProducerContext<DeliveryOpaque = ()>,
+{
+    loop {
+        match producer.send(rec) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                rec = r;
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
 /// A stream of sample events for one topic.
 #[derive(Clone, Copy)]
 pub struct Traffic<'a> {
@@ -214,16 +236,7 @@ impl Load {
         if let Some(p) = partition {
             rec = rec.partition(p);
         }
-        loop {
-            match self.producer.send(rec) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                    rec = r;
-                    std::thread::sleep(Duration::from_micros(500));
-                }
-                Err((e, _)) => return Err(e.into()),
-            }
-        }
+        Ok(send_waiting(&self.producer, rec)?)
     }
 
     /// The partition event `i` goes to (None: its key's).

@@ -224,21 +224,7 @@ fn send<C: rdkafka::producer::ProducerContext<DeliveryOpaque = ()>>(
     if let Some(h) = headers {
         rec = rec.headers(h);
     }
-    loop {
-        match producer.send(rec) {
-            Ok(()) => return Ok(()),
-            Err((
-                rdkafka::error::KafkaError::MessageProduction(
-                    rdkafka::types::RDKafkaErrorCode::QueueFull,
-                ),
-                r,
-            )) => {
-                rec = r;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err((e, _)) => return Err(anyhow!("sending to {topic}: {e}")),
-        }
-    }
+    crate::loadgen::send_waiting(producer, rec).map_err(|e| anyhow!("sending to {topic}: {e}"))
 }
 
 /// What `ml-worker replay-dlq` sends back.
