@@ -1,12 +1,13 @@
 # Every target does its own set-up; nothing needs to be installed by hand
 # beyond the Rust toolchain, Python 3 and make.
-.PHONY: demo demo-offline bench test test-kafka setup onnxruntime libtorch sqlite3 python-kafka lint build fixtures bench-models fuzz clean
+.PHONY: demo demo-offline bench test test-kafka setup onnxruntime libtorch packages sqlite3 python-kafka lint build fixtures bench-models fuzz clean
 
 CARGO ?= cargo
 BIN := target/release/ml-worker
 ## Cargo features of every build here: the torch kind (libtorch from
-## `make libtorch`); a plain `cargo build` leaves it out.
-FEATURES ?= --features torch
+## `make libtorch`) and TLS/SCRAM for Kafka (OpenSSL, Debian's libssl-dev
+## from `make packages`); a plain `cargo build` leaves both out.
+FEATURES ?= --features torch,ssl
 
 ## The README's first command: the streaming worker end to end on the embedded
 ## broker and the shipped models (feature events in; predictions, signals and
@@ -29,12 +30,13 @@ demo-offline: onnxruntime build
 	$(BIN) audit verify
 
 ## The README's second command: everything CI runs. The build without
-## libtorch (no features) is linted and its registry tests run too.
+## libtorch or OpenSSL (no features) is linted, and its unit and registry
+## tests run too.
 test: setup lint
 	$(MAKE) validate-deploy
 	$(CARGO) build --examples $(FEATURES)
 	$(CARGO) test --all-targets $(FEATURES)
-	$(CARGO) test --no-default-features --test registry
+	$(CARGO) test --no-default-features --lib --test registry
 	$(MAKE) test-kafka
 
 ## The Kafka-facing tests again, against a real Apache Kafka (4.1,
@@ -42,7 +44,7 @@ test: setup lint
 test-kafka:
 	bash scripts/kafka-broker.sh run -- $(CARGO) test $(FEATURES) --test group --test worker
 
-setup: onnxruntime libtorch sqlite3 python-kafka
+setup: onnxruntime libtorch packages python-kafka
 
 ## The deployment files (deploy/, docker-compose.yml) against their schemas
 ## and tools: compose spec, Kubernetes and KEDA schemas, hadolint, promtool
@@ -63,18 +65,22 @@ onnxruntime:
 libtorch:
 	bash scripts/fetch-libtorch.sh
 
-# the audit tamper tests edit the store through the real sqlite3 shell; the
-# HTTPS test makes its certificates with the openssl command
-sqlite3:
+# Debian packages, installed when missing: the audit tamper tests edit the
+# store through the real sqlite3 shell; the HTTPS and Kafka TLS tests make
+# their certificates with the openssl command; the `ssl` feature builds
+# librdkafka against OpenSSL's headers (libssl-dev, found by pkg-config)
+packages:
 	@command -v sqlite3 >/dev/null || (apt-get update -qq && apt-get install -y -qq sqlite3 >/dev/null)
 	@command -v openssl >/dev/null || (apt-get update -qq && apt-get install -y -qq openssl >/dev/null)
+	@{ command -v pkg-config >/dev/null && pkg-config --exists openssl; } || (apt-get update -qq && apt-get install -y -qq pkg-config libssl-dev >/dev/null)
+sqlite3: packages
 
-lint: libtorch
+lint: libtorch packages
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets $(FEATURES) -- -D warnings
 	$(CARGO) clippy --all-targets --no-default-features -- -D warnings
 
-build: libtorch
+build: libtorch packages
 	$(CARGO) build --release $(FEATURES)
 
 ## Regenerate tests/fixtures and models/ with the reference libraries.

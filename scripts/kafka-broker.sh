@@ -8,11 +8,15 @@
 #   kafka-broker.sh fetch           jars -> .cache/kafka/<version>/libs (idempotent)
 #   kafka-broker.sh start [DIR]     start a broker with its data and logs in DIR
 #                                   (default: a fresh .cache/kafka/run-XXXXXX);
-#                                   stdout: KAFKA_BROKER_DIR=DIR, then
-#                                   KAFKA_BOOTSTRAP=127.0.0.1:PORT as the last line
+#                                   stdout: KAFKA_BROKER_DIR=DIR, the SASL_SSL
+#                                   listener (KAFKA_SASL_SSL_BOOTSTRAP, its CA
+#                                   KAFKA_SSL_CA, SCRAM-SHA-512 user
+#                                   KAFKA_SASL_USERNAME / KAFKA_SASL_PASSWORD),
+#                                   then KAFKA_BOOTSTRAP=127.0.0.1:PORT (PLAINTEXT)
+#                                   as the last line
 #   kafka-broker.sh stop [DIR]      stop it and remove DIR (no DIR: every
 #                                   .cache/kafka/run-* broker)
-#   kafka-broker.sh run -- CMD...   start a broker, run CMD with KAFKA_BOOTSTRAP
+#   kafka-broker.sh run -- CMD...   start a broker, run CMD with those variables
 #                                   exported, stop the broker whatever happens,
 #                                   exit with CMD's status
 #   kafka-broker.sh tool CLASS ARGS run a Kafka tool class from the same jars, e.g.
@@ -111,15 +115,37 @@ broker_pid() {
   echo "$pid"
 }
 
-write_properties() { # DIR BROKER_PORT CONTROLLER_PORT
+# A CA and the broker's certificate (127.0.0.1, localhost) for the SASL_SSL
+# listener, in DIR/tls: ca.pem for clients, server.pem (unencrypted PKCS#8
+# key + certificate, Kafka's PEM keystore) for the broker.
+write_tls() { # DIR
+  local t="$1/tls"
+  mkdir -p "$t"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=kafka-broker.sh test CA" \
+    -keyout "$t/ca.key" -out "$t/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" \
+    -keyout "$t/server.key" -out "$t/server.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' > "$t/san.ext"
+  openssl x509 -req -in "$t/server.csr" -CA "$t/ca.pem" -CAkey "$t/ca.key" -CAcreateserial \
+    -days 2 -extfile "$t/san.ext" -out "$t/server.crt" 2>/dev/null
+  openssl pkcs8 -topk8 -nocrypt -in "$t/server.key" > "$t/server.pem"
+  cat "$t/server.crt" >> "$t/server.pem"
+  rm -f "$t/ca.key" "$t/server.key" "$t/server.csr" "$t/ca.srl"
+}
+
+write_properties() { # DIR BROKER_PORT CONTROLLER_PORT SASL_SSL_PORT
   cat > "$1/server.properties" <<EOF
 # Written by scripts/kafka-broker.sh: single-node KRaft broker for tests.
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$3
-listeners=PLAINTEXT://127.0.0.1:$2,CONTROLLER://127.0.0.1:$3
-advertised.listeners=PLAINTEXT://127.0.0.1:$2
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listeners=PLAINTEXT://127.0.0.1:$2,CONTROLLER://127.0.0.1:$3,SASL_SSL://127.0.0.1:$4
+advertised.listeners=PLAINTEXT://127.0.0.1:$2,SASL_SSL://127.0.0.1:$4
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+ssl.keystore.type=PEM
+ssl.keystore.location=$1/tls/server.pem
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 log.dirs=$1/data
@@ -155,15 +181,20 @@ start() {
     rm -rf "$dir/data" "$dir/server.log" "$dir/broker.out" "$dir/bootstrap"
   fi
   touch "$dir/.kafka-broker-run"
-  local timeout="${KAFKA_START_TIMEOUT:-60}" t0 attempt port cport cid pid addr
+  local timeout="${KAFKA_START_TIMEOUT:-60}" t0 attempt port cport sport cid pid addr password
+  command -v openssl >/dev/null || die "openssl not found (apt-get install -y openssl; make packages)"
   t0=$(date +%s.%N)
+  write_tls "$dir"
+  password="$(python3 -c 'import secrets; print(secrets.token_urlsafe(18))')"
   for attempt in 1 2 3; do
-    port="$(free_port)"; cport="$(free_port)"
-    [ "$port" != "$cport" ] || continue
-    write_properties "$dir" "$port" "$cport"
+    port="$(free_port)"; cport="$(free_port)"; sport="$(free_port)"
+    [ "$port" != "$cport" ] && [ "$port" != "$sport" ] && [ "$cport" != "$sport" ] || continue
+    write_properties "$dir" "$port" "$cport" "$sport"
     rm -rf "$dir/data"
     cid="$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode())')"
+    # the SASL_SSL listener's one SCRAM user
     java_in "$dir" kafka.tools.StorageTool format -t "$cid" -c "$dir/server.properties" \
+      --add-scram "SCRAM-SHA-512=[name=ml-worker,password=$password]" \
       > "$dir/format.out" 2>&1 || { cat "$dir/format.out" >&2; die "storage format failed"; }
     # setsid: the broker is not in the caller's process group, so a Ctrl-C
     # reaches the caller (whose trap stops the broker) rather than the JVM.
@@ -208,8 +239,12 @@ start() {
       >/dev/null 2>&1 || say "consumer-group warm-up did not finish (ignored)"
   fi
   echo "$addr" > "$dir/bootstrap"
-  say "Apache Kafka $KAFKA_VERSION up at $addr (pid $pid, $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s, log $dir/server.log)"
+  say "Apache Kafka $KAFKA_VERSION up at $addr, SASL_SSL at 127.0.0.1:$sport (pid $pid, $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}') s, log $dir/server.log)"
   echo "KAFKA_BROKER_DIR=$dir"
+  echo "KAFKA_SASL_SSL_BOOTSTRAP=127.0.0.1:$sport"
+  echo "KAFKA_SSL_CA=$dir/tls/ca.pem"
+  echo "KAFKA_SASL_USERNAME=ml-worker"
+  echo "KAFKA_SASL_PASSWORD=$password"
   echo "KAFKA_BOOTSTRAP=$addr"
 }
 
@@ -258,7 +293,12 @@ run() {
   out="$(start)" || exit 1
   dir="$(sed -n 's/^KAFKA_BROKER_DIR=//p' <<<"$out")"
   KAFKA_BOOTSTRAP="$(sed -n 's/^KAFKA_BOOTSTRAP=//p' <<<"$out")"
-  export KAFKA_BOOTSTRAP KAFKA_BROKER_DIR="$dir"
+  KAFKA_SASL_SSL_BOOTSTRAP="$(sed -n 's/^KAFKA_SASL_SSL_BOOTSTRAP=//p' <<<"$out")"
+  KAFKA_SSL_CA="$(sed -n 's/^KAFKA_SSL_CA=//p' <<<"$out")"
+  KAFKA_SASL_USERNAME="$(sed -n 's/^KAFKA_SASL_USERNAME=//p' <<<"$out")"
+  KAFKA_SASL_PASSWORD="$(sed -n 's/^KAFKA_SASL_PASSWORD=//p' <<<"$out")"
+  export KAFKA_BOOTSTRAP KAFKA_BROKER_DIR="$dir" KAFKA_SASL_SSL_BOOTSTRAP KAFKA_SSL_CA \
+    KAFKA_SASL_USERNAME KAFKA_SASL_PASSWORD
   trap 'stop_dir "$KAFKA_BROKER_DIR"' EXIT
   # CMD runs in the background so that a SIGTERM/SIGINT sent to this script
   # is handled at once: passed on to CMD, then the broker is stopped.

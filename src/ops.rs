@@ -114,7 +114,12 @@ pub fn produce(
     let (_, mut producer_cfg) = crate::worker::client_configs(cfg, brokers);
     producer_cfg.set("message.timeout.ms", "60000");
     let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
-        producer_cfg.create().context("creating the producer")?;
+        producer_cfg.create().map_err(|e| {
+            anyhow::anyhow!(
+                "creating the producer: {e}{}",
+                crate::worker::clients::build_hint(&e.to_string())
+            )
+        })?;
     let run = format!(
         "produce-{}",
         SystemTime::now()
@@ -304,7 +309,12 @@ pub fn replay_dead_letters(
         .set("group.id", replay_group(cfg, opts))
         .set("group.protocol", "classic")
         .remove("partition.assignment.strategy");
-    let consumer: BaseConsumer = consumer_cfg.create().context("creating the consumer")?;
+    let consumer: BaseConsumer = consumer_cfg.create().map_err(|e| {
+        anyhow::anyhow!(
+            "creating the consumer: {e}{}",
+            crate::worker::clients::build_hint(&e.to_string())
+        )
+    })?;
     let topic = &cfg.dead_letters;
     let timeout = Duration::from_secs(10);
     let metadata = consumer

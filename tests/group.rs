@@ -141,12 +141,18 @@ struct Worker {
 
 impl Worker {
     fn start(s: &Setup, group: &str) -> Worker {
+        Worker::start_on(s, group, &s.broker.address(), &[])
+    }
+
+    /// On `brokers` (another listener of the setup's broker), with `env`.
+    fn start_on(s: &Setup, group: &str, brokers: &str, env: &[(&str, &str)]) -> Worker {
         let started = Instant::now();
         let mut child = Command::new(env!("CARGO_BIN_EXE_ml-worker"))
             .args(["run", "--config"])
             .arg(s.dir.path().join("worker.yaml"))
-            .args(["--brokers", &s.broker.address(), "--group", group])
+            .args(["--brokers", brokers, "--group", group])
             .current_dir(s.dir.path())
+            .envs(env.iter().copied())
             .env("ML_WORKER_AUDIT_KEY", "group-test-key-0123456789")
             .stderr(Stdio::piped())
             .spawn()
@@ -793,4 +799,87 @@ fn replay_dlq_resubmits_dead_letters_after_a_fix_once_and_with_their_headers() {
         "the input holds the events and their replays"
     );
     w.terminate();
+}
+
+/// TLS and SASL through the pass-through, the way `deploy/k8s` configures
+/// them: the worker and `ml-worker produce` on Apache Kafka's SASL_SSL
+/// listener (SCRAM-SHA-512, the broker's certificate checked against the
+/// test CA), the password only in an environment variable named by
+/// `kafka.librdkafka_env`. `scripts/kafka-broker.sh` opens that listener;
+/// the embedded broker has none (skipped there). Needs the `ssl` feature
+/// (`make` builds with it).
+#[cfg(feature = "ssl")]
+#[test]
+fn the_worker_runs_over_sasl_ssl_with_the_password_from_the_environment() {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let (Some(bootstrap), Some(ca), Some(user), Some(password)) = (
+        var("KAFKA_SASL_SSL_BOOTSTRAP"),
+        var("KAFKA_SSL_CA"),
+        var("KAFKA_SASL_USERNAME"),
+        var("KAFKA_SASL_PASSWORD"),
+    ) else {
+        eprintln!("skipped: no SASL_SSL listener (scripts/kafka-broker.sh run opens one)");
+        return;
+    };
+    let s = Setup::new(2);
+    s.edit_config(
+        "librdkafka: {}",
+        &format!(
+            "librdkafka: {{\"security.protocol\": \"SASL_SSL\", \"sasl.mechanisms\": \"SCRAM-SHA-512\", \
+             \"sasl.username\": \"{user}\", \"ssl.ca.location\": \"{ca}\"}}\n  \
+             librdkafka_env: {{\"sasl.password\": \"ML_WORKER_TEST_KAFKA_PASSWORD\"}}"
+        ),
+    );
+    let secret = [("ML_WORKER_TEST_KAFKA_PASSWORD", password.as_str())];
+    let group = unique("group");
+    let w = Worker::start_on(&s, &group, &bootstrap, &secret);
+    wait_for("partitions over SASL_SSL", Duration::from_secs(30), || {
+        w.assigned() == Some(2)
+    });
+    let produce = |env: &[(&str, &str)]| {
+        Command::new(env!("CARGO_BIN_EXE_ml-worker"))
+            .args([
+                "produce", "--events", "300", "--rate", "3000", "--json", "--config",
+            ])
+            .arg(s.dir.path().join("worker.yaml"))
+            .args(["--brokers", &bootstrap, "--samples", "models/samples"])
+            .current_dir(root())
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let out = produce(&secret);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // read back on the plaintext listener: the same topics
+    let mut reader = Reader::new(
+        &s.broker.address(),
+        (&s.predictions, WireFormat::AvroRaw),
+        (&s.signals, WireFormat::AvroRaw),
+        &s.dead_letters,
+    )
+    .unwrap();
+    reader.read(Duration::from_secs(30), |seen| seen.by_id.len() >= 300);
+    assert_eq!(reader.seen.by_id.len(), 300);
+    assert!(reader.seen.dead_letters.is_empty());
+    wait_for("every offset committed", Duration::from_secs(20), || {
+        s.committed_total(&group, 2) == 300
+    });
+    // without the variable nothing starts, and the error names it
+    let out = produce(&[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("kafka.librdkafka_env.sasl.password")
+            && err.contains("'ML_WORKER_TEST_KAFKA_PASSWORD' is not set"),
+        "{err}"
+    );
+    let (_, lines) = w.terminate();
+    assert!(
+        !lines.iter().any(|l| l.contains(&password)),
+        "the password is never logged"
+    );
 }

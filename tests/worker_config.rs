@@ -168,3 +168,100 @@ fn exactly_once_takes_a_transactional_id_and_configures_both_clients_for_transac
     assert_eq!(producer.get("transactional.id"), Some("scorer-0"));
     assert_eq!(producer.get("message.timeout.ms"), Some("20000"));
 }
+
+#[test]
+fn librdkafka_env_reads_secrets_from_the_environment_and_checks_them_like_the_file() {
+    let shipped = std::fs::read_to_string(root().join("config/worker.yaml")).unwrap();
+    let parse = |pass: &str, env: &str| {
+        ml_worker::worker::config::parse_worker_config(
+            &shipped.replace(
+                "librdkafka: {}",
+                &format!("librdkafka: {pass}\n  librdkafka_env: {env}"),
+            ),
+            Path::new("w.yaml"),
+            &Overrides::default(),
+        )
+        .map_err(|e| e.to_string())
+    };
+    // variables unique to this test (the environment is the process's)
+    let secret = "s3cr3t \"quoted\" $HOME `x`";
+    std::env::set_var("ML_WORKER_TEST_SASL_PASSWORD_A81F", secret);
+    std::env::set_var("ML_WORKER_TEST_EMPTY_A81F", "");
+    std::env::set_var("ML_WORKER_TEST_PLUGIN_A81F", "/tmp/evil.so");
+    let c = parse(
+        r#"{"sasl.username": "ml-worker"}"#,
+        r#"{"sasl.password": "ML_WORKER_TEST_SASL_PASSWORD_A81F"}"#,
+    )
+    .unwrap();
+    assert_eq!(c.librdkafka["sasl.password"], secret, "taken verbatim");
+    let (consumer, producer) = ml_worker::worker::client_configs(&c, "b:9092");
+    assert_eq!(consumer.get("sasl.password"), Some(secret));
+    assert_eq!(producer.get("sasl.password"), Some(secret));
+    assert_eq!(producer.get("sasl.username"), Some("ml-worker"));
+
+    let cases = [
+        (
+            r#"{}"#,
+            r#"{"sasl.password": "ML_WORKER_TEST_EMPTY_A81F"}"#,
+            "field 'kafka.librdkafka_env.sasl.password': the environment variable 'ML_WORKER_TEST_EMPTY_A81F' is empty",
+        ),
+        (
+            r#"{"SASL.Password": "in-the-file"}"#,
+            r#"{"sasl.password": "ML_WORKER_TEST_SASL_PASSWORD_A81F"}"#,
+            "field 'kafka.librdkafka_env.sasl.password': is in kafka.librdkafka too",
+        ),
+        (
+            r#"{}"#,
+            r#"{"plugin.library.paths": "ML_WORKER_TEST_PLUGIN_A81F"}"#,
+            "field 'kafka.librdkafka_env.plugin.library.paths': is refused",
+        ),
+        (
+            r#"{}"#,
+            r#"{"enable.auto.commit": "ML_WORKER_TEST_SASL_PASSWORD_A81F"}"#,
+            "field 'kafka.librdkafka_env.enable.auto.commit': is managed by ml-worker",
+        ),
+        (
+            r#"{}"#,
+            r#"{"sasl.kerberos.principal": "ML_WORKER_TEST_SASL_PASSWORD_A81F"}"#,
+            "field 'kafka.librdkafka_env.sasl.kerberos.principal': may hold only letters",
+        ),
+    ];
+    for (pass, env, expect) in cases {
+        let e = parse(pass, env).expect_err(env);
+        assert!(e.contains(expect), "expected {expect:?} in {e:?}");
+        assert!(
+            !e.contains("s3cr3t"),
+            "a variable's value is never shown: {e}"
+        );
+    }
+}
+
+/// The worker configurations the deployment files ship (compose's file, the
+/// Kubernetes ConfigMap's `worker.yaml`) pass the worker's own parser, with
+/// the variables the Deployment sets from Secrets.
+#[test]
+fn the_deployment_files_worker_configs_are_valid() {
+    let compose = std::fs::read_to_string(root().join("deploy/compose/worker.yaml")).unwrap();
+    let cm: serde_norway::Value = serde_norway::from_str(
+        &std::fs::read_to_string(root().join("deploy/k8s/configmap-worker.yaml")).unwrap(),
+    )
+    .unwrap();
+    let k8s = cm["data"]["worker.yaml"].as_str().unwrap().to_string();
+    std::env::set_var("KAFKA_SASL_PASSWORD", "from-the-secret");
+    for (name, text) in [("compose", compose), ("k8s", k8s)] {
+        let c = ml_worker::worker::config::parse_worker_config(
+            &text,
+            Path::new("/etc/ml-worker/config/worker.yaml"),
+            &Overrides::default(),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(!c.embedded(), "{name}: a real cluster");
+        assert!(
+            !c.metrics_address.ip().is_loopback(),
+            "{name}: scraped from outside"
+        );
+        if name == "k8s" {
+            assert_eq!(c.librdkafka["sasl.password"], "from-the-secret");
+        }
+    }
+}

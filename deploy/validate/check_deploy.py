@@ -8,7 +8,7 @@ with the worker's configuration (make validate-deploy).
 - deploy/k8s: the same for the Deployment, plus the KEDA ScaledObject
   (capped at the input topic's partitions, the worker's group and topic),
   probes, security context, every path the worker writes or reads on a
-  volume, and the init container's rendering of the SASL password;
+  volume, and every librdkafka_env variable set from a Secret;
 - deploy/prometheus: every alert has a unit test that fires it;
 - deploy/grafana: every panel query parses (promtool), ids are unique, the
   datasource is the dashboard's variable.
@@ -162,7 +162,6 @@ def k8s(root):
     c = pod["containers"][0]
     args = c["args"]
     config_path = args[args.index("--config") + 1]
-    init = pod["initContainers"][0]
     cm = docs[("ConfigMap", "ml-worker-config")]
     template = cm["data"]["worker.yaml"]
     worker = yaml.safe_load(template)
@@ -205,13 +204,10 @@ def k8s(root):
           "k8s: pod anti-affinity across nodes")
     # config and files on volumes
     cfg_vol = volume_of(config_path)
-    check(cfg_vol and "emptyDir" in cfg_vol[1], f"k8s: --config {config_path} is on the rendered emptyDir")
-    init_mounts = {m["mountPath"]: m for m in init["volumeMounts"]}
-    check(cfg_vol and any(m["name"] == cfg_vol[1]["name"] for m in init["volumeMounts"]),
-          "k8s: the init container writes that volume")
-    tpl_mount = [mp for mp, m in init_mounts.items() if vols[m["name"]].get("configMap", {}).get("name") == "ml-worker-config"]
-    check(tpl_mount and f"{tpl_mount[0]}/worker.yaml" in init["args"][0],
-          "k8s: the init container reads worker.yaml from ConfigMap ml-worker-config")
+    check(cfg_vol and cfg_vol[1].get("configMap", {}).get("name") == "ml-worker-config"
+          and "subPath" not in mounts[cfg_vol[0]],
+          f"k8s: --config {config_path} is ConfigMap ml-worker-config, mounted whole")
+    check("initContainers" not in pod, "k8s: no init container (the worker reads secrets itself)")
     reg = volume_of(worker["registry"])
     check(reg and reg[1].get("configMap", {}).get("name") == "ml-worker-models" and "subPath" not in mounts[reg[0]],
           f"k8s: registry {worker['registry']} is ConfigMap ml-worker-models, mounted whole (updates arrive)")
@@ -229,23 +225,12 @@ def k8s(root):
             items = v and [i["path"] for i in v[1].get("secret", {}).get("items", [])]
             check(v and "secret" in v[1] and (not items or os.path.relpath(value, v[0]) in items),
                   f"k8s: librdkafka {key} {value} is a file of a mounted Secret")
-    # the password placeholder is rendered, correctly escaped
-    if "${KAFKA_SASL_PASSWORD}" in template:
-        with tempfile.TemporaryDirectory() as t:
-            script = init["args"][0]
-            for mp in init_mounts:
-                os.makedirs(t + mp, exist_ok=True)
-                script = script.replace(mp, t + mp)
-            with open(os.path.join(t + tpl_mount[0], "worker.yaml"), "w") as f:
-                f.write(template)
-            out = os.path.join(t + cfg_vol[0], os.path.basename(config_path))
-            good = True
-            for pw in ["plain", 'q"uo\\te&/\'$ ${KAFKA_SASL_PASSWORD} \\n', "\\"]:
-                r = subprocess.run(init["command"] + [script], env={"KAFKA_SASL_PASSWORD": pw, "PATH": os.environ["PATH"]},
-                                   capture_output=True, text=True)
-                got = yaml.safe_load(open(out))["kafka"]["librdkafka"]["sasl.password"] if r.returncode == 0 else r.stderr
-                good &= got == pw
-            check(good, "k8s: the init container renders any SASL password into valid YAML")
+    # no secret in the ConfigMap: passwords come from Secrets as variables
+    secret_env = {e["name"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+    written = [k for k in worker["kafka"].get("librdkafka", {}) if k.lower().endswith("password")]
+    check(not written, f"k8s: no password in the ConfigMap's kafka.librdkafka {written or ''}(kafka.librdkafka_env instead)")
+    for key, var in worker["kafka"].get("librdkafka_env", {}).items():
+        check(var in secret_env, f"k8s: librdkafka {key} comes from variable {var}, set from a Secret")
     env = {e["name"] for e in c.get("env", [])}
     check(worker["reload"].get("token_env", "ML_WORKER_ADMIN_TOKEN") in env,
           "k8s: the admin token's variable comes from a Secret")

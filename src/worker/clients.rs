@@ -66,3 +66,43 @@ pub fn client_configs(cfg: &WorkerConfig, brokers: &str) -> (ClientConfig, Clien
     }
     (consumer, producer)
 }
+
+/// What to do when librdkafka refuses a setting this build lacks: TLS and
+/// SCRAM/OAUTHBEARER need the `ssl` feature. Empty otherwise.
+pub fn build_hint(error: &str) -> &'static str {
+    let needs_ssl = error.contains("OpenSSL not available at build time")
+        || error.contains("No provider for SASL mechanism");
+    if needs_ssl && !cfg!(feature = "ssl") {
+        " (this ml-worker was built without the `ssl` feature: TLS and SASL SCRAM/OAUTHBEARER \
+         need it; build with `cargo build --release --features ssl`, or `make build`)"
+    } else {
+        ""
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::producer::BaseProducer;
+
+    /// A SASL_SSL + SCRAM client is created with the `ssl` feature; without
+    /// it librdkafka refuses the setting and the error says to build with
+    /// the feature.
+    #[test]
+    fn tls_and_scram_need_the_ssl_feature_and_say_so() {
+        let created = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:9")
+            .set("security.protocol", "SASL_SSL")
+            .set("sasl.mechanisms", "SCRAM-SHA-512")
+            .set("sasl.username", "u")
+            .set("sasl.password", "p")
+            .create::<BaseProducer>();
+        if cfg!(feature = "ssl") {
+            assert!(created.is_ok(), "{:?}", created.err());
+        } else {
+            let e = created.err().expect("refused without OpenSSL").to_string();
+            assert!(build_hint(&e).contains("--features ssl"), "{e}");
+        }
+        assert_eq!(build_hint("Broker: Message size too large"), "");
+    }
+}

@@ -265,6 +265,11 @@ struct RawKafka {
     /// Extra librdkafka properties (TLS, SASL, timeouts, ...), passed through.
     #[serde(default)]
     librdkafka: BTreeMap<String, String>,
+    /// librdkafka properties whose values are read from environment
+    /// variables at start (property -> variable): secrets such as
+    /// `sasl.password` stay out of the file.
+    #[serde(default)]
+    librdkafka_env: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -741,19 +746,8 @@ fn validate(
     if raw.kafka.group_id.trim().is_empty() {
         return Err(err("kafka.group_id", "must not be empty".into()));
     }
-    for (key, value) in &raw.kafka.librdkafka {
-        if let Some(why) = refused_property(key, value) {
-            return Err(err(
-                &format!("kafka.librdkafka.{}", crate::text::escape(key)),
-                why,
-            ));
-        }
-        if value.is_empty() {
-            return Err(err(
-                &format!("kafka.librdkafka.{key}"),
-                "has an empty value".into(),
-            ));
-        }
+    let librdkafka = pass_through(&raw.kafka, &err)?;
+    for key in librdkafka.keys() {
         if raw.kafka.group_protocol.unwrap_or(GroupProtocol::Consumer) == GroupProtocol::Consumer
             && CLASSIC_ONLY.contains(&key.as_str())
         {
@@ -933,7 +927,7 @@ fn validate(
             "is more than 10 minutes".into(),
         ));
     }
-    let transaction_max_events = exactly_once(&raw.delivery, &raw.kafka.librdkafka, &err)?;
+    let transaction_max_events = exactly_once(&raw.delivery, &librdkafka, &err)?;
     let metrics_address: SocketAddr = raw.metrics.address.parse().map_err(|_| {
         err(
             "metrics.address",
@@ -949,7 +943,7 @@ fn validate(
         group_id: raw.kafka.group_id,
         group_protocol: raw.kafka.group_protocol.unwrap_or(GroupProtocol::Consumer),
         client_id: raw.kafka.client_id.unwrap_or_else(|| "ml-worker".into()),
-        librdkafka: raw.kafka.librdkafka,
+        librdkafka,
         input_topics: raw.input.topics,
         input_format: raw.input.format,
         max_record_bytes,
@@ -983,6 +977,72 @@ fn validate(
         log_json: raw.logging.json,
         reload,
     })
+}
+
+/// The librdkafka pass-through: `kafka.librdkafka`, plus the properties
+/// of `kafka.librdkafka_env` read from their environment variables. A
+/// property refused (`refused_property`), empty, given both ways, or whose
+/// variable is unset is an error naming it; a variable's value is never
+/// shown.
+fn pass_through(
+    kafka: &RawKafka,
+    err: &impl Fn(&str, String) -> ConfigError,
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for (key, value) in &kafka.librdkafka {
+        let field = format!("kafka.librdkafka.{}", crate::text::escape(key));
+        if let Some(why) = refused_property(key, value) {
+            return Err(err(&field, why));
+        }
+        if value.is_empty() {
+            return Err(err(&field, "has an empty value".into()));
+        }
+        out.insert(key.clone(), value.clone());
+    }
+    for (key, var) in &kafka.librdkafka_env {
+        let field = format!("kafka.librdkafka_env.{}", crate::text::escape(key));
+        let same = |k: &String| {
+            let norm = |k: &str| {
+                let k = k.trim().to_ascii_lowercase();
+                k.strip_prefix("topic.").unwrap_or(&k).to_string()
+            };
+            norm(k) == norm(key)
+        };
+        if kafka.librdkafka.keys().any(same) {
+            return Err(err(
+                &field,
+                "is in kafka.librdkafka too: give the value or the variable that holds it, not both"
+                    .into(),
+            ));
+        }
+        let var_shown = crate::text::escape(var);
+        let value = match std::env::var(var) {
+            Ok(v) if v.is_empty() => {
+                return Err(err(
+                    &field,
+                    format!("the environment variable '{var_shown}' is empty"),
+                ))
+            }
+            Ok(v) => v,
+            Err(std::env::VarError::NotPresent) => {
+                return Err(err(
+                    &field,
+                    format!("the environment variable '{var_shown}' is not set"),
+                ))
+            }
+            Err(std::env::VarError::NotUnicode(_)) => {
+                return Err(err(
+                    &field,
+                    format!("the environment variable '{var_shown}' is not UTF-8"),
+                ))
+            }
+        };
+        if let Some(why) = refused_property(key, &value) {
+            return Err(err(&field, why));
+        }
+        out.insert(key.clone(), value);
+    }
+    Ok(out)
 }
 
 /// Validates the `exactly-once` settings: the transactional id and size,

@@ -9,7 +9,7 @@
 //!   transaction.
 
 pub mod batch;
-mod clients;
+pub(crate) mod clients;
 mod commit;
 pub mod config;
 mod consume;
