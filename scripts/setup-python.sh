@@ -11,10 +11,12 @@ case "${1:-}" in
   *) echo "usage: $0 [kafka]" >&2; exit 2 ;;
 esac
 stamp="$venv/.requirements.sha256"
-want=$(sha256sum "$req" | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+# a venv is not relocatable: its scripts name its path, so the stamp does too
+want="$(sha256sum "$req" | cut -d' ' -f1) $venv"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$venv/bin/python" -c '' 2>/dev/null; then
   exit 0
 fi
+rm -rf "$venv"
 python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet --upgrade pip
 "$venv/bin/pip" install --quiet -r "$req"

@@ -32,8 +32,9 @@ say() { echo "validate-deploy: $*"; }
 
 # ---- set-up ----------------------------------------------------------------
 stamp="$venv/.requirements.sha256"
-want=$(sha256sum "$req" | cut -d' ' -f1)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+# a venv is not relocatable: its scripts name its path, so the stamp does too
+want="$(sha256sum "$req" | cut -d' ' -f1) $venv"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$venv/bin/python" -c '' 2>/dev/null; then
   say "installing the validators into $venv"
   rm -rf "$venv"
   python3 -m venv "$venv"
