@@ -582,6 +582,8 @@ impl WorkerTopics {
 
 /// A worker on its own topics, in this process.
 struct BenchWorker {
+    /// Its consumer group.
+    group: String,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<Result<crate::worker::Summary, crate::worker::WorkerError>>,
@@ -610,6 +612,7 @@ impl BenchWorker {
         };
         wcfg.dead_letters = topics.dead_letters.clone();
         wcfg.metrics_address = "127.0.0.1:0".parse().expect("literal address");
+        let group = wcfg.group_id.clone();
         let metrics = Arc::new(Metrics::default());
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -621,6 +624,7 @@ impl BenchWorker {
                 .spawn(move || crate::worker::run(c, &b, models, m, s, |_| {}))?
         };
         Ok(BenchWorker {
+            group,
             metrics,
             stop,
             thread,
@@ -1673,5 +1677,229 @@ impl RegistryCopy {
 impl Drop for RegistryCopy {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One delivery mode's medians in [`delivery_modes`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ModeResult {
+    /// Events per second from the first acknowledged output to the group's
+    /// committed offsets reaching the end of the input.
+    pub events_per_s: f64,
+    /// Events per second to the last acknowledged output.
+    pub acked_events_per_s: f64,
+    /// CPU of this process (the worker and its clients) per event, µs.
+    pub cpu_us_per_event: f64,
+    /// Transactions committed in the median round (exactly-once).
+    pub transactions: u64,
+}
+
+/// `ml-worker bench --delivery-modes`: exactly-once against at-least-once.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryReport {
+    pub model: String,
+    pub brokers: String,
+    pub events: u64,
+    pub rounds: usize,
+    pub commit_interval_ms: u64,
+    pub at_least_once: ModeResult,
+    pub exactly_once: ModeResult,
+    /// exactly-once / at-least-once events/s (medians).
+    pub ratio: f64,
+    /// The same ratio per round.
+    pub round_ratios: Vec<f64>,
+    pub elapsed_s: f64,
+}
+
+/// Exactly-once's throughput as a share of at-least-once's, on an existing
+/// cluster, same input and machine, in one run. Each round gives each mode
+/// (alternating, and which goes first alternates, so drift and order hit
+/// both) a fresh 8-partition topic already
+/// holding `opts.events` events for `opts.model` and a fresh worker in this
+/// process (the config's batching and `commit_interval_ms`), timed from its
+/// first acknowledged output until the group's committed offsets reach the
+/// end of the input: under exactly-once offsets are committed with the
+/// outputs, so that is when the last output is visible to a
+/// `read_committed` reader. Medians over `opts.rounds` are reported.
+pub fn delivery_modes(
+    cfg: &WorkerConfig,
+    opts: &BenchOptions,
+    kinds: crate::registry::RegistryBuilder,
+) -> Result<DeliveryReport> {
+    use crate::worker::config::DeliveryMode;
+    const PARTITIONS: i32 = 8;
+    let began = Instant::now();
+    let Some(brokers) = opts.brokers.as_deref().filter(|b| *b != "embedded") else {
+        bail!(
+            "--delivery-modes needs a Kafka cluster (--brokers host:port): the embedded broker \
+             accepts transactions but stores no transactional offsets, so exactly-once cannot \
+             finish there"
+        );
+    };
+    let samples = model_samples(opts)?;
+    let registry = Arc::new(kinds.open(&cfg.registry)?);
+    let Some(spec) = registry.spec(&opts.model) else {
+        bail!(
+            "model '{}' is not in {}",
+            opts.model,
+            cfg.registry.display()
+        );
+    };
+    let outputs_per_event = 1 + spec.signal.is_some() as u64;
+    let n = opts.events;
+    let cluster = Cluster::start(Some(brokers))?;
+    let never = AtomicBool::new(false);
+    let total_cpu = || thread_cpu().values().sum::<f64>();
+    let modes = [
+        ("at-least-once", DeliveryMode::AtLeastOnce),
+        ("exactly-once", DeliveryMode::ExactlyOnce),
+    ];
+    // per mode: (events/s, acked events/s, CPU µs per event, transactions)
+    let mut results: [Vec<(f64, f64, f64, u64)>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..opts.rounds.max(1) {
+        // which mode goes first alternates too
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let (name, mode) = &modes[i];
+            let tag = format!("delivery-{}-{name}", round + 1);
+            let topics = WorkerTopics::create(&cluster, &tag, PARTITIONS)?;
+            {
+                let load = Load::new(&cluster.brokers)?;
+                let t = Traffic {
+                    topic: &topics.features,
+                    format: WireFormat::AvroRaw,
+                    samples: &samples,
+                    prefix: "d",
+                };
+                load.events(&t, 0, n, None, &never)?;
+                load.flush(Duration::from_secs(300))?;
+            }
+            let mut wcfg = cfg.clone();
+            wcfg.mode = *mode;
+            wcfg.transactional_id = None;
+            let w = BenchWorker::start(&wcfg, &cluster, &tag, &topics, |m| {
+                Models::fixed(registry.clone(), m)
+            })?;
+            let offsets: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &cluster.brokers)
+                .set("group.id", &w.group)
+                .create()?;
+            let committed = || -> i64 {
+                let mut tpl = rdkafka::TopicPartitionList::new();
+                for p in 0..PARTITIONS {
+                    tpl.add_partition(&topics.features, p);
+                }
+                offsets
+                    .committed_offsets(tpl, Duration::from_secs(10))
+                    .map(|l| {
+                        l.elements()
+                            .iter()
+                            .filter_map(|e| match e.offset() {
+                                Offset::Offset(o) => Some(o),
+                                _ => None,
+                            })
+                            .sum()
+                    })
+                    .unwrap_or(0)
+            };
+            wait_for(
+                "the worker's first output",
+                Duration::from_secs(120),
+                || w.metrics.acked.load(Ordering::Relaxed) > 0 || w.thread.is_finished(),
+            )?;
+            let t0 = Instant::now();
+            let cpu0 = total_cpu();
+            let mut acked_at = None;
+            while committed() < n as i64 {
+                if acked_at.is_none()
+                    && w.metrics.acked.load(Ordering::Relaxed) >= outputs_per_event * n
+                {
+                    acked_at = Some(t0.elapsed());
+                }
+                if w.thread.is_finished() {
+                    return w
+                        .stop()
+                        .and(Err(anyhow!("bench: the {name} worker stopped")));
+                }
+                if t0.elapsed() > Duration::from_secs(600) {
+                    bail!("bench: {name}: offsets not committed to the end within 600 s");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let elapsed = t0.elapsed();
+            let cpu = (total_cpu() - cpu0) * 1e6 / n as f64;
+            let txns = w.metrics.total("ml_worker_transactions_committed_total");
+            w.stop()?;
+            let rate = n as f64 / elapsed.as_secs_f64();
+            let acked = n as f64 / acked_at.unwrap_or(elapsed).as_secs_f64();
+            eprintln!(
+                "bench: round {}: {name}: {rate:.0} events/s to the last commit, {acked:.0} to \
+                 the last acknowledgement, {cpu:.1} us CPU per event, {txns} transactions",
+                round + 1
+            );
+            results[i].push((rate, acked, cpu, txns));
+        }
+    }
+    let median = |v: &[(f64, f64, f64, u64)]| -> ModeResult {
+        let mid = |f: fn(&(f64, f64, f64, u64)) -> f64| {
+            let mut x: Vec<f64> = v.iter().map(f).collect();
+            x.sort_by(f64::total_cmp);
+            x[x.len() / 2]
+        };
+        let rate = mid(|r| r.0);
+        ModeResult {
+            events_per_s: rate,
+            acked_events_per_s: mid(|r| r.1),
+            cpu_us_per_event: mid(|r| r.2),
+            transactions: v.iter().find(|r| r.0 == rate).map_or(0, |r| r.3),
+        }
+    };
+    let (alo, eos) = (median(&results[0]), median(&results[1]));
+    Ok(DeliveryReport {
+        model: opts.model.clone(),
+        brokers: cluster.name(),
+        events: n,
+        rounds: results[0].len(),
+        commit_interval_ms: cfg.commit_interval.as_millis() as u64,
+        ratio: eos.events_per_s / alo.events_per_s,
+        round_ratios: results[0]
+            .iter()
+            .zip(&results[1])
+            .map(|(a, e)| e.0 / a.0)
+            .collect(),
+        at_least_once: alo,
+        exactly_once: eos,
+        elapsed_s: began.elapsed().as_secs_f64(),
+    })
+}
+
+impl std::fmt::Display for DeliveryReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "delivery modes: {} events of {} on {}, commit_interval_ms {}, {} rounds (medians)",
+            self.events, self.model, self.brokers, self.commit_interval_ms, self.rounds
+        )?;
+        for (name, r) in [
+            ("at-least-once", &self.at_least_once),
+            ("exactly-once", &self.exactly_once),
+        ] {
+            writeln!(
+                f,
+                "  {name:<14} {:>10.0} events/s to the last commit, {:>10.0} to the last \
+                 acknowledgement, {:.1} us CPU per event, {} transactions",
+                r.events_per_s, r.acked_events_per_s, r.cpu_us_per_event, r.transactions
+            )?;
+        }
+        writeln!(
+            f,
+            "  exactly-once / at-least-once: {:.2} (rounds: {})",
+            self.ratio,
+            self.round_ratios
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     }
 }

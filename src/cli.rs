@@ -131,6 +131,11 @@ enum Command {
         /// registry this often (e.g. 1s), to see what reloads cost.
         #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION", requires = "soak")]
         reload_every: Option<std::time::Duration>,
+        /// Instead of the benchmark: exactly-once's throughput against
+        /// at-least-once's on a Kafka cluster (--brokers), --events per
+        /// mode and round, the config's commit_interval_ms.
+        #[arg(long, requires = "brokers", conflicts_with = "soak")]
+        delivery_modes: bool,
     },
     /// Send synthetic feature events for the registered models to the input
     /// topic of a config (its wire format and cluster), at a steady rate.
@@ -537,6 +542,7 @@ fn run(cli: Cli, kinds: &RegistryBuilder) -> Result<u8> {
             json,
             soak,
             reload_every,
+            delivery_modes,
         } => {
             let ok = rate > 0.0 && rate.is_finite() && latency_secs > 0.0 && latency_secs <= 3600.0;
             if !ok {
@@ -557,6 +563,16 @@ fn run(cli: Cli, kinds: &RegistryBuilder) -> Result<u8> {
                 rounds: rounds as usize,
                 samples,
             };
+            if delivery_modes {
+                let r =
+                    crate::bench::delivery_modes(&cfg, &opts, kinds(RegistryOptions::default()))?;
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    print!("{r}");
+                }
+                return Ok(0);
+            }
             if let Some(duration) = soak {
                 let r = crate::bench::soak(
                     &cfg,

@@ -883,3 +883,47 @@ fn the_worker_runs_over_sasl_ssl_with_the_password_from_the_environment() {
         "the password is never logged"
     );
 }
+
+/// `ml-worker bench --delivery-modes` runs both modes to the end on Apache
+/// Kafka and reports them (small numbers: it works, speed is not asserted);
+/// on the embedded broker it refuses, saying why.
+#[test]
+fn bench_delivery_modes_compares_exactly_once_with_at_least_once() {
+    let run = |brokers: &str| {
+        Command::new(env!("CARGO_BIN_EXE_ml-worker"))
+            .args(["bench", "--delivery-modes", "--brokers", brokers])
+            .args(["--events", "3000", "--rounds", "1", "--json"])
+            .current_dir(root())
+            .output()
+            .unwrap()
+    };
+    let out = run("embedded");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stores no transactional offsets"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let Some(kafka) = brokers::external() else {
+        eprintln!("skipped the run: measured on Apache Kafka (KAFKA_BOOTSTRAP)");
+        return;
+    };
+    let out = run(&kafka);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["events"], 3000);
+    for mode in ["at_least_once", "exactly_once"] {
+        let rate = r[mode]["events_per_s"].as_f64().unwrap();
+        assert!(rate > 0.0 && rate.is_finite(), "{r}");
+    }
+    assert_eq!(r["at_least_once"]["transactions"], 0, "{r}");
+    assert!(
+        r["exactly_once"]["transactions"].as_u64().unwrap() >= 1,
+        "{r}"
+    );
+    assert!(r["ratio"].as_f64().unwrap() > 0.0);
+}
