@@ -116,8 +116,8 @@ pub fn produce(
     let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
         producer_cfg.create().map_err(|e| {
             anyhow::anyhow!(
-                "creating the producer: {e}{}",
-                crate::worker::clients::build_hint(&e.to_string())
+                "creating the producer: {}",
+                crate::worker::clients::describe(&e)
             )
         })?;
     let run = format!(
@@ -311,8 +311,8 @@ pub fn replay_dead_letters(
         .remove("partition.assignment.strategy");
     let consumer: BaseConsumer = consumer_cfg.create().map_err(|e| {
         anyhow::anyhow!(
-            "creating the consumer: {e}{}",
-            crate::worker::clients::build_hint(&e.to_string())
+            "creating the consumer: {}",
+            crate::worker::clients::describe(&e)
         )
     })?;
     let topic = &cfg.dead_letters;

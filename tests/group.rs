@@ -126,6 +126,17 @@ impl Setup {
         std::fs::write(&file, yaml.replace(from, to)).unwrap();
     }
 
+    /// A reader of this setup's outputs, from their beginning.
+    fn reader(&self) -> Reader {
+        Reader::new(
+            &self.broker.address(),
+            (&self.predictions, WireFormat::AvroRaw),
+            (&self.signals, WireFormat::AvroRaw),
+            &self.dead_letters,
+        )
+        .unwrap()
+    }
+
     fn committed_total(&self, group: &str, partitions: i32) -> i64 {
         brokers::committed_total(&self.broker.address(), group, &self.features, partitions)
     }
@@ -411,13 +422,7 @@ fn sighup_reloads_the_registry_and_the_worker_serves_on() {
     load.events(&t, 0, 200, None, &AtomicBool::new(false))
         .unwrap();
     load.flush(Duration::from_secs(10)).unwrap();
-    let mut reader = Reader::new(
-        &s.broker.address(),
-        (&s.predictions, WireFormat::AvroRaw),
-        (&s.signals, WireFormat::AvroRaw),
-        &s.dead_letters,
-    )
-    .unwrap();
+    let mut reader = s.reader();
     reader.read(Duration::from_secs(30), |seen| seen.by_id.len() >= 200);
     assert_eq!(reader.seen.by_id.len(), 200);
     let diabetes: Vec<_> = reader
@@ -581,13 +586,7 @@ fn ml_worker_produce_drives_the_worker_end_to_end() {
         4,
         "every registered model in turn: {report}"
     );
-    let mut reader = Reader::new(
-        &s.broker.address(),
-        (&s.predictions, WireFormat::AvroRaw),
-        (&s.signals, WireFormat::AvroRaw),
-        &s.dead_letters,
-    )
-    .unwrap();
+    let mut reader = s.reader();
     reader.read(Duration::from_secs(30), |seen| seen.by_id.len() >= 500);
     assert_eq!(
         reader.seen.by_id.len(),
@@ -682,13 +681,7 @@ fn replay_dlq_resubmits_dead_letters_after_a_fix_once_and_with_their_headers() {
             .unwrap();
     }
     rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10)).unwrap();
-    let mut reader = Reader::new(
-        &s.broker.address(),
-        (&s.predictions, WireFormat::AvroRaw),
-        (&s.signals, WireFormat::AvroRaw),
-        &s.dead_letters,
-    )
-    .unwrap();
+    let mut reader = s.reader();
     reader.read(Duration::from_secs(30), |seen| {
         seen.by_id.len() + seen.dead_letters.len() >= n as usize
     });
@@ -855,13 +848,7 @@ fn the_worker_runs_over_sasl_ssl_with_the_password_from_the_environment() {
         String::from_utf8_lossy(&out.stderr)
     );
     // read back on the plaintext listener: the same topics
-    let mut reader = Reader::new(
-        &s.broker.address(),
-        (&s.predictions, WireFormat::AvroRaw),
-        (&s.signals, WireFormat::AvroRaw),
-        &s.dead_letters,
-    )
-    .unwrap();
+    let mut reader = s.reader();
     reader.read(Duration::from_secs(30), |seen| seen.by_id.len() >= 300);
     assert_eq!(reader.seen.by_id.len(), 300);
     assert!(reader.seen.dead_letters.is_empty());

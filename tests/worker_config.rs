@@ -206,9 +206,30 @@ fn librdkafka_env_reads_secrets_from_the_environment_and_checks_them_like_the_fi
             "field 'kafka.librdkafka_env.sasl.password': the environment variable 'ML_WORKER_TEST_EMPTY_A81F' is empty",
         ),
         (
-            r#"{"SASL.Password": "in-the-file"}"#,
+            r#"{"sasl.password": "in-the-file"}"#,
             r#"{"sasl.password": "ML_WORKER_TEST_SASL_PASSWORD_A81F"}"#,
-            "field 'kafka.librdkafka_env.sasl.password': is in kafka.librdkafka too",
+            "field 'kafka.librdkafka_env.sasl.password': is given twice (also as 'kafka.librdkafka.sasl.password'",
+        ),
+        (
+            r#"{}"#,
+            r#"{"sasl.password": "ML_WORKER_TEST_SASL_PASSWORD_A81F", "topic.SASL.PASSWORD": "ML_WORKER_TEST_SASL_PASSWORD_A81F"}"#,
+            "is given twice",
+        ),
+        // librdkafka's own errors quote the value: reworded
+        (
+            r#"{}"#,
+            r#"{"sasl.pasword": "ML_WORKER_TEST_SASL_PASSWORD_A81F"}"#,
+            "field 'kafka.librdkafka_env.sasl.pasword': is not a librdkafka property",
+        ),
+        (
+            r#"{}"#,
+            r#"{"isolation.level": "ML_WORKER_TEST_SASL_PASSWORD_A81F"}"#,
+            "field 'kafka.librdkafka_env.isolation.level': librdkafka does not accept its value (not shown",
+        ),
+        (
+            r#"{}"#,
+            r#"{"sasl.password": "NOT=A NAME"}"#,
+            "'NOT=A NAME' is not an environment variable name",
         ),
         (
             r#"{}"#,
@@ -234,6 +255,26 @@ fn librdkafka_env_reads_secrets_from_the_environment_and_checks_them_like_the_fi
             "a variable's value is never shown: {e}"
         );
     }
+    // in the file: librdkafka's reason, unless the property holds a secret
+    let e = parse(r#"{"isolation.level": "dirty"}"#, "{}").unwrap_err();
+    assert!(
+        e.contains("field 'kafka.librdkafka.isolation.level': librdkafka does not accept it: ")
+            && e.contains("dirty"),
+        "{e}"
+    );
+    // a configuration error librdkafka gives when a client is made (it
+    // checks some values only then) names the property, not its value
+    let e = rdkafka::error::KafkaError::ClientConfig(
+        rdkafka::types::RDKafkaConfRes::RD_KAFKA_CONF_INVALID,
+        "Invalid value \"s3cr3t\" for configuration property \"sasl.password\"".into(),
+        "sasl.password".into(),
+        "s3cr3t".into(),
+    );
+    let shown = ml_worker::worker::WorkerError::Kafka(e).to_string();
+    assert!(
+        shown.contains("'sasl.password'") && !shown.contains("s3cr3t"),
+        "{shown}"
+    );
 }
 
 /// The worker configurations the deployment files ship (compose's file, the
@@ -249,6 +290,18 @@ fn the_deployment_files_worker_configs_are_valid() {
     let k8s = cm["data"]["worker.yaml"].as_str().unwrap().to_string();
     std::env::set_var("KAFKA_SASL_PASSWORD", "from-the-secret");
     for (name, text) in [("compose", compose), ("k8s", k8s)] {
+        if name == "k8s" && !cfg!(feature = "ssl") {
+            // SASL_SSL and SCRAM: refused at load, saying to build with `ssl`
+            let e = ml_worker::worker::config::parse_worker_config(
+                &text,
+                Path::new("w.yaml"),
+                &Overrides::default(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("--features ssl"), "{e}");
+            continue;
+        }
         let c = ml_worker::worker::config::parse_worker_config(
             &text,
             Path::new("/etc/ml-worker/config/worker.yaml"),

@@ -67,6 +67,23 @@ pub fn client_configs(cfg: &WorkerConfig, brokers: &str) -> (ClientConfig, Clien
     (consumer, producer)
 }
 
+/// A Kafka client error for people: librdkafka's configuration errors
+/// quote the value, which may be a password, so only the property is
+/// named; plus [`build_hint`].
+pub fn describe(e: &rdkafka::error::KafkaError) -> String {
+    match e {
+        rdkafka::error::KafkaError::ClientConfig(_, desc, key, _) => format!(
+            "librdkafka does not accept the property '{}' (its value is not shown){}",
+            crate::text::escape(key),
+            build_hint(desc)
+        ),
+        e => {
+            let text = e.to_string();
+            format!("{text}{}", build_hint(&text))
+        }
+    }
+}
+
 /// What to do when librdkafka refuses a setting this build lacks: TLS and
 /// SCRAM/OAUTHBEARER need the `ssl` feature. Empty otherwise.
 pub fn build_hint(error: &str) -> &'static str {

@@ -981,68 +981,118 @@ fn validate(
 
 /// The librdkafka pass-through: `kafka.librdkafka`, plus the properties
 /// of `kafka.librdkafka_env` read from their environment variables. A
-/// property refused (`refused_property`), empty, given both ways, or whose
-/// variable is unset is an error naming it; a variable's value is never
-/// shown.
+/// property that is refused (`refused_property`), empty, given twice (in
+/// any case, with or without `topic.`, in either map), whose variable is
+/// unset, or that librdkafka does not accept is an error naming the
+/// field. A value from the environment, or of a property that holds a
+/// secret, is never shown: librdkafka's own errors quote the value, so
+/// they are checked here, one property at a time, and reworded.
 fn pass_through(
     kafka: &RawKafka,
     err: &impl Fn(&str, String) -> ConfigError,
 ) -> Result<BTreeMap<String, String>, ConfigError> {
     let mut out = BTreeMap::new();
-    for (key, value) in &kafka.librdkafka {
-        let field = format!("kafka.librdkafka.{}", crate::text::escape(key));
-        if let Some(why) = refused_property(key, value) {
+    // librdkafka's name of each property given -> the field that gave it
+    let mut given: BTreeMap<String, String> = BTreeMap::new();
+    let mut accept = |field: String, key: &str, value: String, secret: bool| {
+        if let Some(why) = refused_property(key, &value) {
             return Err(err(&field, why));
         }
         if value.is_empty() {
             return Err(err(&field, "has an empty value".into()));
         }
-        out.insert(key.clone(), value.clone());
+        let lower = key.trim().to_ascii_lowercase();
+        let name = lower.strip_prefix("topic.").unwrap_or(&lower).to_string();
+        if let Some(first) = given.insert(name, field.clone()) {
+            return Err(err(
+                &field,
+                format!(
+                    "is given twice (also as '{first}'; librdkafka names match in any case, with \
+                     or without 'topic.'): give the value or the variable that holds it, once"
+                ),
+            ));
+        }
+        let secret = secret || holds_secret(key);
+        check_librdkafka(key, &value, secret).map_err(|why| err(&field, why))?;
+        out.insert(key.to_string(), value);
+        Ok(())
+    };
+    for (key, value) in &kafka.librdkafka {
+        let field = format!("kafka.librdkafka.{}", crate::text::escape(key));
+        accept(field, key, value.clone(), false)?;
     }
     for (key, var) in &kafka.librdkafka_env {
         let field = format!("kafka.librdkafka_env.{}", crate::text::escape(key));
-        let same = |k: &String| {
-            let norm = |k: &str| {
-                let k = k.trim().to_ascii_lowercase();
-                k.strip_prefix("topic.").unwrap_or(&k).to_string()
-            };
-            norm(k) == norm(key)
-        };
-        if kafka.librdkafka.keys().any(same) {
-            return Err(err(
-                &field,
-                "is in kafka.librdkafka too: give the value or the variable that holds it, not both"
-                    .into(),
-            ));
-        }
-        let var_shown = crate::text::escape(var);
-        let value = match std::env::var(var) {
-            Ok(v) if v.is_empty() => {
-                return Err(err(
-                    &field,
-                    format!("the environment variable '{var_shown}' is empty"),
-                ))
-            }
-            Ok(v) => v,
-            Err(std::env::VarError::NotPresent) => {
-                return Err(err(
-                    &field,
-                    format!("the environment variable '{var_shown}' is not set"),
-                ))
-            }
-            Err(std::env::VarError::NotUnicode(_)) => {
-                return Err(err(
-                    &field,
-                    format!("the environment variable '{var_shown}' is not UTF-8"),
-                ))
-            }
-        };
-        if let Some(why) = refused_property(key, &value) {
-            return Err(err(&field, why));
-        }
-        out.insert(key.clone(), value);
+        let value = env_value(var).map_err(|why| err(&field, why))?;
+        accept(field, key, value, true)?;
     }
     Ok(out)
+}
+
+/// The value of the environment variable `var`, or why not (its value is
+/// never in the reason).
+fn env_value(var: &str) -> Result<String, String> {
+    let valid = !var.is_empty()
+        && var.len() <= 256
+        && !var.starts_with(|c: char| c.is_ascii_digit())
+        && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !valid {
+        let shown: String = crate::text::escape(var).chars().take(64).collect();
+        return Err(format!(
+            "'{shown}' is not an environment variable name (1-256 letters, digits and _, not \
+             starting with a digit)"
+        ));
+    }
+    match std::env::var(var) {
+        Ok(v) if v.is_empty() => Err(format!("the environment variable '{var}' is empty")),
+        Ok(v) => Ok(v),
+        Err(std::env::VarError::NotPresent) => {
+            Err(format!("the environment variable '{var}' is not set"))
+        }
+        Err(std::env::VarError::NotUnicode(_)) => {
+            Err(format!("the environment variable '{var}' is not UTF-8"))
+        }
+    }
+}
+
+/// Whether a librdkafka property's value is a secret (passwords, inline
+/// keys and certificates, OAUTHBEARER settings), never to be shown.
+fn holds_secret(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    ["password", "secret", "pem", "oauthbearer", "jaas", "token"]
+        .iter()
+        .any(|s| k.contains(s))
+}
+
+/// Whether librdkafka takes `key` = `value` (set on an empty client
+/// configuration, as `client_configs` will), or why not; librdkafka's
+/// description quotes the value, so it is left out for a secret.
+fn check_librdkafka(key: &str, value: &str, secret: bool) -> Result<(), String> {
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaConfRes;
+    match rdkafka::ClientConfig::new()
+        .set(key, value)
+        .create_native_config()
+    {
+        Ok(_) => Ok(()),
+        Err(KafkaError::ClientConfig(RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN, ..)) => Err(
+            "is not a librdkafka property (CONFIGURATION.md of librdkafka 2.12 lists them)".into(),
+        ),
+        Err(KafkaError::ClientConfig(_, desc, ..)) if secret => {
+            let hint = crate::worker::clients::build_hint(&desc);
+            Err(format!(
+                "librdkafka does not accept its value (not shown: it may be a secret){hint}"
+            ))
+        }
+        Err(KafkaError::ClientConfig(_, desc, ..)) => {
+            let hint = crate::worker::clients::build_hint(&desc);
+            Err(format!(
+                "librdkafka does not accept it: {}{hint}",
+                crate::text::escape(&desc)
+            ))
+        }
+        Err(e) => Err(format!("librdkafka does not accept it: {e}")),
+    }
 }
 
 /// Validates the `exactly-once` settings: the transactional id and size,

@@ -43,7 +43,7 @@ use crate::worker::transaction::{self, Txn};
 /// Why the worker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("kafka client: {0}{hint}", hint = crate::worker::clients::build_hint(&.0.to_string()))]
+    #[error("kafka client: {}", crate::worker::clients::describe(.0))]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("schema registry: {0}")]
     SchemaRegistry(String),
