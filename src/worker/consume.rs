@@ -133,10 +133,18 @@ fn read_burst(
             }
         }
         Err(e) => {
-            tracing::warn!(error = %e, "consumer error (librdkafka retries)");
             let code = e
                 .rdkafka_error_code()
                 .map_or_else(|| "other".to_string(), |c| format!("{c:?}"));
+            let repeats = &consumer.context().repeats;
+            if let Some(held_back) = repeats.admit(&code) {
+                tracing::warn!(
+                    error = %e,
+                    held_back,
+                    last_connection_failure = repeats.last_failure().as_deref().unwrap_or("none"),
+                    "consumer error (librdkafka retries; repeats are logged every 30 s)"
+                );
+            }
             metrics.add("ml_worker_consume_errors_total", &[("error", &code)], 1);
         }
     };

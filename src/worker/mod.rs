@@ -21,6 +21,7 @@ pub mod offsets;
 mod produce;
 mod rebalance;
 pub mod reload;
+mod repeats;
 pub mod resets;
 pub mod run;
 pub mod schema_registry;

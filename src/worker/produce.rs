@@ -119,6 +119,8 @@ pub struct DeliveryContext {
     dead_letters: String,
     /// `transactional.id` is set (`exactly-once`).
     transactional: bool,
+    /// Repeated client errors, logged once per kind per interval.
+    repeats: crate::worker::repeats::Repeats,
     /// Exactly-once: the open transaction failed (a delivery failed, or
     /// the producer refused a record in its state) and must be aborted.
     pub txn_abort: AtomicBool,
@@ -151,6 +153,11 @@ fn source_of(msg: &rdkafka::message::OwnedMessage) -> Option<(String, i32, i64)>
 }
 
 impl ClientContext for DeliveryContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        self.repeats.log(level, fac, message);
+        crate::worker::rebalance::log_line(level, fac, message);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         if matches!(
             error,
@@ -159,8 +166,19 @@ impl ClientContext for DeliveryContext {
         ) {
             tracing::error!(%error, reason, "fatal producer error: the worker stops");
             self.fatal.store(true, Ordering::Relaxed);
-        } else {
-            tracing::warn!(%error, reason, "producer error (librdkafka retries)");
+            return;
+        }
+        let kind = error
+            .rdkafka_error_code()
+            .map_or_else(|| "other".to_string(), |c| format!("{c:?}"));
+        if let Some(held_back) = self.repeats.admit(&kind) {
+            tracing::warn!(
+                %error,
+                reason,
+                held_back,
+                last_connection_failure = self.repeats.last_failure().as_deref().unwrap_or("none"),
+                "producer error (librdkafka retries; repeats are logged every 30 s)"
+            );
         }
     }
 }
@@ -427,6 +445,7 @@ impl Publisher {
             txn_abort: AtomicBool::new(false),
             refused: Mutex::new(HashMap::new()),
             any_refused: AtomicBool::new(false),
+            repeats: Default::default(),
         };
         Ok(Publisher {
             producer: config.create_with_context(ctx)?,

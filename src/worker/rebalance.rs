@@ -13,18 +13,22 @@ use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 
 use crate::worker::config::DeliveryMode;
 use crate::worker::offsets::Slot;
+use crate::worker::repeats::Repeats;
 use crate::worker::resets;
 use crate::worker::shared::Shared;
 
 /// The consumer's context: rebalances, commit results, statistics.
 pub struct WorkerContext {
     pub(super) shared: Arc<Shared>,
+    /// Repeated client errors, logged once per kind per interval.
+    pub(super) repeats: Repeats,
 }
 
 impl ClientContext for WorkerContext {
     /// librdkafka's log lines, into tracing; offset resets are also kept for
     /// the run loop, which reports the input they skipped.
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        self.repeats.log(level, fac, message);
         if fac == "OFFSET" {
             if let Some(r) = resets::parse(message) {
                 self.shared
@@ -34,16 +38,23 @@ impl ClientContext for WorkerContext {
                     .push(r);
             }
         }
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => tracing::error!(facility = fac, "librdkafka: {message}"),
-            RDKafkaLogLevel::Warning => tracing::warn!(facility = fac, "librdkafka: {message}"),
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-                tracing::info!(facility = fac, "librdkafka: {message}")
-            }
-            RDKafkaLogLevel::Debug => tracing::debug!(facility = fac, "librdkafka: {message}"),
+        log_line(level, fac, message);
+    }
+
+    /// Client-level errors (brokers down, authentication, TLS): logged
+    /// once per kind per interval, with the last connection failure.
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        let kind = error
+            .rdkafka_error_code()
+            .map_or_else(|| "other".to_string(), |c| format!("{c:?}"));
+        if let Some(held_back) = self.repeats.admit(&format!("client {kind}")) {
+            tracing::error!(
+                %error,
+                reason,
+                held_back,
+                last_connection_failure = self.repeats.last_failure().as_deref().unwrap_or("none"),
+                "consumer client error (librdkafka retries; repeats are logged every 30 s)"
+            );
         }
     }
 
@@ -249,5 +260,20 @@ impl ConsumerContext for WorkerContext {
                 "offset commit failed; re-issued at the next interval");
             self.shared.commit_failed(&retry);
         }
+    }
+}
+
+/// A librdkafka log line, into tracing at its level.
+pub(super) fn log_line(level: RDKafkaLogLevel, fac: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => tracing::error!(facility = fac, "librdkafka: {message}"),
+        RDKafkaLogLevel::Warning => tracing::warn!(facility = fac, "librdkafka: {message}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(facility = fac, "librdkafka: {message}")
+        }
+        RDKafkaLogLevel::Debug => tracing::debug!(facility = fac, "librdkafka: {message}"),
     }
 }

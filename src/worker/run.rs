@@ -166,6 +166,7 @@ pub fn run(
     let consumer: BaseConsumer<WorkerContext> =
         consumer_cfg.create_with_context(WorkerContext {
             shared: shared.clone(),
+            repeats: Default::default(),
         })?;
     // declared after the consumer: dropped before it on every return path
     let fetch = Arc::new(FetchQueue::new(&consumer));
