@@ -290,16 +290,22 @@ run() {
   [ "${1:-}" = -- ] && shift
   [ $# -gt 0 ] || die "usage: $0 run -- CMD [ARGS...]"
   local out dir rc
-  out="$(start)" || exit 1
-  dir="$(sed -n 's/^KAFKA_BROKER_DIR=//p' <<<"$out")"
+  # the broker's dir and the traps first: a signal while it starts
+  # (it runs in its own session) still stops it and removes the dir
+  mkdir -p "$base"
+  dir="$(mktemp -d "$base/run-XXXXXX")"
+  KAFKA_BROKER_DIR="$dir"
+  trap 'stop_dir "$KAFKA_BROKER_DIR"' EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  out="$(start "$dir")" || exit 1
   KAFKA_BOOTSTRAP="$(sed -n 's/^KAFKA_BOOTSTRAP=//p' <<<"$out")"
   KAFKA_SASL_SSL_BOOTSTRAP="$(sed -n 's/^KAFKA_SASL_SSL_BOOTSTRAP=//p' <<<"$out")"
   KAFKA_SSL_CA="$(sed -n 's/^KAFKA_SSL_CA=//p' <<<"$out")"
   KAFKA_SASL_USERNAME="$(sed -n 's/^KAFKA_SASL_USERNAME=//p' <<<"$out")"
   KAFKA_SASL_PASSWORD="$(sed -n 's/^KAFKA_SASL_PASSWORD=//p' <<<"$out")"
-  export KAFKA_BOOTSTRAP KAFKA_BROKER_DIR="$dir" KAFKA_SASL_SSL_BOOTSTRAP KAFKA_SSL_CA \
+  export KAFKA_BOOTSTRAP KAFKA_BROKER_DIR KAFKA_SASL_SSL_BOOTSTRAP KAFKA_SSL_CA \
     KAFKA_SASL_USERNAME KAFKA_SASL_PASSWORD
-  trap 'stop_dir "$KAFKA_BROKER_DIR"' EXIT
   # CMD runs in the background so that a SIGTERM/SIGINT sent to this script
   # is handled at once: passed on to CMD, then the broker is stopped.
   local child sig=""

@@ -288,6 +288,7 @@ fn the_deployment_files_worker_configs_are_valid() {
     )
     .unwrap();
     let k8s = cm["data"]["worker.yaml"].as_str().unwrap().to_string();
+    std::env::set_var("KAFKA_SASL_USERNAME", "user-from-the-secret");
     std::env::set_var("KAFKA_SASL_PASSWORD", "from-the-secret");
     for (name, text) in [("compose", compose), ("k8s", k8s)] {
         if name == "k8s" && !cfg!(feature = "ssl") {
@@ -314,6 +315,7 @@ fn the_deployment_files_worker_configs_are_valid() {
             "{name}: scraped from outside"
         );
         if name == "k8s" {
+            assert_eq!(c.librdkafka["sasl.username"], "user-from-the-secret");
             assert_eq!(c.librdkafka["sasl.password"], "from-the-secret");
         }
     }
