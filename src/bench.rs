@@ -362,12 +362,44 @@ fn cpu_per_event(
     )
 }
 
+/// SIGINT or SIGTERM arrived while the bench ran on an existing cluster.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(signal: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+    // a second signal ends the process at once (async-signal-safe)
+    unsafe {
+        libc::signal(signal, libc::SIG_DFL);
+    }
+}
+
+/// On an existing cluster, SIGINT and SIGTERM end the bench through its
+/// error path, so its topics and groups are deleted (a second signal ends
+/// it at once, leaving them: their names start with `ml-worker-bench-`).
+fn catch_signals() {
+    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic and resets the handler
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+}
+
+/// An error when the bench was interrupted.
+fn interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("bench: interrupted (its topics and groups are being deleted)");
+    }
+    Ok(())
+}
+
 fn wait_for(what: &str, timeout: Duration, done: impl Fn() -> bool) -> Result<Duration> {
     let start = Instant::now();
     while !done() {
         if start.elapsed() > timeout {
             bail!("bench: timed out waiting for {what}");
         }
+        interrupted()?;
         std::thread::sleep(Duration::from_millis(1));
     }
     Ok(start.elapsed())
@@ -409,6 +441,7 @@ impl Cluster {
                 (Some(broker), None, b, String::new())
             }
             Some(b) => {
+                catch_signals();
                 let admin: AdminClient<DefaultClientContext> =
                     ClientConfig::new().set("bootstrap.servers", b).create()?;
                 let prefix = format!("ml-worker-bench-{}-{}-", std::process::id(), now_ms());
@@ -958,7 +991,10 @@ impl Latency<'_> {
                 })?)
             }
         };
-        let all_in = |s: &Seen| s.untimed >= backlog && s.latencies_ms.len() as u64 >= n;
+        let all_in = |s: &Seen| {
+            s.untimed >= backlog && s.latencies_ms.len() as u64 >= n
+                || INTERRUPTED.load(Ordering::Relaxed)
+        };
         let stop_offering = AtomicBool::new(false);
         let measured = std::thread::scope(|scope| -> Result<Option<Duration>> {
             let offer = scope.spawn(|| -> Result<()> {
@@ -972,7 +1008,9 @@ impl Latency<'_> {
             });
             let deadline = started + opts.latency_for + Duration::from_secs(60);
             let left = || deadline.saturating_duration_since(Instant::now());
-            reader.read(left(), |s| s.untimed >= backlog);
+            reader.read(left(), |s| {
+                s.untimed >= backlog || INTERRUPTED.load(Ordering::Relaxed)
+            });
             let catch_up = (reader.seen.untimed >= backlog).then(|| started.elapsed());
             reader.read(left(), all_in);
             stop_offering.store(true, Ordering::Relaxed);
@@ -982,6 +1020,7 @@ impl Latency<'_> {
             Ok(catch_up)
         });
         let stopped = running.stop();
+        interrupted()?;
         let catch_up = measured?;
         let acked = stopped?;
 
@@ -1501,7 +1540,7 @@ pub fn soak(
             let end = (window_start + SOAK_WINDOW).min(deadline);
             let before = received;
             reader.read(end.saturating_duration_since(Instant::now()), |s| {
-                before + s.latencies_ms.len() as u64 >= n
+                before + s.latencies_ms.len() as u64 >= n || INTERRUPTED.load(Ordering::Relaxed)
             });
             let now = Instant::now();
             let lat = &reader.seen.latencies_ms[..];
@@ -1526,7 +1565,7 @@ pub fn soak(
             reader.seen.timed_event_times.clear();
             reader.seen.to_output_ms.clear();
             window_start = now;
-            if received >= n || now >= deadline {
+            if received >= n || now >= deadline || INTERRUPTED.load(Ordering::Relaxed) {
                 break;
             }
         }
@@ -1538,6 +1577,7 @@ pub fn soak(
     let stopped = worker.stop();
     result?;
     stopped?;
+    interrupted()?;
     let seen = &reader.seen;
     let report = SoakReport {
         model: opts.model.clone(),
@@ -1761,6 +1801,7 @@ pub fn delivery_modes(
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
             let (name, mode) = &modes[i];
+            interrupted()?;
             let tag = format!("delivery-{}-{name}", round + 1);
             let topics = WorkerTopics::create(&cluster, &tag, PARTITIONS)?;
             {
@@ -1823,6 +1864,9 @@ pub fn delivery_modes(
                 }
                 if t0.elapsed() > Duration::from_secs(600) {
                     bail!("bench: {name}: offsets not committed to the end within 600 s");
+                }
+                if let Err(e) = interrupted() {
+                    return w.stop().and(Err(e));
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
