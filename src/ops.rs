@@ -11,6 +11,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use crate::worker::repeats::OpsContext;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -113,8 +115,9 @@ pub fn produce(
     };
     let (_, mut producer_cfg) = crate::worker::client_configs(cfg, brokers);
     producer_cfg.set("message.timeout.ms", "60000");
-    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
-        producer_cfg.create().map_err(|e| {
+    let producer: ThreadedProducer<OpsContext> = producer_cfg
+        .create_with_context(OpsContext::default())
+        .map_err(|e| {
             anyhow::anyhow!(
                 "creating the producer: {}",
                 crate::worker::clients::describe(&e)
@@ -171,9 +174,12 @@ pub fn produce(
         i += 1;
     }
     let sending = started.elapsed().as_secs_f64();
-    producer
-        .flush(Duration::from_secs(60))
-        .context("not every event was delivered within 60 s")?;
+    producer.flush(Duration::from_secs(60)).map_err(|e| {
+        anyhow!(
+            "not every event was delivered within 60 s: {e}{}",
+            producer.context().why()
+        )
+    })?;
     Ok(Produced {
         topic,
         format: serde_json::to_value(cfg.input_format)
@@ -309,17 +315,22 @@ pub fn replay_dead_letters(
         .set("group.id", replay_group(cfg, opts))
         .set("group.protocol", "classic")
         .remove("partition.assignment.strategy");
-    let consumer: BaseConsumer = consumer_cfg.create().map_err(|e| {
-        anyhow::anyhow!(
-            "creating the consumer: {}",
-            crate::worker::clients::describe(&e)
-        )
-    })?;
+    let consumer: BaseConsumer<OpsContext> = consumer_cfg
+        .create_with_context(OpsContext::default())
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "creating the consumer: {}",
+                crate::worker::clients::describe(&e)
+            )
+        })?;
     let topic = &cfg.dead_letters;
     let timeout = Duration::from_secs(10);
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .with_context(|| format!("reading {topic}'s partitions"))?;
+    let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(|e| {
+        anyhow!(
+            "reading {topic}'s partitions: {e}{}",
+            consumer.context().why()
+        )
+    })?;
     let partitions: Vec<i32> = metadata
         .topics()
         .iter()
@@ -408,9 +419,12 @@ pub fn replay_dead_letters(
                 .ok();
         }
     }
-    producer
-        .flush(Duration::from_secs(60))
-        .context("not every replayed record was delivered within 60 s; nothing was committed")?;
+    producer.flush(Duration::from_secs(60)).map_err(|e| {
+        anyhow!(
+            "not every replayed record was delivered within 60 s ({e}{}); nothing was committed",
+            producer.context().client.why()
+        )
+    })?;
     let failed = producer
         .context()
         .failed
@@ -556,9 +570,18 @@ pub fn check_samples(dir: &Path) -> Result<()> {
 struct Deliveries {
     failed: std::sync::atomic::AtomicU64,
     first_error: std::sync::Mutex<Option<String>>,
+    client: OpsContext,
 }
 
-impl rdkafka::ClientContext for Deliveries {}
+impl rdkafka::ClientContext for Deliveries {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        self.client.log(level, fac, message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.client.error(error, reason);
+    }
+}
 
 impl rdkafka::producer::ProducerContext for Deliveries {
     type DeliveryOpaque = ();

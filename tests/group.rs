@@ -869,6 +869,44 @@ fn the_worker_runs_over_sasl_ssl_with_the_password_from_the_environment() {
         !lines.iter().any(|l| l.contains(&password)),
         "the password is never logged"
     );
+    // a wrong password: not ready, and /readyz says why; few log lines
+    let wrong = [("ML_WORKER_TEST_KAFKA_PASSWORD", "not-the-password")];
+    let w = Worker::start_on(&s, &unique("group"), &bootstrap, &wrong);
+    let mut body = String::new();
+    wait_for(
+        "/readyz to name the failure",
+        Duration::from_secs(20),
+        || {
+            body = http_body(w.metrics, "/readyz");
+            body.contains("last Kafka connection failure") && body.contains("SASL authentication")
+        },
+    );
+    assert!(body.starts_with("not ready:"), "{body}");
+    std::thread::sleep(Duration::from_secs(3));
+    let (_, lines) = w.terminate();
+    assert!(
+        lines.len() < 60,
+        "repeated errors are held back: {} lines: {:#?}",
+        lines.len(),
+        &lines[..lines.len().min(80)]
+    );
+}
+
+/// The body of `GET path`.
+fn http_body(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut page = String::new();
+    let _ = s.read_to_string(&mut page);
+    page.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
 }
 
 /// `ml-worker bench --delivery-modes` runs both modes to the end on Apache

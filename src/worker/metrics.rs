@@ -244,6 +244,9 @@ pub struct Metrics {
     /// Models that overran a deadline, with the reason; they are not
     /// called again (their events go to the dead-letter topic).
     unhealthy: Mutex<BTreeMap<String, String>>,
+    /// The last connection failure the Kafka clients logged, and when:
+    /// shown by `/readyz` while not ready (a wrong CA or password).
+    kafka_failure: Mutex<Option<(std::time::Instant, String)>>,
 }
 
 /// Only declared metrics are rendered: catch a forgotten declaration in tests.
@@ -295,6 +298,28 @@ impl Metrics {
         for stage in crate::worker::batch::Stage::ALL {
             self.zero("ml_worker_dead_letters_total", &[("stage", stage.as_str())]);
         }
+    }
+
+    /// A connection failure a Kafka client logged (the last one is kept).
+    pub fn kafka_failed(&self, message: &str) {
+        *self.kafka_failure.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((std::time::Instant::now(), message.to_string()));
+    }
+
+    /// `, last Kafka connection failure N s ago: ...`, or nothing.
+    fn kafka_failure_note(&self) -> String {
+        self.kafka_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(at, m)| {
+                format!(
+                    ", last Kafka connection failure {} s ago: {}",
+                    at.elapsed().as_secs(),
+                    crate::text::escape(m)
+                )
+            })
+            .unwrap_or_default()
     }
 
     /// Sum of a counter over all its label values.
@@ -801,7 +826,7 @@ fn respond<B>(req: &hyper::Request<B>, metrics: &Metrics) -> hyper::Response<Bod
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
             format!(
-                "not ready: models loaded={}, partitions assigned={}, stopping={}{}\n",
+                "not ready: models loaded={}, partitions assigned={}, stopping={}{}{}\n",
                 metrics.models_loaded.load(Ordering::Relaxed),
                 metrics.assigned.load(Ordering::Relaxed),
                 metrics.stopping.load(Ordering::Relaxed),
@@ -809,7 +834,8 @@ fn respond<B>(req: &hyper::Request<B>, metrics: &Metrics) -> hyper::Response<Bod
                     .unhealthy_models()
                     .iter()
                     .map(|(m, why)| format!(", model '{m}' unhealthy: {why}"))
-                    .collect::<String>()
+                    .collect::<String>(),
+                metrics.kafka_failure_note()
             ),
         ),
         (&Method::GET | &Method::HEAD, _) => (

@@ -21,7 +21,7 @@ pub mod offsets;
 mod produce;
 mod rebalance;
 pub mod reload;
-mod repeats;
+pub(crate) mod repeats;
 pub mod resets;
 pub mod run;
 pub mod schema_registry;

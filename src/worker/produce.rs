@@ -154,7 +154,9 @@ fn source_of(msg: &rdkafka::message::OwnedMessage) -> Option<(String, i32, i64)>
 
 impl ClientContext for DeliveryContext {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
-        self.repeats.log(level, fac, message);
+        if self.repeats.log(level, fac, message) {
+            self.metrics.kafka_failed(message);
+        }
         crate::worker::rebalance::log_line(level, fac, message);
     }
 

@@ -28,7 +28,9 @@ impl ClientContext for WorkerContext {
     /// librdkafka's log lines, into tracing; offset resets are also kept for
     /// the run loop, which reports the input they skipped.
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        self.repeats.log(level, fac, message);
+        if self.repeats.log(level, fac, message) {
+            self.shared.metrics.kafka_failed(message);
+        }
         if fac == "OFFSET" {
             if let Some(r) = resets::parse(message) {
                 self.shared

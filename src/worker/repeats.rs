@@ -65,8 +65,8 @@ impl Repeats {
     }
 
     /// Remembers a connection failure librdkafka logged (`FAIL`, a
-    /// warning or worse).
-    pub fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+    /// warning or worse); whether the line was one.
+    pub fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) -> bool {
         use rdkafka::config::RDKafkaLogLevel as L;
         let bad = matches!(
             level,
@@ -75,6 +75,7 @@ impl Repeats {
         if fac == "FAIL" && bad {
             self.failed(message);
         }
+        fac == "FAIL" && bad
     }
 
     fn failed(&self, message: &str) {
@@ -88,6 +89,52 @@ impl Repeats {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+}
+
+/// The Kafka clients of the operator commands (`produce`, `replay-dlq`):
+/// librdkafka's lines into tracing, repeated errors held back, and the
+/// last connection failure kept for the error that ends the command.
+#[derive(Default)]
+pub struct OpsContext {
+    pub repeats: Repeats,
+}
+
+impl OpsContext {
+    /// `; last connection failure: ...`, or nothing: for an error message.
+    pub fn why(&self) -> String {
+        self.repeats
+            .last_failure()
+            .map(|f| format!("; last connection failure: {f}"))
+            .unwrap_or_default()
+    }
+}
+
+impl rdkafka::ClientContext for OpsContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        self.repeats.log(level, fac, message);
+        crate::worker::rebalance::log_line(level, fac, message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        let kind = error
+            .rdkafka_error_code()
+            .map_or_else(|| "other".to_string(), |c| format!("{c:?}"));
+        if let Some(held_back) = self.repeats.admit(&kind) {
+            tracing::warn!(
+                %error,
+                reason,
+                held_back,
+                "Kafka client error (librdkafka retries; repeats are logged every 30 s)"
+            );
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for OpsContext {}
+
+impl rdkafka::producer::ProducerContext for OpsContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
 }
 
 #[cfg(test)]
