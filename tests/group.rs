@@ -893,6 +893,7 @@ fn the_worker_runs_over_sasl_ssl_with_the_password_from_the_environment() {
 }
 
 /// The body of `GET path`.
+#[cfg(feature = "ssl")]
 fn http_body(addr: std::net::SocketAddr, path: &str) -> String {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(addr) else {
