@@ -133,9 +133,7 @@ fn read_burst(
             }
         }
         Err(e) => {
-            let code = e
-                .rdkafka_error_code()
-                .map_or_else(|| "other".to_string(), |c| format!("{c:?}"));
+            let code = crate::worker::repeats::error_kind(&e);
             let repeats = &consumer.context().repeats;
             if let Some(held_back) = repeats.admit(&code) {
                 tracing::warn!(

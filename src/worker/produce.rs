@@ -170,18 +170,7 @@ impl ClientContext for DeliveryContext {
             self.fatal.store(true, Ordering::Relaxed);
             return;
         }
-        let kind = error
-            .rdkafka_error_code()
-            .map_or_else(|| "other".to_string(), |c| format!("{c:?}"));
-        if let Some(held_back) = self.repeats.admit(&kind) {
-            tracing::warn!(
-                %error,
-                reason,
-                held_back,
-                last_connection_failure = self.repeats.last_failure().as_deref().unwrap_or("none"),
-                "producer error (librdkafka retries; repeats are logged every 30 s)"
-            );
-        }
+        self.repeats.client_error("producer", &error, reason);
     }
 }
 

@@ -46,18 +46,7 @@ impl ClientContext for WorkerContext {
     /// Client-level errors (brokers down, authentication, TLS): logged
     /// once per kind per interval, with the last connection failure.
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        let kind = error
-            .rdkafka_error_code()
-            .map_or_else(|| "other".to_string(), |c| format!("{c:?}"));
-        if let Some(held_back) = self.repeats.admit(&format!("client {kind}")) {
-            tracing::error!(
-                %error,
-                reason,
-                held_back,
-                last_connection_failure = self.repeats.last_failure().as_deref().unwrap_or("none"),
-                "consumer client error (librdkafka retries; repeats are logged every 30 s)"
-            );
-        }
+        self.repeats.client_error("consumer", &error, reason);
     }
 
     /// Statistics (every 5 s), for the partitions assigned here only

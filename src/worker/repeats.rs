@@ -64,6 +64,23 @@ impl Repeats {
         }
     }
 
+    /// Logs a client-level error (librdkafka's error callback) of
+    /// `client` (`consumer`, `producer`, ...) unless one of its kind was
+    /// logged within the interval: with the count held back and the last
+    /// connection failure.
+    pub fn client_error(&self, client: &str, error: &rdkafka::error::KafkaError, reason: &str) {
+        if let Some(held_back) = self.admit(&format!("{client} {}", error_kind(error))) {
+            tracing::warn!(
+                client,
+                %error,
+                reason,
+                held_back,
+                last_connection_failure = self.last_failure().as_deref().unwrap_or("none"),
+                "Kafka client error (librdkafka retries; repeats are logged every 30 s)"
+            );
+        }
+    }
+
     /// Remembers a connection failure librdkafka logged (`FAIL`, a
     /// warning or worse); whether the line was one.
     pub fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) -> bool {
@@ -91,6 +108,13 @@ impl Repeats {
     }
 }
 
+/// An error's kind: librdkafka's code (`AllBrokersDown`, `SSL`, ...).
+pub fn error_kind(error: &rdkafka::error::KafkaError) -> String {
+    error
+        .rdkafka_error_code()
+        .map_or_else(|| "other".to_string(), |c| format!("{c:?}"))
+}
+
 /// The Kafka clients of the operator commands (`produce`, `replay-dlq`):
 /// librdkafka's lines into tracing, repeated errors held back, and the
 /// last connection failure kept for the error that ends the command.
@@ -116,17 +140,7 @@ impl rdkafka::ClientContext for OpsContext {
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        let kind = error
-            .rdkafka_error_code()
-            .map_or_else(|| "other".to_string(), |c| format!("{c:?}"));
-        if let Some(held_back) = self.repeats.admit(&kind) {
-            tracing::warn!(
-                %error,
-                reason,
-                held_back,
-                "Kafka client error (librdkafka retries; repeats are logged every 30 s)"
-            );
-        }
+        self.repeats.client_error("client", &error, reason);
     }
 }
 
