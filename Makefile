@@ -30,13 +30,14 @@ demo-offline: onnxruntime build
 	$(BIN) audit verify
 
 ## The README's second command: everything CI runs. The build without
-## libtorch or OpenSSL (no features) is linted, and its unit and registry
-## tests run too.
+## libtorch or OpenSSL (no features) is linted, and its unit, registry and
+## config tests run too (a TLS setting there is refused, saying to build
+## with the ssl feature).
 test: setup lint
 	$(MAKE) validate-deploy
 	$(CARGO) build --examples $(FEATURES)
 	$(CARGO) test --all-targets $(FEATURES)
-	$(CARGO) test --no-default-features --lib --test registry
+	$(CARGO) test --no-default-features --lib --test registry --test worker_config
 	$(MAKE) test-kafka
 
 ## The Kafka-facing tests again, against a real Apache Kafka (4.1,
