@@ -566,11 +566,7 @@ fn run(cli: Cli, kinds: &RegistryBuilder) -> Result<u8> {
             if delivery_modes {
                 let r =
                     crate::bench::delivery_modes(&cfg, &opts, kinds(RegistryOptions::default()))?;
-                if json {
-                    println!("{}", serde_json::to_string(&r)?);
-                } else {
-                    print!("{r}");
-                }
+                print_report(&r, json)?;
                 return Ok(0);
             }
             if let Some(duration) = soak {
@@ -586,19 +582,11 @@ fn run(cli: Cli, kinds: &RegistryBuilder) -> Result<u8> {
                         }
                     },
                 )?;
-                if json {
-                    println!("{}", serde_json::to_string(&r)?);
-                } else {
-                    print!("{r}");
-                }
+                print_report(&r, json)?;
                 return Ok(0);
             }
             let r = crate::bench::run(&cfg, &opts, onnx.clone())?;
-            if json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                print!("{r}");
-            }
+            print_report(&r, json)?;
             Ok(0)
         }
         Command::Produce {
@@ -628,11 +616,7 @@ fn run(cli: Cli, kinds: &RegistryBuilder) -> Result<u8> {
                 samples,
             };
             let done = crate::ops::produce(&cfg, &brokers, &specs, &opts)?;
-            if json {
-                println!("{}", serde_json::to_string(&done)?);
-            } else {
-                print!("{done}");
-            }
+            print_report(&done, json)?;
             Ok(0)
         }
         Command::ReplayDlq {
@@ -652,11 +636,7 @@ fn run(cli: Cli, kinds: &RegistryBuilder) -> Result<u8> {
                 dry_run,
             };
             let done = crate::ops::replay_dead_letters(&cfg, &brokers, &opts)?;
-            if json {
-                println!("{}", serde_json::to_string(&done)?);
-            } else {
-                print!("{done}");
-            }
+            print_report(&done, json)?;
             Ok(0)
         }
         Command::Broker {
@@ -1262,4 +1242,15 @@ fn audit_verify(db: &Path, anchor: Option<PathBuf>, head: Option<&str>) -> Resul
         }
         Ok(1)
     }
+}
+
+/// A command's report on stdout: one JSON line with `--json`, else its
+/// human-readable form.
+fn print_report<T: serde::Serialize + std::fmt::Display>(report: &T, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(())
 }

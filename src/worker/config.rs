@@ -118,10 +118,20 @@ const SHELL_INTERPOLATED: &[&str] = &[
     "sasl.kerberos.service.name",
 ];
 
+/// A pass-through property's name as the checks compare it: any case,
+/// without librdkafka's `topic.` prefix.
+fn property_name(key: &str) -> String {
+    let lower = key.trim().to_ascii_lowercase();
+    match lower.strip_prefix("topic.") {
+        Some(name) => name.to_string(),
+        None => lower,
+    }
+}
+
 /// Why a pass-through librdkafka property is not allowed, if it is not.
 fn refused_property(key: &str, value: &str) -> Option<String> {
-    let lower = key.trim().to_ascii_lowercase();
-    let name = lower.strip_prefix("topic.").unwrap_or(&lower);
+    let name = property_name(key);
+    let name = name.as_str();
     if let Some((_, why)) = MANAGED.iter().find(|(k, _)| *k == name) {
         return Some(format!("is managed by ml-worker: {why}"));
     }
@@ -1001,9 +1011,7 @@ fn pass_through(
         if value.is_empty() {
             return Err(err(&field, "has an empty value".into()));
         }
-        let lower = key.trim().to_ascii_lowercase();
-        let name = lower.strip_prefix("topic.").unwrap_or(&lower).to_string();
-        if let Some(first) = given.insert(name, field.clone()) {
+        if let Some(first) = given.insert(property_name(key), field.clone()) {
             return Err(err(
                 &field,
                 format!(
@@ -1150,9 +1158,7 @@ fn exactly_once(
     // the pass-through, by librdkafka's name (any case, `topic.` prefix)
     let get = |name: &str| {
         librdkafka.iter().find_map(|(key, v)| {
-            let k = key.trim().to_ascii_lowercase();
-            (k.strip_prefix("topic.").unwrap_or(&k) == name)
-                .then(|| (crate::text::escape(key).into_owned(), v.trim()))
+            (property_name(key) == name).then(|| (crate::text::escape(key).into_owned(), v.trim()))
         })
     };
     if let Some((key, v)) = get("isolation.level") {
